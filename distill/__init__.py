@@ -1,0 +1,3 @@
+"""distill: DeiT-style distillation of CNN teachers into Vision Transformer students."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,311 @@
+"""Recipe schema, loading and dotted overrides.
+
+A recipe is a YAML file validated against the locked schema below (big_vision style): an unknown
+or misspelt key is an error naming its dotted path and the closest valid key, and values are
+converted by the schema, never guessed (PyYAML reads ``3e-4`` as a string; the schema makes it
+a float). Every default is declared once, here, with the reason for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import RecipeError
+
+
+class Section(BaseModel):
+    """A locked recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunConfig(Section):
+    name: str = "run"  # the run directory is <output_dir>/<name>
+    output_dir: Path = Path("runs")
+    seed: int = 0  # drives data order, augmentation, init and drop-path (see data.sample_seed)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest complete checkpoint
+    overwrite: bool = False  # a finished run is never replaced unless this is true
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
+    keep_checkpoints: int = Field(2, ge=1)  # newest K kept; 'best' is kept on top of these
+    log_every_steps: int = Field(10, ge=1)  # TensorBoard train scalars and the finite-loss check
+    export: bool = True  # write export/ (timm Hub layout) at the end
+
+
+class SyntheticConfig(Section):
+    """Generated class-dependent images, for tests and smoke runs (no files needed)."""
+
+    num_classes: int = Field(4, ge=2)
+    train_per_class: int = Field(32, ge=1)
+    val_per_class: int = Field(8, ge=1)
+    image_size: int = Field(16, ge=4)
+
+
+class AugmentConfig(Section):
+    """Training augmentation (timm's create_transform + Mixup). Defaults are DeiT's (Table 9)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.3, ge=0.0)  # ignored by timm when auto_augment is set
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment 9/0.5
+    re_prob: float = Field(0.25, ge=0.0, le=1.0)  # random erasing, 'pixel' mode
+    mixup: float = Field(0.8, ge=0.0)  # Beta alpha; 0 disables
+    cutmix: float = Field(1.0, ge=0.0)  # Beta alpha; 0 disables
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # eval crop; None: the student's cfg
+    interpolation: str | None = None  # None: the student's cfg (bicubic for DeiT)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "imagefolder", "hub", "synthetic"] = "digits"
+    path: str | None = None  # imagefolder: a directory; hub: a dataset name
+    hub_config: str | None = None  # hub: the dataset's configuration name
+    train_split: str = "train"
+    val_split: str | None = None  # None: 'validation', 'val' or 'test' if present, else held out
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out share when the source has no val
+    split_seed: int = 0  # fixed apart from run.seed so every seed is scored on the same images
+    max_train_samples: int | None = Field(None, ge=1)  # a seeded stratified subset, for quick runs
+    max_val_samples: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)  # per process; augmentation stays a function of (seed,e,i)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+
+class OptimConfig(Section):
+    """Optimisation settings shared by the student run and the teacher stage."""
+
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(1024, ge=1)  # GLOBAL batch: all processes x accumulation steps
+    grad_accum_steps: int = Field(1, ge=1)
+    opt: Literal["adamw", "sgd", "lamb", "adam"] = "adamw"  # timm.optim.create_optimizer_v2
+    lr: float = Field(5e-4, gt=0.0)
+    lr_scale_batch: bool = True  # DeiT: lr x global_batch / 512
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    weight_decay: float = Field(0.05, ge=0.0)  # never on tokens, pos-embed, biases, norms (timm)
+    sched: Literal["cosine", "step", "constant"] = "cosine"  # timm create_scheduler_v2
+    warmup_epochs: float = Field(5.0, ge=0.0)
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+    clip_grad: float | None = Field(None, gt=0.0)  # DeiT: no clipping
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # labels only, never teacher targets
+
+
+class TrainConfig(OptimConfig):
+    # One precision per launch (Accelerate fixes it at start-up); the teacher stage uses it too.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 works on CPUs too; fp16 GPU only
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA (DeiT never used it)
+
+
+class TeacherTrainConfig(OptimConfig):
+    """How the pipeline trains the teacher when no checkpoint exists (cross-entropy)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    lr_scale_batch: bool = False
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    # Fixed apart from run.seed: runs with different seeds share one trained teacher.
+    seed: int = 0
+
+
+class TeacherConfig(Section):
+    model: str = "regnety_160"  # any timm convnet (DeiT used RegNetY-16GF)
+    checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder
+    model_args: dict[str, Any] = {}  # extra timm.create_model keyword arguments
+    mean: tuple[float, float, float] | None = None  # teacher's input normalisation; None: timm cfg
+    std: tuple[float, float, float] | None = None
+    min_top1: float | None = Field(None, ge=0.0, le=1.0)  # None: stop below 1.5 x chance
+    train: TeacherTrainConfig | None = None  # train the teacher when no checkpoint is given
+    cache_dir: Path | None = None  # trained teachers; None: <run.output_dir>/teachers
+
+
+class StudentConfig(Section):
+    model: str = "deit_tiny_distilled_patch16_224"  # a timm registry name
+    img_size: int | None = Field(None, ge=1)  # None keeps the registry default (224)
+    patch_size: int | None = Field(None, ge=1)
+    embed_dim: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float | None = Field(None, gt=0.0)
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)  # DeiT: stochastic depth 0.1
+
+    @model_validator(mode="after")
+    def _divisible(self) -> StudentConfig:
+        if self.img_size is not None and self.patch_size is not None:
+            if self.img_size % self.patch_size:
+                raise ValueError(
+                    f"student.img_size {self.img_size} is not divisible by student.patch_size "
+                    f"{self.patch_size}; pick sizes such that img_size % patch_size == 0"
+                )
+        if self.embed_dim is not None and self.num_heads is not None:
+            if self.embed_dim % self.num_heads:
+                raise ValueError(
+                    f"student.embed_dim {self.embed_dim} is not divisible by student.num_heads "
+                    f"{self.num_heads}"
+                )
+        return self
+
+
+class DistillationConfig(Section):
+    type: Literal["none", "soft", "hard"] = "hard"  # hard won in DeiT Table 3
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the teacher term
+    tau: float = Field(1.0, gt=0.0)  # soft only; DeiT code default 1.0 (paper: 3.0)
+    # Soft KL normalisation: 'batchmean' divides the summed KL by the batch (timm, textbook);
+    # 'deit' by batch x classes, as DeiT's losses.py does (deit issue #61): C times smaller.
+    kl_norm: Literal["batchmean", "deit"] = "batchmean"
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(256, ge=1)  # global
+    every_epochs: int = Field(1, ge=1)  # the last epoch is always evaluated
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distillation: DistillationConfig = DistillationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.data.source in ("imagefolder", "hub") and not self.data.path:
+            raise ValueError(
+                f"data.path is required for data.source={self.data.source} "
+                "(a directory for imagefolder, a dataset name for hub)"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+PROVENANCE_KEY = "provenance"  # written next to the recipe in a run's recipe.yaml; ignored here
+
+
+def _section_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Valid keys at ``path`` (a pydantic error location) inside the schema."""
+    current: Any = model
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside ``X``, ``X | None`` or ``Optional[X]``, else the annotation."""
+    for arg in typing.get_args(annotation) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(Recipe, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+            lines.append(f"unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
+        else:
+            got = e.get("input")
+            got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"'{dotted}': {msg}{got_txt}")
+    return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (['a', 'b'], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"bad override '{text}': expected dotted.key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"bad override '{text}': empty key part in '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"bad override '{text}': value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (or start from defaults), apply ``a.b=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p} (pass the path of a YAML recipe)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe {p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {p} must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+        tree.pop(PROVENANCE_KEY, None)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value, text)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, source)) from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain YAML-able types (paths as strings, tuples as lists)."""
+    return recipe.model_dump(mode="json")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b': v}, values made TensorBoard-safe (None -> 'None', lists -> str)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,187 @@
+"""train_one_epoch and evaluate: the loop itself, no parsing and no file formats.
+
+Randomness inside a step (drop-path, mixup) is re-seeded from (seed, epoch, step, rank) at every
+micro-step rather than carried in RNG history, so a resumed run replays exactly what an
+uninterrupted run would have done (measured in ecosystem notes: resume with RNG history alone
+diverges from the first resumed batch when drop-path is on).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from distill.errors import TrainingError
+from distill.losses import LossParts
+
+
+@dataclass
+class Progress:
+    """Where training stands; stored in every checkpoint as JSON (no pickle)."""
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # micro-batches done in the current epoch (per process)
+    global_step: int = 0  # optimizer steps done
+    best_top1: float = -1.0  # best val/top1_fused so far
+    best_epoch: int = 0
+    train_time: float = 0.0  # seconds spent in training steps, over all sessions
+    train_images: int = 0  # images trained on, all processes, over all sessions
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # global sums for this epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
+        return cls(**d)
+
+
+def set_step_seed(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Seed python/numpy/torch for one micro-step: model randomness as a function of position."""
+    s = int(np.random.SeedSequence([seed, epoch, step, rank, 7]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+class LossMeter:
+    """Loss sums kept on the device; reduced across processes only when flushed (no per-step
+    host synchronisation)."""
+
+    KEYS = ("loss", "loss_ce", "loss_kd")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.KEYS) + 2, device=self.device, dtype=torch.float64)
+
+    def add(self, parts: LossParts, n: int) -> None:
+        vals = torch.stack([parts.total.detach(), parts.ce.detach(), parts.kd.detach()]).double()
+        finite = torch.isfinite(vals).all()
+        vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
+        self.sums += torch.cat([vals * n, vals.new_tensor([n]), (~finite).double().view(1)])
+
+    def flush(self, accelerator: Accelerator) -> tuple[dict[str, float], int, bool]:
+        """Collective: (global sums, global image count, any non-finite loss on any rank)."""
+        total = accelerator.reduce(self.sums, reduction="sum").tolist()
+        self.reset()
+        sums = dict(zip(self.KEYS, total[: len(self.KEYS)], strict=True))
+        return sums, int(total[-2]), total[-1] > 0
+
+
+def train_one_epoch(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossParts],
+    progress: Progress,
+    *,
+    epoch: int,
+    seed: int,
+    log_every: int,
+    clip_grad: float | None,
+    on_log: Callable[[dict[str, float]], None],
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[], None] | None = None,
+    ema: Any = None,
+    pbar: Any = None,
+) -> None:
+    """One epoch (or its remainder after a resume) of ``step_loss`` minimisation."""
+    model.train()
+    loader.set_epoch(epoch)
+    batches = loader
+    if progress.step_in_epoch:
+        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch)
+    meter = LossMeter(accelerator.device)
+    rank = accelerator.process_index
+    interval_start, interval_images = time.perf_counter(), 0
+
+    def flush() -> None:
+        nonlocal interval_start, interval_images
+        sums, n, nonfinite = meter.flush(accelerator)
+        if nonfinite:
+            raise TrainingError(
+                f"non-finite loss at epoch {epoch + 1}, step {progress.global_step} on at least one "
+                "process; every process stops here. Lower train.lr, set train.clip_grad, or use "
+                "train.precision=bf16 instead of fp16"
+            )
+        for k, v in sums.items():
+            progress.epoch_sums[k] = progress.epoch_sums.get(k, 0.0) + v
+        progress.epoch_sums["n"] = progress.epoch_sums.get("n", 0.0) + n
+        elapsed = time.perf_counter() - interval_start
+        progress.train_time += elapsed
+        progress.train_images += interval_images * accelerator.num_processes
+        if n:
+            on_log(
+                {
+                    **{f"train/{k}": v / n for k, v in sums.items()},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "throughput/train_img_s": interval_images * accelerator.num_processes / max(elapsed, 1e-9),
+                }
+            )
+        interval_start, interval_images = time.perf_counter(), 0
+
+    for batch in batches:
+        set_step_seed(seed, epoch, progress.step_in_epoch, rank)
+        with accelerator.accumulate(model):
+            parts = step_loss(model, batch)
+            accelerator.backward(parts.total)
+            if accelerator.sync_gradients and clip_grad is not None:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        n = batch["label"].shape[0]
+        meter.add(parts, n)
+        interval_images += n
+        progress.step_in_epoch += 1
+        if not accelerator.sync_gradients:
+            continue
+        progress.global_step += 1
+        scheduler.step_update(num_updates=progress.global_step)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=progress.global_step)
+        if pbar is not None:
+            pbar.update(1)
+        due_checkpoint = checkpoint_every > 0 and progress.global_step % checkpoint_every == 0
+        if due_checkpoint or progress.global_step % log_every == 0:
+            flush()  # also the collective finite-loss check: a NaN state is never checkpointed
+        if due_checkpoint and on_checkpoint is not None:
+            on_checkpoint()
+    flush()
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    loader: Any,
+    forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> dict[str, float]:
+    """Mean of per-sample statistics over the whole split, each sample counted once.
+
+    ``forward(batch)`` returns per-sample statistic tensors; ``gather_for_metrics`` drops the
+    samples that even-batch padding repeats on the last batch.
+    """
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        with accelerator.autocast():
+            stats = forward(batch)
+        gathered = accelerator.gather_for_metrics(stats)
+        for k, v in gathered.items():
+            sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+        count += int(next(iter(gathered.values())).shape[0])
+    if count == 0:
+        return {k: math.nan for k in sums}
+    return {k: v / count for k, v in sums.items()}

@@ -1,0 +1,38 @@
+"""User-facing errors: one clear message, no traceback wall, a non-zero exit status.
+
+Every error a user can fix (a bad recipe, bad data, a bad teacher, a broken launch) is raised
+as a subclass of :class:`DistillError`. Entry points catch it, print ``error: <message>`` and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DistillError(Exception):
+    """Base class for errors whose message tells the user what to fix."""
+
+    exit_code = 2
+
+
+class RecipeError(DistillError):
+    """The recipe (file or override) is invalid."""
+
+
+class DataError(DistillError):
+    """The data source cannot be loaded or is unusable."""
+
+
+class TeacherError(DistillError):
+    """The teacher checkpoint is missing, corrupt, mismatched or useless."""
+
+
+class LaunchError(DistillError):
+    """The launch configuration (processes, precision, devices) is broken."""
+
+
+class RunStateError(DistillError):
+    """The run directory is in a state that forbids this command (e.g. already finished)."""
+
+
+class TrainingError(DistillError):
+    """Training cannot continue (e.g. a non-finite loss)."""

@@ -1,0 +1,224 @@
+"""Students (timm's distilled ViT) and frozen CNN teachers.
+
+The teacher is never passed to ``accelerator.prepare``: prepared models are DDP-wrapped and
+written into every ``save_state`` checkpoint (measured: model_1/model_2.safetensors appeared).
+It is moved to the device, put in eval mode with gradients off, and called under autocast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.config import StudentConfig, TeacherConfig
+from distill.errors import RecipeError, TeacherError
+
+STUDENT_SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def _create(name: str, where: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise RecipeError(f"{where} '{name}' is not a timm model{hint}")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def student_model_args(cfg: StudentConfig, num_classes: int) -> dict[str, Any]:
+    """timm.create_model keyword arguments that rebuild the student (stored in exports)."""
+    args: dict[str, Any] = {"num_classes": num_classes}
+    args.update({k: getattr(cfg, k) for k in STUDENT_SIZE_KEYS if getattr(cfg, k) is not None})
+    return args
+
+
+def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
+    """timm's ``VisionTransformerDistilled`` by registry name, resized by the recipe."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = _create(
+        cfg.model, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes)
+    )
+    if not isinstance(model, VisionTransformerDistilled):
+        raise RecipeError(
+            f"student.model '{cfg.model}' is a {type(model).__name__}, not a distilled ViT; use a "
+            "'*_distilled_*' model such as deit_tiny_distilled_patch16_224"
+        )
+    img, patch = model.patch_embed.img_size, model.patch_embed.patch_size
+    if img[0] % patch[0] or img[1] % patch[1]:
+        raise RecipeError(
+            f"student image size {tuple(img)} is not divisible by its patch size {tuple(patch)}; "
+            "set student.img_size and student.patch_size so that img_size % patch_size == 0"
+        )
+    # timm keeps the registry's input_size (224) in pretrained_cfg even when img_size changes;
+    # transforms and exports read it, so make it the truth.
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img[0], img[1])}
+    return model
+
+
+def student_data_config(model: nn.Module) -> dict[str, Any]:
+    from timm.data import resolve_model_data_config
+
+    return resolve_model_data_config(model)
+
+
+def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cls logits, dist logits) in any mode, without timm's train/eval output switch."""
+    feats = model.forward_features(images)
+    return model.head(feats[:, 0]), model.head_dist(feats[:, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or torch files under ``weights_only=True`` (no pickle code)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TeacherError(
+            f"cannot read teacher checkpoint {path}: {type(exc).__name__}: {exc}. It must be a "
+            "safetensors file or a torch state dict loadable with weights_only=True"
+        ) from None
+    for key in ("model", "state_dict", "model_state_dict"):  # DeiT/timm/lightning nestings
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TeacherError(f"teacher checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def _resolve_checkpoint(cfg: TeacherConfig) -> tuple[str, Path, dict[str, Any]]:
+    """(architecture, weights file, extra model args); a timm Hub folder brings its own arch."""
+    path = Path(str(cfg.checkpoint)).expanduser()
+    if not path.exists():
+        raise TeacherError(
+            f"teacher.checkpoint {path} does not exist; give a weights file, or remove "
+            "teacher.checkpoint and add a teacher.train section to train one"
+        )
+    if path.is_dir():
+        config_file, weights = path / "config.json", path / "model.safetensors"
+        if not config_file.is_file() or not weights.is_file():
+            raise TeacherError(f"teacher folder {path} lacks config.json and model.safetensors")
+        meta = json.loads(config_file.read_text())
+        return meta["architecture"], weights, dict(meta.get("model_args", {}))
+    return cfg.model, path, {}
+
+
+def load_teacher_weights(model: nn.Module, path: Path, arch: str, num_classes: int) -> None:
+    sd = _read_state_dict(path)
+    own = model.state_dict()
+    head = model.get_classifier()
+    head_keys = {k for k in own if any(own[k] is p for p in head.parameters())}
+    for key in head_keys:
+        if key in sd and sd[key].shape != own[key].shape:
+            raise TeacherError(
+                f"teacher checkpoint {path} has a {sd[key].shape[0]}-class head ('{key}') but the "
+                f"data has {num_classes} classes; use a teacher trained on these classes"
+            )
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or mismatched:
+        sample = (missing + unexpected + mismatched)[:4]
+        raise TeacherError(
+            f"teacher checkpoint {path} does not fit teacher.model '{arch}': {len(missing)} "
+            f"missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys (e.g. "
+            f"{', '.join(sample)}); check teacher.model and teacher.model_args"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen teacher fed the student's input, re-normalised to the teacher's statistics.
+
+    DeiT feeds the teacher the very tensor the student gets (after mixup); timm's
+    DistillationTeacher re-normalises when the two normalisations differ. We do the same.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        student_mean: tuple[float, ...],
+        student_std: tuple[float, ...],
+        teacher_mean: tuple[float, ...],
+        teacher_std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.renormalise = tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(
+            teacher_std
+        )
+
+        def col(v: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+
+        self.register_buffer("s_mean", col(student_mean), persistent=False)
+        self.register_buffer("s_std", col(student_std), persistent=False)
+        self.register_buffer("t_mean", col(teacher_mean), persistent=False)
+        self.register_buffer("t_std", col(teacher_std), persistent=False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)  # frozen: BatchNorm statistics never move
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            images = (images * self.s_std + self.s_mean - self.t_mean) / self.t_std
+        return self.model(images).float()
+
+
+def build_teacher_model(arch: str, num_classes: int, model_args: dict[str, Any], drop_path: float = 0.0) -> nn.Module:
+    kwargs = {**model_args, "num_classes": num_classes}
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    return _create(arch, "teacher.model", **kwargs)
+
+
+def load_teacher(
+    cfg: TeacherConfig, num_classes: int, path: Path | None = None
+) -> tuple[nn.Module, str, Path]:
+    """A teacher with weights from ``path`` (or teacher.checkpoint): (model, arch, weights file)."""
+    if path is None:
+        arch, weights, extra = _resolve_checkpoint(cfg)
+    else:
+        arch, weights, extra = cfg.model, path, {}
+    model = build_teacher_model(arch, num_classes, {**extra, **cfg.model_args})
+    load_teacher_weights(model, weights, arch, num_classes)
+    return model, arch, weights
+
+
+def teacher_normalisation(
+    cfg: TeacherConfig, model: nn.Module, fallback: dict[str, Any] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The teacher's input mean/std: the recipe's, else what it was trained with, else timm's."""
+    if cfg.mean is not None and cfg.std is not None:
+        return tuple(cfg.mean), tuple(cfg.std)
+    if fallback is not None:
+        return tuple(fallback["mean"]), tuple(fallback["std"])
+    from timm.data import resolve_model_data_config
+
+    dc = resolve_model_data_config(model)
+    return tuple(dc["mean"]), tuple(dc["std"])

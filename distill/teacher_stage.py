@@ -1,0 +1,216 @@
+"""The teacher stage: load the teacher, or train it once and reuse it, then check it.
+
+A teacher trained here is stored as a timm Hub folder under
+``<teacher.cache_dir>/<arch>-<key>/`` where the key hashes everything that shapes it (model,
+its training section, data, preprocessing, precision). Later runs with the same settings find
+it and skip training, so the seeds and types of a study share one teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from distill.config import Recipe
+from distill.data import SplitData, build_mixup, seeded, train_eval_loaders
+from distill.engine import Progress, evaluate, train_one_epoch
+from distill.errors import RecipeError, TeacherError
+from distill.losses import classification_loss
+from distill.metrics import classifier_sample_stats
+from distill.models import (
+    FrozenTeacher,
+    build_teacher_model,
+    file_sha256,
+    load_teacher,
+    teacher_normalisation,
+)
+from distill.optim import batch_plan, build_optimizer, build_scheduler
+
+TEACHER_INFO = "teacher.json"
+
+
+@dataclass
+class Teacher:
+    module: FrozenTeacher
+    architecture: str
+    weights: Path
+    sha256: str
+    trained_here: bool  # trained by this command (False: loaded from a file or the cache)
+    val_top1: float = math.nan
+
+
+def teacher_key(recipe: Recipe, data_config: dict[str, Any], num_classes: int) -> str:
+    material = {
+        "model": recipe.teacher.model,
+        "model_args": recipe.teacher.model_args,
+        "train": recipe.teacher.train.model_dump(mode="json") if recipe.teacher.train else None,
+        "data": recipe.data.model_dump(mode="json", exclude={"num_workers"}),
+        "input": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "num_classes": num_classes,
+        "precision": recipe.train.precision,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir(recipe: Recipe) -> Path:
+    return Path(recipe.teacher.cache_dir or Path(recipe.run.output_dir) / "teachers")
+
+
+def train_teacher(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    split: SplitData,
+    transforms: tuple[Any, Any],
+    data_config: dict[str, Any],
+    out: Path,
+) -> None:
+    """Train the teacher with cross-entropy on the student's data pipeline; save it to ``out``."""
+    cfg = recipe.teacher.train
+    assert cfg is not None
+    arch = recipe.teacher.model
+    plan = batch_plan(cfg, accelerator.num_processes, "teacher.train")
+    with seeded(cfg.seed):
+        model = build_teacher_model(arch, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
+    eval_batch = math.ceil(recipe.eval.batch_size / accelerator.num_processes)
+    train_loader, val_loader = train_eval_loaders(
+        split, transforms, cfg.seed, plan.per_process, plan.global_batch, eval_batch, recipe.data.num_workers
+    )
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
+    steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    mixup = build_mixup(recipe.data.augment, cfg.label_smoothing, split.num_classes, plan.per_process)
+
+    def step_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        images, targets = batch["image"], batch["label"]
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        return classification_loss(m(images), targets, cfg.label_smoothing)
+
+    progress = Progress()
+    last: dict[str, float] = {}
+    start = time.perf_counter()
+    accelerator.print(f"teacher: training {arch} for {cfg.epochs} epochs ({steps_per_epoch} steps each)")
+    for epoch in range(cfg.epochs):
+        train_one_epoch(
+            accelerator, model, train_loader, optimizer, scheduler, step_loss, progress,
+            epoch=epoch, seed=cfg.seed, log_every=max(steps_per_epoch, 1), clip_grad=cfg.clip_grad,
+            on_log=last.update,
+        )
+        progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        accelerator.print(f"teacher: epoch {epoch + 1}/{cfg.epochs} loss {last.get('train/loss', math.nan):.4f}")
+    unwrapped = accelerator.unwrap_model(model).eval()
+    stats = evaluate(
+        accelerator, val_loader, lambda b: classifier_sample_stats(unwrapped(b["image"]), b["label"])
+    )
+    accelerator.print(
+        f"teacher: val top-1 {100 * stats['top1']:.2f}% after {time.perf_counter() - start:.0f}s"
+    )
+    if accelerator.is_main_process:
+        _save_teacher(unwrapped, out, recipe, split, data_config, stats)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the next stage prepares the student; nothing of this may linger
+
+
+def _save_teacher(
+    model: torch.nn.Module,
+    out: Path,
+    recipe: Recipe,
+    split: SplitData,
+    data_config: dict[str, Any],
+    stats: dict[str, float],
+) -> None:
+    from timm.models import save_for_hf
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The teacher learnt on the student's preprocessing; record it so a later load re-normalises
+    # correctly (pretrained_cfg mean/std are what FrozenTeacher compares).
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: data_config[k] for k in ("input_size", "mean", "std")}}
+    save_for_hf(
+        model, str(tmp), model_config={"label_names": split.class_names},
+        model_args=dict(recipe.teacher.model_args), safe_serialization=True,
+    )
+    info = {
+        "architecture": recipe.teacher.model,
+        "val_top1": stats["top1"],
+        "val_top5": stats["top5"],
+        "train": recipe.teacher.train.model_dump(mode="json") if recipe.teacher.train else None,
+        "data": recipe.data.model_dump(mode="json"),
+    }
+    (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another run stored the same teacher first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _folder_normalisation(folder: Path) -> dict[str, Any] | None:
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+    return {"mean": cfg["mean"], "std": cfg["std"]} if "mean" in cfg and "std" in cfg else None
+
+
+def obtain_teacher(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    split: SplitData,
+    transforms: tuple[Any, Any],
+    data_config: dict[str, Any],
+) -> Teacher | None:
+    """The frozen teacher on the device, or None when the recipe has none and needs none."""
+    cfg = recipe.teacher
+    trained_here = False
+    if cfg.checkpoint is not None:
+        model, arch, weights = load_teacher(cfg, split.num_classes)
+        folder = Path(str(cfg.checkpoint)).expanduser()
+        stored = _folder_normalisation(folder) if folder.is_dir() else None
+    elif cfg.train is not None:
+        folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, data_config, split.num_classes)}"
+        if not (folder / TEACHER_INFO).is_file():
+            train_teacher(accelerator, recipe, split, transforms, data_config, folder)
+            trained_here = True
+        else:
+            accelerator.print(f"teacher: reusing {folder} (same teacher settings)")
+        model, arch, weights = load_teacher(cfg, split.num_classes, folder / "model.safetensors")
+        stored = _folder_normalisation(folder)
+    elif recipe.distillation.type != "none":
+        raise RecipeError(
+            f"distillation.type={recipe.distillation.type} needs a teacher: set teacher.checkpoint "
+            "to a weights file, or add a teacher.train section so the pipeline trains one"
+        )
+    else:
+        return None
+    mean, std = teacher_normalisation(cfg, model, stored)
+    module = FrozenTeacher(model, data_config["mean"], data_config["std"], mean, std)
+    module.to(accelerator.device)
+    if accelerator.device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return Teacher(module, arch, weights, file_sha256(weights), trained_here)
+
+
+def check_teacher(teacher: Teacher, top1: float, num_classes: int, min_top1: float | None) -> None:
+    """Refuse a teacher at (near) chance accuracy: distilling from it only adds noise."""
+    teacher.val_top1 = top1
+    threshold = min_top1 if min_top1 is not None else 1.5 / num_classes
+    if top1 < threshold:
+        raise TeacherError(
+            f"teacher {teacher.architecture} ({teacher.weights}) scores {100 * top1:.1f}% top-1 on "
+            f"the validation split, below the {100 * threshold:.1f}% floor (chance is "
+            f"{100 / num_classes:.1f}%); it was likely trained on other data or another class "
+            "order. Use the right checkpoint, or lower teacher.min_top1 if this is intended"
+        )

@@ -1,0 +1,127 @@
+"""Run records: metrics.jsonl, TensorBoard scalars and hyper-parameters, provenance.
+
+TensorBoard is written with torch's SummaryWriter rather than Accelerate's tracker because a
+resumed run must purge the events logged after its checkpoint (``purge_step``) so the event
+files read back exactly like an uninterrupted run's; Accelerate's tracker does not expose it.
+Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("distill", "torch", "torchvision", "timm", "accelerate", "datasets", "tensorboard", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran (with '+dirty' for local changes), if it is a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def provenance(argv: list[str], world_size: int, device: str) -> dict[str, Any]:
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *argv]) if argv else " ".join(sys.argv),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "world_size": world_size,
+        "device": device,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class RunLog:
+    """metrics.jsonl (one object per evaluation) and TensorBoard events under tb/."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_epoch: int = 0, resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        self._truncate(resume_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Events logged after the checkpoint we resume from are replayed, so drop them.
+        purge = resume_step + 1 if resume_step else None
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+
+    def _truncate(self, resume_epoch: int) -> None:
+        """Keep the evaluations of epochs the resumed checkpoint had completed."""
+        if not self.metrics_path.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= resume_epoch
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v, global_step=step)
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        """Append one evaluation to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self.scalars({k: v for k, v in record.items() if "/" in k}, step=int(record["step"]))
+        self.writer.flush()
+
+    def hparams(self, flat_recipe: dict[str, Any], final: dict[str, float]) -> None:
+        """The recipe and final metrics in TensorBoard's HPARAMS view (same run directory)."""
+        if self.writer is None:
+            return
+        metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, float) and math.isfinite(v)}
+        self.writer.add_hparams(flat_recipe, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

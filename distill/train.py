@@ -1,0 +1,49 @@
+"""Entry point: ``accelerate launch distill/train.py RECIPE.yaml [a.b=value ...]``.
+
+Also ``python -m distill.train`` and the ``distill-train`` console script (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file (accelerate launch distill/train.py): Python put distill/ first on sys.path.
+    # Replace it with the project root so 'distill' is a package and nothing in distill/ can
+    # shadow a library module.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.path.insert(0, str(here.parent))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="distill-train",
+        description="Train a DeiT-style distilled ViT student from a CNN teacher.",
+        epilog="Example: accelerate launch distill/train.py recipes/quickstart.yaml train.epochs=3",
+    )
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides parsed as YAML: a.b=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.cli import run_guarded
+
+    args = parse_args(argv)
+
+    def go() -> None:
+        from distill.config import load_recipe
+        from distill.trainer import DistillRun
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        DistillRun(recipe, [args.recipe, *args.overrides]).run()
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

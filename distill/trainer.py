@@ -1,0 +1,422 @@
+"""One run, top to bottom: launch checks, run directory, data, teacher, student, the epoch
+loop (train, evaluate, log, checkpoint), export and summary.
+
+Science (the recipe) and infrastructure (processes, precision, checkpoints) meet here and
+nowhere else; ``engine`` has the loops, ``losses`` the maths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from distill import checkpoint as ckpt
+from distill.config import PROVENANCE_KEY, Recipe, flatten, recipe_to_dict
+from distill.data import SplitData, build_mixup, build_transforms, load_source, seeded, train_eval_loaders
+from distill.engine import Progress, evaluate, train_one_epoch
+from distill.errors import LaunchError, RunStateError
+from distill.export import export_timm, reload_max_diff
+from distill.losses import LossParts, distillation_loss
+from distill.metrics import student_sample_stats
+from distill.models import build_student, student_data_config, student_heads, student_model_args
+from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
+from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
+from distill.tracking import RunLog, package_versions, provenance
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+# Keys a resumed run may change without changing its result.
+RESUME_FREE_KEYS = (
+    "run.resume", "run.overwrite", "run.log_every_steps", "run.checkpoint_every_steps",
+    "run.keep_checkpoints", "run.export", "data.num_workers", "teacher.cache_dir",
+)
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """An Accelerator for the recipe, refusing launches that would silently go wrong."""
+    precision = recipe.train.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise LaunchError(
+            "train.precision=fp16 needs a GPU (Accelerate silently runs fp32 on CPU); use "
+            "train.precision=bf16 or fp32 on this machine"
+        )
+    accelerator = Accelerator(
+        mixed_precision=PRECISION[precision],
+        gradient_accumulation_steps=recipe.train.grad_accum_steps,
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise LaunchError(
+            f"the launcher started {launched} processes but this one sees a world of "
+            f"{accelerator.num_processes} (every process thinks it is rank 0). On a machine "
+            "without GPUs launch with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes N ...; with GPUs check that CUDA is visible to every process"
+        )
+    return accelerator
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_KEYS)]
+
+
+def prepare_run_dir(accelerator: Accelerator, recipe: Recipe, run_dir: Path, argv: list[str]) -> Path | None:
+    """Decide fresh start / resume / refusal; return the checkpoint to resume from, if any."""
+    root = run_dir / "checkpoints"
+    if _finished(run_dir) and not recipe.run.overwrite:
+        raise RunStateError(
+            f"run {run_dir} already finished (summary.json exists); pick another run.name, or "
+            "pass run.overwrite=true to train it again from scratch"
+        )
+    latest = ckpt.latest_checkpoint(root)
+    if recipe.run.overwrite or recipe.run.resume == "never":
+        if latest is not None and not recipe.run.overwrite:
+            raise RunStateError(
+                f"run {run_dir} has checkpoints and run.resume=never; pass run.overwrite=true to "
+                "discard them, or run.resume=auto to continue"
+            )
+        latest = None
+    if latest is not None:
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        saved.pop(PROVENANCE_KEY, None)
+        changed = _changed_keys(saved, recipe_to_dict(recipe))
+        if changed:
+            raise RunStateError(
+                f"cannot resume {run_dir}: the recipe differs from the checkpoint's in "
+                f"{', '.join(changed)}; restore those values, or pass run.overwrite=true to start again"
+            )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if latest is None and run_dir.exists():
+            for name in ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml"):
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(root)
+        if latest is None:
+            record = recipe_to_dict(recipe)
+            record[PROVENANCE_KEY] = provenance(argv, accelerator.num_processes, str(accelerator.device))
+            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    accelerator.wait_for_everyone()
+    return latest
+
+
+@dataclass
+class StudentState:
+    model: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    ema: Any
+    steps_per_epoch: int
+    per_process_batch: int
+
+
+class DistillRun:
+    """A run of the recipe: ``DistillRun(recipe, argv).run()`` returns the summary."""
+
+    def __init__(self, recipe: Recipe, argv: list[str] | None = None) -> None:
+        self.recipe = recipe
+        self.argv = list(argv or [])
+        self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _data(self) -> tuple[SplitData, dict[str, Any], tuple[Any, Any]]:
+        r = self.recipe
+        with self.accelerator.main_process_first():
+            split = load_source(r.data)
+        with seeded(r.run.seed):  # a probe student: its data config sizes the transforms
+            probe = build_student(r.student, split.num_classes)
+        data_config = student_data_config(probe)
+        data_config["crop_pct"] = r.data.augment.crop_pct or data_config["crop_pct"]
+        data_config["interpolation"] = r.data.augment.interpolation or data_config["interpolation"]
+        return split, data_config, build_transforms(r.data.augment, data_config)
+
+    def _student(self, split: SplitData, data_config: dict[str, Any], transforms: tuple[Any, Any]) -> StudentState:
+        r, acc = self.recipe, self.accelerator
+        plan = batch_plan(r.train, acc.num_processes, "train")
+        # Seeded here, after the teacher stage, so the student's initial weights do not depend
+        # on whether the teacher was trained now or found in the cache.
+        with seeded(r.run.seed):
+            student = build_student(r.student, split.num_classes)
+        student.pretrained_cfg = {
+            **student.pretrained_cfg,
+            **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")},
+        }
+        student.set_distilled_training(True)
+        ema = None
+        if r.train.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(student, decay=r.train.ema_decay)
+        optimizer = build_optimizer(student, r.train)
+        eval_batch = math.ceil(r.eval.batch_size / acc.num_processes)
+        train_loader, val_loader = train_eval_loaders(
+            split, transforms, r.run.seed, plan.per_process, plan.global_batch, eval_batch, r.data.num_workers
+        )
+        model, optimizer, train_loader, val_loader = acc.prepare(student, optimizer, train_loader, val_loader)
+        acc.gradient_accumulation_steps = r.train.grad_accum_steps
+        steps = len(train_loader) // r.train.grad_accum_steps
+        scheduler = build_scheduler(optimizer, r.train, steps)
+        return StudentState(model, optimizer, scheduler, train_loader, val_loader, ema, steps, plan.per_process)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _teacher_val_logits(self, teacher: Teacher, loader: Any) -> dict[str, float]:
+        """One teacher pass over the val split: its accuracy, and logits kept for every epoch's
+        agreement/KL (the val transform is deterministic, so they never change)."""
+        self.val_teacher: dict[int, torch.Tensor] = {}
+
+        def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            logits = teacher.module(batch["image"])
+            for i, row in zip(batch["index"].tolist(), logits, strict=True):
+                self.val_teacher[i] = row
+            return {"top1": (logits.argmax(-1) == batch["label"]).float()}
+
+        return evaluate(self.accelerator, loader, forward)
+
+    def _evaluate(self, model: torch.nn.Module, loader: Any, teacher: Teacher | None) -> dict[str, float]:
+        model.eval()
+
+        def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            cls, dist = student_heads(model, batch["image"])
+            t = None
+            if teacher is not None:
+                t = torch.stack([self.val_teacher[i] for i in batch["index"].tolist()])
+            return student_sample_stats(cls.float(), dist.float(), batch["label"], t)
+
+        stats = evaluate(self.accelerator, loader, forward)
+        return stats
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        r = self.recipe
+        self.accelerator = acc = make_accelerator(r)
+        wall_start = time.perf_counter()
+        resume_from = prepare_run_dir(acc, r, self.run_dir, self.argv)
+        split, data_config, transforms = self._data()
+        self.transforms = transforms
+        acc.print(
+            f"data: {r.data.source} {split.num_classes} classes, {len(split.train)} train / "
+            f"{len(split.val)} val images (val: {split.val_origin}), input {data_config['input_size']}"
+        )
+        teacher = obtain_teacher(acc, r, split, transforms, data_config)
+        st = self._student(split, data_config, transforms)
+        if teacher is not None:
+            t_stats = self._teacher_val_logits(teacher, st.val_loader)
+            check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1)
+            acc.print(f"teacher: {teacher.architecture} val top-1 {100 * teacher.val_top1:.2f}% sha256 {teacher.sha256[:12]}")
+
+        progress = Progress()
+        if resume_from is not None:
+            progress = ckpt.load_checkpoint(acc, resume_from, st.ema)
+            acc.print(f"resuming from {resume_from} (epoch {progress.epoch + 1}, step {progress.global_step})")
+        log = RunLog(self.run_dir, acc.is_main_process, progress.epoch, progress.global_step if resume_from else 0)
+        step_loss = self._step_loss(st, teacher, split.num_classes)
+        pbar = self._progress_bar(st.steps_per_epoch * r.train.epochs, progress.global_step)
+        final: dict[str, Any] = {}
+        try:
+            for epoch in range(progress.epoch, r.train.epochs):
+                self._train_epoch(st, step_loss, progress, epoch, log, pbar)
+                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                sums, progress.epoch_sums = progress.epoch_sums, {}
+                if (epoch + 1) % r.eval.every_epochs == 0 or epoch + 1 == r.train.epochs:
+                    final = self._epoch_record(st, teacher, progress, sums)
+                    log.evaluation(final)
+                    if final["val/top1_fused"] > progress.best_top1:
+                        progress.best_top1, progress.best_epoch = final["val/top1_fused"], epoch + 1
+                        ckpt.save_checkpoint(acc, self.run_dir / "checkpoints", ckpt.BEST, progress, st.ema)
+                ckpt.save_checkpoint(
+                    acc, self.run_dir / "checkpoints", ckpt.step_name(progress.global_step), progress,
+                    st.ema, keep=r.run.keep_checkpoints,
+                )
+        finally:
+            if pbar is not None:
+                pbar.close()
+        if not final:  # resumed after the last epoch's checkpoint: evaluate again for the record
+            final = self._epoch_record(st, teacher, progress, {})
+        summary = self._finish(st, teacher, split, progress, final, log, time.perf_counter() - wall_start)
+        log.close()
+        return summary
+
+    def _step_loss(self, st: StudentState, teacher: Teacher | None, num_classes: int) -> Any:
+        r, acc = self.recipe, self.accelerator
+        d = r.distillation
+        mixup = build_mixup(r.data.augment, r.train.label_smoothing, num_classes, st.per_process_batch)
+        needs_teacher = d.type != "none"
+
+        def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
+            images, targets = batch["image"], batch["label"]
+            if mixup is not None:
+                images, targets = mixup(images, targets)  # DeiT: the teacher sees the mixed image
+            t_logits = None
+            if needs_teacher:
+                with acc.autocast():
+                    t_logits = teacher.module(images)
+            cls, dist = model(images)
+            return distillation_loss(
+                cls, dist, targets, t_logits, d.type, d.alpha, d.tau, d.kl_norm, r.train.label_smoothing
+            )
+
+        return step_loss
+
+    def _progress_bar(self, total: int, done: int) -> Any:
+        if not self.accelerator.is_main_process:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=done, desc="student", unit="step", dynamic_ncols=True,
+                    leave=False, disable=None)  # None: off when stderr is not a terminal (CI logs)
+
+    def _train_epoch(self, st: StudentState, step_loss: Any, progress: Progress, epoch: int, log: RunLog, pbar: Any) -> None:
+        r, acc = self.recipe, self.accelerator
+
+        def on_log(values: dict[str, float]) -> None:
+            log.scalars(values, progress.global_step)
+            if pbar is not None:
+                pbar.set_postfix(
+                    epoch=epoch + 1, loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
+                    img_s=f"{values['throughput/train_img_s']:.0f}",
+                )
+
+        def on_checkpoint() -> None:
+            ckpt.save_checkpoint(
+                acc, self.run_dir / "checkpoints", ckpt.step_name(progress.global_step), progress,
+                st.ema, keep=r.run.keep_checkpoints,
+            )
+
+        train_one_epoch(
+            acc, st.model, st.train_loader, st.optimizer, st.scheduler, step_loss, progress,
+            epoch=epoch, seed=r.run.seed, log_every=r.run.log_every_steps, clip_grad=r.train.clip_grad,
+            on_log=on_log, checkpoint_every=r.run.checkpoint_every_steps, on_checkpoint=on_checkpoint,
+            ema=st.ema, pbar=pbar,
+        )
+
+    def _epoch_record(self, st: StudentState, teacher: Teacher | None, progress: Progress, sums: dict[str, float]) -> dict[str, Any]:
+        acc = self.accelerator
+        student = acc.unwrap_model(st.model)
+        stats = self._evaluate(student, st.val_loader, teacher)
+        student.train()
+        n = sums.get("n", 0.0)
+        record: dict[str, Any] = {"epoch": progress.epoch, "step": progress.global_step}
+        for k in ("loss", "loss_ce", "loss_kd"):
+            record[f"train/{k}"] = sums[k] / n if n else math.nan
+        record["lr"] = st.optimizer.param_groups[0]["lr"]
+        record.update({f"val/{k}": v for k, v in stats.items()})
+        if teacher is None:
+            record.update({"val/teacher_top1": math.nan, "val/agreement": math.nan, "val/kl": math.nan})
+        if st.ema is not None:
+            ema_stats = self._evaluate(st.ema.module, st.val_loader, teacher)
+            record.update({f"val_ema/{k}": v for k, v in ema_stats.items() if not k.startswith("teacher")})
+        record["throughput/train_img_s"] = progress.train_images / progress.train_time if progress.train_time else math.nan
+        acc.print(
+            f"epoch {progress.epoch}: loss {record['train/loss']:.4f}  top-1 cls {100 * record['val/top1_cls']:.2f}  "
+            f"dist {100 * record['val/top1_dist']:.2f}  fused {100 * record['val/top1_fused']:.2f}  "
+            f"agreement {100 * record['val/agreement']:.2f}"
+        )
+        return record
+
+    def _finish(
+        self, st: StudentState, teacher: Teacher | None, split: SplitData, progress: Progress,
+        final: dict[str, Any], log: RunLog, wall: float,
+    ) -> dict[str, Any]:
+        r, acc = self.recipe, self.accelerator
+        student = acc.unwrap_model(st.model)
+        d = r.distillation
+        teacher_info = None
+        if teacher is not None:
+            teacher_info = {
+                "architecture": teacher.architecture, "weights": str(teacher.weights),
+                "sha256": teacher.sha256, "val_top1": teacher.val_top1, "trained_here": teacher.trained_here,
+            }
+        summary: dict[str, Any] = {
+            "run": str(self.run_dir),
+            "final": final,
+            "best": {"val/top1_fused": progress.best_top1, "epoch": progress.best_epoch},
+            "epochs": progress.epoch,
+            "steps": progress.global_step,
+            "wall_time_s": wall,
+            "train_time_s": progress.train_time,
+            "throughput_train_img_s": progress.train_images / progress.train_time if progress.train_time else None,
+            "teacher": teacher_info,
+            "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm},
+            "world_size": acc.num_processes,
+            "precision": r.train.precision,
+            "effective_lr": effective_lr(r.train),
+            "data": {
+                "source": r.data.source, "path": r.data.path, "num_classes": split.num_classes,
+                "train_size": len(split.train), "val_size": len(split.val), "val_origin": split.val_origin,
+            },
+            "export": None,
+        }
+        if acc.is_main_process:
+            if r.run.export:
+                summary["export"] = self._export(student, split, summary)
+            log.hparams(flatten(recipe_to_dict(r)), {k: v for k, v in final.items() if "/" in k})
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            print_summary(summary)
+        acc.wait_for_everyone()
+        return summary
+
+    def _export(self, student: torch.nn.Module, split: SplitData, summary: dict[str, Any]) -> dict[str, Any]:
+        r = self.recipe
+        out = self.run_dir / "export"
+        card = {
+            "name": r.run.name, "architecture": r.student.model, "num_classes": split.num_classes,
+            "teacher": summary["teacher"], "distillation": summary["distillation"], "data": summary["data"],
+            "epochs": summary["epochs"], "final": summary["final"], "packages": package_versions(),
+            "recipe": recipe_to_dict(r), "weights": "last",
+        }
+        export_timm(student, out, student_model_args(r.student, split.num_classes), split.class_names, card)
+        # Reload through timm alone on a few real validation images: a broken export fails here.
+        eval_tf = self.transforms[1]
+        probe = torch.stack([eval_tf(split.val[i]["image"].convert("RGB")) for i in range(min(8, len(split.val)))])
+        diff = reload_max_diff(student.cpu(), out, probe)
+        student.to(self.accelerator.device)
+        return {"path": str(out), "reload_max_abs_diff": diff}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    final = summary["final"]
+
+    def pct(key: str) -> str:
+        v = final.get(key)
+        return f"{100 * v:6.2f}%" if isinstance(v, float) and math.isfinite(v) else "    n/a"
+
+    rows = [
+        ("val top-1 cls head", pct("val/top1_cls")),
+        ("val top-1 dist head", pct("val/top1_dist")),
+        ("val top-1 fused", pct("val/top1_fused")),
+        ("val top-5 fused", pct("val/top5_fused")),
+        ("teacher val top-1", pct("val/teacher_top1")),
+        ("agreement with teacher", pct("val/agreement")),
+        ("best fused top-1", f"{100 * summary['best']['val/top1_fused']:6.2f}% (epoch {summary['best']['epoch']})"),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("train throughput", f"{summary['throughput_train_img_s'] or 0:.0f} img/s"),
+        ("run directory", summary["run"]),
+        ("export", summary["export"]["path"] if summary["export"] else "(off)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
