@@ -22,7 +22,10 @@ from distill.errors import RecipeError
 class Section(BaseModel):
     """A locked recipe section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # coerce_numbers_to_str: `run.name=123` is a name, although YAML reads it as an int.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
 
 
 class RunConfig(Section):
@@ -44,6 +47,7 @@ class SyntheticConfig(Section):
     train_per_class: int = Field(32, ge=1)
     val_per_class: int = Field(8, ge=1)
     image_size: int = Field(16, ge=4)
+    noise: float = Field(25.0, ge=0.0)  # pixel noise std (0-255 scale): higher is harder
 
 
 class AugmentConfig(Section):
@@ -139,18 +143,15 @@ class StudentConfig(Section):
 
     @model_validator(mode="after")
     def _divisible(self) -> StudentConfig:
-        if self.img_size is not None and self.patch_size is not None:
-            if self.img_size % self.patch_size:
-                raise ValueError(
-                    f"student.img_size {self.img_size} is not divisible by student.patch_size "
-                    f"{self.patch_size}; pick sizes such that img_size % patch_size == 0"
-                )
-        if self.embed_dim is not None and self.num_heads is not None:
-            if self.embed_dim % self.num_heads:
-                raise ValueError(
-                    f"student.embed_dim {self.embed_dim} is not divisible by student.num_heads "
-                    f"{self.num_heads}"
-                )
+        if self.img_size is not None and self.patch_size is not None and self.img_size % self.patch_size:
+            raise ValueError(
+                f"student.img_size {self.img_size} is not divisible by student.patch_size "
+                f"{self.patch_size}; pick sizes such that img_size % patch_size == 0"
+            )
+        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"student.embed_dim {self.embed_dim} is not divisible by student.num_heads {self.num_heads}"
+            )
         return self
 
 
@@ -224,7 +225,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             valid = _section_fields(Recipe, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+            hint = f"; did you mean '{'.'.join(map(str, (*loc[:-1], close[0])))}'?" if close else ""
             lines.append(f"unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
         else:
             got = e.get("input")
@@ -249,14 +250,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _is_value_field(parts: list[str]) -> bool:
+    """True when ``parts`` names a plain value (not a section or a free-form mapping)."""
+    current: Any = Recipe
+    for part in parts:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return False
+        field = current.model_fields.get(part)
+        if field is None:
+            return False
+        current = _model_in(field.annotation)
+    is_section = isinstance(current, type) and issubclass(current, BaseModel)
+    return not is_section and typing.get_origin(current) is not dict
+
+
 def apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
         child = node.get(part)
+        if child is None and _is_value_field(parts[: i + 1]):
+            raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
             raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
         node = child
     node[parts[-1]] = value

@@ -75,7 +75,7 @@ def _synthetic(cfg: DataConfig, split: str) -> Any:
     for c in range(s.num_classes):
         stripes = np.sin((xx * np.cos(c) + yy * np.sin(c)) * (0.6 + 0.15 * c))[..., None] * 40
         for _ in range(per_class):
-            noise = rng.normal(0, 25, size=(s.image_size, s.image_size, 3))
+            noise = rng.normal(0, s.noise, size=(s.image_size, s.image_size, 3))
             img = np.clip(protos[c] + stripes + noise, 0, 255).astype(np.uint8)
             images.append(Image.fromarray(img, mode="RGB"))
             labels.append(c)
@@ -156,9 +156,7 @@ def _standard_columns(ds: Any, where: str) -> Any:
     image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
     if image_col is None or label_col is None:
-        raise DataError(
-            f"{where} needs an image column and a class-label column; found {dict(ds.features)}"
-        )
+        raise DataError(f"{where} needs an image column and a class-label column; found {dict(ds.features)}")
     ds = ds.select_columns([image_col, label_col])
     if image_col != "image":
         ds = ds.rename_column(image_col, "image")
@@ -186,22 +184,17 @@ def load_source(cfg: DataConfig) -> SplitData:
 
     if cfg.train_split not in splits:
         raise DataError(
-            f"data.train_split '{cfg.train_split}' not found in {cfg.source} source "
-            f"(splits: {', '.join(splits)})"
+            f"data.train_split '{cfg.train_split}' not found in {cfg.source} source (splits: {', '.join(splits)})"
         )
     train = _standard_columns(splits[cfg.train_split], f"{cfg.source} split '{cfg.train_split}'")
     if cfg.val_split is not None:
         if cfg.val_split not in splits:
-            raise DataError(
-                f"data.val_split '{cfg.val_split}' not found (splits: {', '.join(splits)})"
-            )
+            raise DataError(f"data.val_split '{cfg.val_split}' not found (splits: {', '.join(splits)})")
         val_name = cfg.val_split
     else:
         val_name = next((n for n in ("validation", "val", "test") if n in splits), None)
     if val_name is None:
-        parts = train.train_test_split(
-            test_size=cfg.val_fraction, seed=cfg.split_seed, stratify_by_column="label"
-        )
+        parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed, stratify_by_column="label")
         train, val, origin = parts["train"], parts["test"], "held-out"
     else:
         val = _standard_columns(splits[val_name], f"{cfg.source} split '{val_name}'")
@@ -221,9 +214,35 @@ def load_source(cfg: DataConfig) -> SplitData:
 # Transforms and deterministic augmentation
 
 
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, valid for 0 bits again.
+
+    DeiT's RandAugment (m9, mstd0.5) clamps about 2.3% of magnitudes to 10, which
+    PosterizeIncreasing maps to 0 bits; Pillow >= 13 rejects 0 ("bits must be between or equal
+    to 1 and 8"), which killed about 1 training image in 700 (found by tests/test_data.py).
+    Pillow < 13 returned a black image for 0 bits; we keep that behaviour.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_transforms(aug: AugmentConfig, data_config: dict[str, Any]) -> tuple[Any, Any]:
     """timm train/eval transforms for the student's resolved data config."""
     from timm.data import create_transform
+
+    _patch_timm_posterize()
 
     interpolation = aug.interpolation or data_config.get("interpolation", "bicubic")
     crop_pct = aug.crop_pct or data_config.get("crop_pct", 0.875)
@@ -382,7 +401,7 @@ def make_loader(
 def build_mixup(aug: AugmentConfig, label_smoothing: float, num_classes: int, per_process_batch: int) -> Any:
     """timm's Mixup/CutMix (None when both are off). It draws from numpy's global RNG, which
     the engine re-seeds per step. Targets come back dense with label smoothing folded in."""
-    if aug.mixup <= 0 and aug.cutmix <= 0 or aug.mixup_prob <= 0:
+    if (aug.mixup <= 0 and aug.cutmix <= 0) or aug.mixup_prob <= 0:
         return None
     if per_process_batch % 2:
         raise DataError(
@@ -414,10 +433,17 @@ def train_eval_loaders(
     train_tf, eval_tf = transforms
     train = make_loader(
         AugmentedDataset(split.train, train_tf, seed, train=True),
-        train_batch, seed, train=True, num_workers=num_workers, global_multiple=train_multiple,
+        train_batch,
+        seed,
+        train=True,
+        num_workers=num_workers,
+        global_multiple=train_multiple,
     )
     val = make_loader(
         AugmentedDataset(split.val, eval_tf, seed, train=False),
-        eval_batch, seed, train=False, num_workers=num_workers,
+        eval_batch,
+        seed,
+        train=False,
+        num_workers=num_workers,
     )
     return train, val

@@ -100,7 +100,11 @@ def train_one_epoch(
 ) -> None:
     """One epoch (or its remainder after a resume) of ``step_loss`` minimisation."""
     model.train()
-    loader.set_epoch(epoch)
+    loader.set_epoch(epoch)  # reaches our EpochSampler (order)...
+    # ...but Accelerate forwards set_epoch to the dataset only when the sampler is not wrapped
+    # for sharding (data_loader.py: an `elif`), i.e. never with 2+ processes; the augmentation
+    # seed lives in the dataset, so set it ourselves.
+    loader.dataset.set_epoch(epoch)
     batches = loader
     if progress.step_in_epoch:
         batches = accelerator.skip_first_batches(loader, progress.step_in_epoch)

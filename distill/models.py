@@ -18,6 +18,18 @@ from torch import nn
 from distill.config import StudentConfig, TeacherConfig
 from distill.errors import RecipeError, TeacherError
 
+REGISTRY_PROVENANCE_KEYS = (
+    "tag",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "url",
+    "file",
+    "license",
+    "paper_ids",
+    "paper_name",
+    "origin_url",
+    "notes",
+)
 STUDENT_SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
@@ -44,9 +56,7 @@ def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
     """timm's ``VisionTransformerDistilled`` by registry name, resized by the recipe."""
     from timm.models.deit import VisionTransformerDistilled
 
-    model = _create(
-        cfg.model, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes)
-    )
+    model = _create(cfg.model, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes))
     if not isinstance(model, VisionTransformerDistilled):
         raise RecipeError(
             f"student.model '{cfg.model}' is a {type(model).__name__}, not a distilled ViT; use a "
@@ -60,7 +70,10 @@ def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
         )
     # timm keeps the registry's input_size (224) in pretrained_cfg even when img_size changes;
     # transforms and exports read it, so make it the truth.
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img[0], img[1])}
+    # Registry provenance (tag, hub id, license, paper) describes timm's released weights, not
+    # ours; an export must not claim it.
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in REGISTRY_PROVENANCE_KEYS}
+    model.pretrained_cfg = {**cfg, "input_size": (3, img[0], img[1])}
     return model
 
 
@@ -168,9 +181,7 @@ class FrozenTeacher(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.renormalise = tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(
-            teacher_std
-        )
+        self.renormalise = tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(teacher_std)
 
         def col(v: tuple[float, ...]) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
@@ -197,9 +208,7 @@ def build_teacher_model(arch: str, num_classes: int, model_args: dict[str, Any],
     return _create(arch, "teacher.model", **kwargs)
 
 
-def load_teacher(
-    cfg: TeacherConfig, num_classes: int, path: Path | None = None
-) -> tuple[nn.Module, str, Path]:
+def load_teacher(cfg: TeacherConfig, num_classes: int, path: Path | None = None) -> tuple[nn.Module, str, Path]:
     """A teacher with weights from ``path`` (or teacher.checkpoint): (model, arch, weights file)."""
     if path is None:
         arch, weights, extra = _resolve_checkpoint(cfg)

@@ -104,19 +104,24 @@ def train_teacher(
     accelerator.print(f"teacher: training {arch} for {cfg.epochs} epochs ({steps_per_epoch} steps each)")
     for epoch in range(cfg.epochs):
         train_one_epoch(
-            accelerator, model, train_loader, optimizer, scheduler, step_loss, progress,
-            epoch=epoch, seed=cfg.seed, log_every=max(steps_per_epoch, 1), clip_grad=cfg.clip_grad,
+            accelerator,
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            step_loss,
+            progress,
+            epoch=epoch,
+            seed=cfg.seed,
+            log_every=max(steps_per_epoch, 1),
+            clip_grad=cfg.clip_grad,
             on_log=last.update,
         )
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         accelerator.print(f"teacher: epoch {epoch + 1}/{cfg.epochs} loss {last.get('train/loss', math.nan):.4f}")
     unwrapped = accelerator.unwrap_model(model).eval()
-    stats = evaluate(
-        accelerator, val_loader, lambda b: classifier_sample_stats(unwrapped(b["image"]), b["label"])
-    )
-    accelerator.print(
-        f"teacher: val top-1 {100 * stats['top1']:.2f}% after {time.perf_counter() - start:.0f}s"
-    )
+    stats = evaluate(accelerator, val_loader, lambda b: classifier_sample_stats(unwrapped(b["image"]), b["label"]))
+    accelerator.print(f"teacher: val top-1 {100 * stats['top1']:.2f}% after {time.perf_counter() - start:.0f}s")
     if accelerator.is_main_process:
         _save_teacher(unwrapped, out, recipe, split, data_config, stats)
     accelerator.wait_for_everyone()
@@ -139,8 +144,11 @@ def _save_teacher(
     # correctly (pretrained_cfg mean/std are what FrozenTeacher compares).
     model.pretrained_cfg = {**model.pretrained_cfg, **{k: data_config[k] for k in ("input_size", "mean", "std")}}
     save_for_hf(
-        model, str(tmp), model_config={"label_names": split.class_names},
-        model_args=dict(recipe.teacher.model_args), safe_serialization=True,
+        model,
+        str(tmp),
+        model_config={"label_names": split.class_names},
+        model_args=dict(recipe.teacher.model_args),
+        safe_serialization=True,
     )
     info = {
         "architecture": recipe.teacher.model,

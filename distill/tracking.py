@@ -41,7 +41,11 @@ def git_commit() -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=5, check=True,
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -107,7 +111,9 @@ class RunLog:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self.scalars({k: v for k, v in record.items() if "/" in k}, step=int(record["step"]))
+        # train/*, lr and throughput are already in TensorBoard at every log interval; the
+        # epoch averages would put a second point at the same step under the same tag.
+        self.scalars({k: v for k, v in record.items() if k.startswith("val")}, step=int(record["step"]))
         self.writer.flush()
 
     def hparams(self, flat_recipe: dict[str, Any], final: dict[str, float]) -> None:

@@ -6,7 +6,6 @@ Also ``python -m distill.train`` and the ``distill-train`` console script (one p
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

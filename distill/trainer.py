@@ -37,8 +37,14 @@ PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 # Keys a resumed run may change without changing its result.
 RESUME_FREE_KEYS = (
-    "run.resume", "run.overwrite", "run.log_every_steps", "run.checkpoint_every_steps",
-    "run.keep_checkpoints", "run.export", "data.num_workers", "teacher.cache_dir",
+    "run.resume",
+    "run.overwrite",
+    "run.log_every_steps",
+    "run.checkpoint_every_steps",
+    "run.keep_checkpoints",
+    "run.export",
+    "data.num_workers",
+    "teacher.cache_dir",
 )
 
 
@@ -226,7 +232,9 @@ class DistillRun:
         if teacher is not None:
             t_stats = self._teacher_val_logits(teacher, st.val_loader)
             check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1)
-            acc.print(f"teacher: {teacher.architecture} val top-1 {100 * teacher.val_top1:.2f}% sha256 {teacher.sha256[:12]}")
+            acc.print(
+                f"teacher: {teacher.architecture} val top-1 {100 * teacher.val_top1:.2f}% sha256 {teacher.sha256[:12]}"
+            )
 
         progress = Progress()
         if resume_from is not None:
@@ -248,8 +256,12 @@ class DistillRun:
                         progress.best_top1, progress.best_epoch = final["val/top1_fused"], epoch + 1
                         ckpt.save_checkpoint(acc, self.run_dir / "checkpoints", ckpt.BEST, progress, st.ema)
                 ckpt.save_checkpoint(
-                    acc, self.run_dir / "checkpoints", ckpt.step_name(progress.global_step), progress,
-                    st.ema, keep=r.run.keep_checkpoints,
+                    acc,
+                    self.run_dir / "checkpoints",
+                    ckpt.step_name(progress.global_step),
+                    progress,
+                    st.ema,
+                    keep=r.run.keep_checkpoints,
                 )
         finally:
             if pbar is not None:
@@ -286,34 +298,57 @@ class DistillRun:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=done, desc="student", unit="step", dynamic_ncols=True,
-                    leave=False, disable=None)  # None: off when stderr is not a terminal (CI logs)
+        return tqdm(
+            total=total, initial=done, desc="student", unit="step", dynamic_ncols=True, leave=False, disable=None
+        )  # None: off when stderr is not a terminal (CI logs)
 
-    def _train_epoch(self, st: StudentState, step_loss: Any, progress: Progress, epoch: int, log: RunLog, pbar: Any) -> None:
+    def _train_epoch(
+        self, st: StudentState, step_loss: Any, progress: Progress, epoch: int, log: RunLog, pbar: Any
+    ) -> None:
         r, acc = self.recipe, self.accelerator
 
         def on_log(values: dict[str, float]) -> None:
             log.scalars(values, progress.global_step)
             if pbar is not None:
                 pbar.set_postfix(
-                    epoch=epoch + 1, loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
+                    epoch=epoch + 1,
+                    loss=f"{values['train/loss']:.4f}",
+                    lr=f"{values['lr']:.2e}",
                     img_s=f"{values['throughput/train_img_s']:.0f}",
                 )
 
         def on_checkpoint() -> None:
             ckpt.save_checkpoint(
-                acc, self.run_dir / "checkpoints", ckpt.step_name(progress.global_step), progress,
-                st.ema, keep=r.run.keep_checkpoints,
+                acc,
+                self.run_dir / "checkpoints",
+                ckpt.step_name(progress.global_step),
+                progress,
+                st.ema,
+                keep=r.run.keep_checkpoints,
             )
 
         train_one_epoch(
-            acc, st.model, st.train_loader, st.optimizer, st.scheduler, step_loss, progress,
-            epoch=epoch, seed=r.run.seed, log_every=r.run.log_every_steps, clip_grad=r.train.clip_grad,
-            on_log=on_log, checkpoint_every=r.run.checkpoint_every_steps, on_checkpoint=on_checkpoint,
-            ema=st.ema, pbar=pbar,
+            acc,
+            st.model,
+            st.train_loader,
+            st.optimizer,
+            st.scheduler,
+            step_loss,
+            progress,
+            epoch=epoch,
+            seed=r.run.seed,
+            log_every=r.run.log_every_steps,
+            clip_grad=r.train.clip_grad,
+            on_log=on_log,
+            checkpoint_every=r.run.checkpoint_every_steps,
+            on_checkpoint=on_checkpoint,
+            ema=st.ema,
+            pbar=pbar,
         )
 
-    def _epoch_record(self, st: StudentState, teacher: Teacher | None, progress: Progress, sums: dict[str, float]) -> dict[str, Any]:
+    def _epoch_record(
+        self, st: StudentState, teacher: Teacher | None, progress: Progress, sums: dict[str, float]
+    ) -> dict[str, Any]:
         acc = self.accelerator
         student = acc.unwrap_model(st.model)
         stats = self._evaluate(student, st.val_loader, teacher)
@@ -329,7 +364,9 @@ class DistillRun:
         if st.ema is not None:
             ema_stats = self._evaluate(st.ema.module, st.val_loader, teacher)
             record.update({f"val_ema/{k}": v for k, v in ema_stats.items() if not k.startswith("teacher")})
-        record["throughput/train_img_s"] = progress.train_images / progress.train_time if progress.train_time else math.nan
+        record["throughput/train_img_s"] = (
+            progress.train_images / progress.train_time if progress.train_time else math.nan
+        )
         acc.print(
             f"epoch {progress.epoch}: loss {record['train/loss']:.4f}  top-1 cls {100 * record['val/top1_cls']:.2f}  "
             f"dist {100 * record['val/top1_dist']:.2f}  fused {100 * record['val/top1_fused']:.2f}  "
@@ -338,8 +375,14 @@ class DistillRun:
         return record
 
     def _finish(
-        self, st: StudentState, teacher: Teacher | None, split: SplitData, progress: Progress,
-        final: dict[str, Any], log: RunLog, wall: float,
+        self,
+        st: StudentState,
+        teacher: Teacher | None,
+        split: SplitData,
+        progress: Progress,
+        final: dict[str, Any],
+        log: RunLog,
+        wall: float,
     ) -> dict[str, Any]:
         r, acc = self.recipe, self.accelerator
         student = acc.unwrap_model(st.model)
@@ -347,8 +390,11 @@ class DistillRun:
         teacher_info = None
         if teacher is not None:
             teacher_info = {
-                "architecture": teacher.architecture, "weights": str(teacher.weights),
-                "sha256": teacher.sha256, "val_top1": teacher.val_top1, "trained_here": teacher.trained_here,
+                "architecture": teacher.architecture,
+                "weights": str(teacher.weights),
+                "sha256": teacher.sha256,
+                "val_top1": teacher.val_top1,
+                "trained_here": teacher.trained_here,
             }
         summary: dict[str, Any] = {
             "run": str(self.run_dir),
@@ -365,8 +411,12 @@ class DistillRun:
             "precision": r.train.precision,
             "effective_lr": effective_lr(r.train),
             "data": {
-                "source": r.data.source, "path": r.data.path, "num_classes": split.num_classes,
-                "train_size": len(split.train), "val_size": len(split.val), "val_origin": split.val_origin,
+                "source": r.data.source,
+                "path": r.data.path,
+                "num_classes": split.num_classes,
+                "train_size": len(split.train),
+                "val_size": len(split.val),
+                "val_origin": split.val_origin,
             },
             "export": None,
         }
@@ -383,10 +433,17 @@ class DistillRun:
         r = self.recipe
         out = self.run_dir / "export"
         card = {
-            "name": r.run.name, "architecture": r.student.model, "num_classes": split.num_classes,
-            "teacher": summary["teacher"], "distillation": summary["distillation"], "data": summary["data"],
-            "epochs": summary["epochs"], "final": summary["final"], "packages": package_versions(),
-            "recipe": recipe_to_dict(r), "weights": "last",
+            "name": r.run.name,
+            "architecture": r.student.model,
+            "num_classes": split.num_classes,
+            "teacher": summary["teacher"],
+            "distillation": summary["distillation"],
+            "data": summary["data"],
+            "epochs": summary["epochs"],
+            "final": summary["final"],
+            "packages": package_versions(),
+            "recipe": recipe_to_dict(r),
+            "weights": "last",
         }
         export_timm(student, out, student_model_args(r.student, split.num_classes), split.class_names, card)
         # Reload through timm alone on a few real validation images: a broken export fails here.

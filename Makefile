@@ -1,0 +1,36 @@
+# Common commands. `make demo` and `make test` do all set-up on a fresh machine.
+# No Hub lookups at run time (an unreachable Hub costs ~25 s of retries per lookup).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-fast lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install  ## the quickstart recipe end to end (teacher, student, evaluation, export)
+	$(BIN)/accelerate launch --config_file accelerate_config.yaml distill/train.py recipes/quickstart.yaml run.overwrite=true
+
+test: install lint  ## lint, then the whole test suite
+	$(BIN)/python -m pytest
+
+test-fast: install  ## unit tests only (no end-to-end runs)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf runs reports .pytest_cache .ruff_cache

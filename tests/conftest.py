@@ -1,0 +1,83 @@
+"""Shared helpers: run the real entry points in subprocesses (fresh Accelerate state each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "recipes" / "smoke.yaml"
+# Timing-dependent keys: everything else in metrics.jsonl is a pure function of recipe and seed.
+TIMING_KEYS = ("throughput/",)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
+    env.update(extra)
+    return env
+
+
+def run_train(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m distill.train ARGS`` in a subprocess, output captured."""
+    cmd = [sys.executable, "-m", "distill.train", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env or subprocess_env(), timeout=timeout)
+
+
+def launch_train(*args: str, processes: int = 2, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """A real multi-process CPU launch: ``accelerate launch --multi_gpu --num_processes N``."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "--monitor_interval",
+        "0.1",
+        "distill/train.py",
+        *args,
+    ]
+    full_env = subprocess_env(OMP_NUM_THREADS="1", **env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if drop_timing:
+        rows = [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
+    return rows
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One teacher cache for the whole session: the smoke teacher is trained once."""
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, teacher_cache: Path) -> Path:
+    """The smoke recipe run once, end to end, in one process; returns its run directory."""
+    out = tmp_path_factory.mktemp("smoke")
+    check_ok(run_train(str(SMOKE), f"run.output_dir={out}", f"teacher.cache_dir={teacher_cache}"))
+    return out / "smoke"
