@@ -38,6 +38,9 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)  # newest K kept; 'best' is kept on top of these
     log_every_steps: int = Field(10, ge=1)  # TensorBoard train scalars and the finite-loss check
     export: bool = True  # write export/ (timm Hub layout) at the end
+    # Stop after the teacher stage: train (or find) and evaluate the teacher, copy it to
+    # <run>/teacher/ (a timm Hub folder that teacher.checkpoint can point at), no student.
+    teacher_only: bool = False
 
 
 class SyntheticConfig(Section):

@@ -22,9 +22,18 @@ from accelerate import Accelerator
 
 from distill import checkpoint as ckpt
 from distill.config import PROVENANCE_KEY, Recipe, flatten, recipe_to_dict
-from distill.data import SplitData, build_mixup, build_transforms, load_source, seeded, train_eval_loaders
+from distill.data import (
+    AugmentedDataset,
+    SplitData,
+    build_mixup,
+    build_transforms,
+    load_source,
+    make_loader,
+    seeded,
+    train_eval_loaders,
+)
 from distill.engine import Progress, evaluate, train_one_epoch
-from distill.errors import LaunchError, RunStateError
+from distill.errors import LaunchError, RecipeError, RunStateError
 from distill.export import export_timm, reload_max_diff
 from distill.losses import LossParts, distillation_loss
 from distill.metrics import student_sample_stats
@@ -228,6 +237,8 @@ class DistillRun:
             f"{len(split.val)} val images (val: {split.val_origin}), input {data_config['input_size']}"
         )
         teacher = obtain_teacher(acc, r, split, transforms, data_config)
+        if r.run.teacher_only:
+            return self._teacher_only(teacher, split, data_config, time.perf_counter() - wall_start)
         st = self._student(split, data_config, transforms)
         if teacher is not None:
             t_stats = self._teacher_val_logits(teacher, st.val_loader)
@@ -271,6 +282,66 @@ class DistillRun:
         summary = self._finish(st, teacher, split, progress, final, log, time.perf_counter() - wall_start)
         log.close()
         return summary
+
+    def _teacher_only(
+        self, teacher: Teacher | None, split: SplitData, data_config: dict[str, Any], wall: float
+    ) -> dict[str, Any]:
+        """The teacher stage as a run of its own: evaluate, copy the teacher into the run."""
+        acc, r = self.accelerator, self.recipe
+        if teacher is None:
+            raise RecipeError("run.teacher_only=true needs teacher.train or teacher.checkpoint")
+        eval_batch = math.ceil(r.eval.batch_size / acc.num_processes)
+        val = make_loader(
+            AugmentedDataset(split.val, self.transforms[1], r.run.seed, train=False),
+            eval_batch,
+            r.run.seed,
+            train=False,
+            num_workers=r.data.num_workers,
+        )
+        stats = self._teacher_val_logits(teacher, acc.prepare(val))
+        check_teacher(teacher, stats["top1"], split.num_classes, r.teacher.min_top1)
+        summary = {
+            "run": str(self.run_dir),
+            "teacher": self._teacher_info(teacher),
+            "final": {"val/teacher_top1": stats["top1"]},
+            "wall_time_s": wall,
+            "data": self._data_info(split),
+        }
+        if acc.is_main_process:
+            target = self.run_dir / "teacher"
+            shutil.rmtree(target, ignore_errors=True)
+            if teacher.weights.parent.joinpath("config.json").is_file():
+                shutil.copytree(teacher.weights.parent, target)
+            else:
+                target.mkdir()
+                shutil.copy2(teacher.weights, target / teacher.weights.name)
+            summary["teacher"]["folder"] = str(target)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            print(f"teacher {teacher.architecture}: val top-1 {100 * stats['top1']:.2f}%, saved to {target}")
+        acc.wait_for_everyone()
+        return summary
+
+    def _teacher_info(self, teacher: Teacher | None) -> dict[str, Any] | None:
+        if teacher is None:
+            return None
+        return {
+            "architecture": teacher.architecture,
+            "weights": str(teacher.weights),
+            "sha256": teacher.sha256,
+            "val_top1": teacher.val_top1,
+            "trained_here": teacher.trained_here,
+        }
+
+    def _data_info(self, split: SplitData) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "source": r.data.source,
+            "path": r.data.path,
+            "num_classes": split.num_classes,
+            "train_size": len(split.train),
+            "val_size": len(split.val),
+            "val_origin": split.val_origin,
+        }
 
     def _step_loss(self, st: StudentState, teacher: Teacher | None, num_classes: int) -> Any:
         r, acc = self.recipe, self.accelerator
@@ -387,15 +458,6 @@ class DistillRun:
         r, acc = self.recipe, self.accelerator
         student = acc.unwrap_model(st.model)
         d = r.distillation
-        teacher_info = None
-        if teacher is not None:
-            teacher_info = {
-                "architecture": teacher.architecture,
-                "weights": str(teacher.weights),
-                "sha256": teacher.sha256,
-                "val_top1": teacher.val_top1,
-                "trained_here": teacher.trained_here,
-            }
         summary: dict[str, Any] = {
             "run": str(self.run_dir),
             "final": final,
@@ -405,19 +467,12 @@ class DistillRun:
             "wall_time_s": wall,
             "train_time_s": progress.train_time,
             "throughput_train_img_s": progress.train_images / progress.train_time if progress.train_time else None,
-            "teacher": teacher_info,
+            "teacher": self._teacher_info(teacher),
             "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm},
             "world_size": acc.num_processes,
             "precision": r.train.precision,
             "effective_lr": effective_lr(r.train),
-            "data": {
-                "source": r.data.source,
-                "path": r.data.path,
-                "num_classes": split.num_classes,
-                "train_size": len(split.train),
-                "val_size": len(split.val),
-                "val_origin": split.val_origin,
-            },
+            "data": self._data_info(split),
             "export": None,
         }
         if acc.is_main_process:
