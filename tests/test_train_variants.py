@@ -1,0 +1,156 @@
+"""End-to-end variants of the smoke run: accumulation, EMA, bf16, a non-finite loss, exact resume
+with every source of randomness switched on, an image-folder source, and a teacher from a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, SMOKE, check_ok, read_metrics, run_train, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def one_epoch(tmp: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return run_train(
+        str(SMOKE),
+        f"run.output_dir={tmp}",
+        f"teacher.cache_dir={cache}",
+        "train.epochs=1",
+        "run.export=false",
+        *overrides,
+    )
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path, teacher_cache: Path) -> None:
+    """batch 16 as 2 x 8 accumulated: the mean of two equal micro-batch means is the batch mean."""
+    check_ok(one_epoch(tmp_path / "full", teacher_cache))
+    check_ok(one_epoch(tmp_path / "accum", teacher_cache, "train.grad_accum_steps=2"))
+    full, accum = read_metrics(tmp_path / "full" / "smoke"), read_metrics(tmp_path / "accum" / "smoke")
+    assert full[0]["step"] == accum[0]["step"] == 8  # optimizer steps, not micro-steps
+    for key in full[0]:
+        assert accum[0][key] == pytest.approx(full[0][key], abs=1e-4), key
+
+
+def test_ema_is_evaluated_and_checkpointed(tmp_path: Path, teacher_cache: Path) -> None:
+    check_ok(one_epoch(tmp_path, teacher_cache, "train.ema_decay=0.9"))
+    row = read_metrics(tmp_path / "smoke")[0]
+    assert {"val_ema/top1_fused", "val_ema/top1_cls", "val_ema/agreement"} <= set(row)
+    assert 0.0 <= row["val_ema/top1_fused"] <= 1.0
+    assert (tmp_path / "smoke" / "checkpoints" / "step_00000008" / "ema.safetensors").is_file()
+
+
+def test_bf16_runs_on_cpu(tmp_path: Path, teacher_cache: Path) -> None:
+    check_ok(one_epoch(tmp_path, teacher_cache, "train.precision=bf16"))
+    row = read_metrics(tmp_path / "smoke")[0]
+    assert torch.isfinite(torch.tensor(row["train/loss"])) and row["val/top1_fused"] > 0.25
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(tmp_path: Path, teacher_cache: Path) -> None:
+    proc = one_epoch(tmp_path, teacher_cache, "train.lr=1e30")
+    assert proc.returncode == 2
+    assert "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "smoke" / "checkpoints").exists() or not any((tmp_path / "smoke" / "checkpoints").iterdir())
+
+
+NOISY = (
+    "student.drop_path=0.1",
+    "data.augment.mixup=0.8",
+    "data.augment.cutmix=1.0",
+    "data.augment.auto_augment=rand-m9-mstd0.5-inc1",
+    "data.augment.re_prob=0.25",
+    "data.num_workers=2",
+)
+
+
+def test_exact_resume_with_drop_path_mixup_randaugment_and_workers(tmp_path: Path, teacher_cache: Path) -> None:
+    ref_args = [str(SMOKE), f"run.output_dir={tmp_path / 'ref'}", f"teacher.cache_dir={teacher_cache}", *NOISY]
+    check_ok(run_train(*ref_args, "run.export=false"))
+    args = [
+        str(SMOKE),
+        f"run.output_dir={tmp_path / 'kill'}",
+        f"teacher.cache_dir={teacher_cache}",
+        *NOISY,
+        "run.export=false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.train", *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = tmp_path / "kill" / "smoke" / "checkpoints" / "step_00000012"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "kill" / "smoke" / "summary.json").exists()
+    check_ok(run_train(*args))
+    assert read_metrics(tmp_path / "kill" / "smoke") == read_metrics(tmp_path / "ref" / "smoke")
+
+
+def write_folder(root: Path, per_class: dict[str, int], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for c, (name, n) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            base = torch.full((20, 20, 3), 60.0 + 60.0 * c)
+            pixels = (base + 30 * torch.randn(20, 20, 3, generator=gen)).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+
+
+def test_imagefolder_source_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "folder"
+    write_folder(data / "train", {"cat": 16, "dog": 16, "frog": 16}, seed=0)
+    write_folder(data / "val", {"cat": 4, "dog": 4, "frog": 4}, seed=1)
+    proc = run_train(
+        str(SMOKE),
+        f"run.output_dir={tmp_path / 'runs'}",
+        "data.source=imagefolder",
+        f"data.path={data}",
+        "train.epochs=1",
+        "teacher.train.epochs=3",
+    )
+    check_ok(proc)
+    summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    assert summary["data"]["train_size"] == 48 and summary["data"]["val_size"] == 12
+    assert summary["data"]["val_origin"] == "val" and summary["data"]["num_classes"] == 3
+    config = json.loads((tmp_path / "runs" / "smoke" / "export" / "config.json").read_text())
+    assert config["label_names"] == ["cat", "dog", "frog"]
+
+
+def test_teacher_from_a_file_skips_the_teacher_stage(smoke_run: Path, tmp_path: Path) -> None:
+    """teacher.checkpoint: a plain safetensors file and DeiT's torch layout ({'model': state_dict})."""
+    from safetensors.torch import load_file
+
+    cached = Path(json.loads((smoke_run / "summary.json").read_text())["teacher"]["weights"])
+    file = tmp_path / "teacher.safetensors"
+    shutil.copy(cached, file)
+    pth = tmp_path / "teacher.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in load_file(str(file)).items()}}, pth)
+    for i, path in enumerate((file, pth)):
+        proc = run_train(
+            str(SMOKE),
+            f"run.output_dir={tmp_path / str(i)}",
+            f"teacher.checkpoint={path}",
+            "teacher.train=null",
+            "train.epochs=1",
+            "run.export=false",
+        )
+        check_ok(proc)
+        assert "teacher: training" not in proc.stdout
+        summary = json.loads((tmp_path / str(i) / "smoke" / "summary.json").read_text())
+        assert summary["teacher"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert summary["teacher"]["val_top1"] == pytest.approx(0.925, abs=1 / 40 + 1e-9)
