@@ -165,6 +165,10 @@ class DistillationConfig(Section):
     # Soft KL normalisation: 'batchmean' divides the summed KL by the batch (timm, textbook);
     # 'deit' by batch x classes, as DeiT's losses.py does (deit issue #61): C times smaller.
     kl_norm: Literal["batchmean", "deit"] = "batchmean"
+    # False: no distillation token. The student is the plain ViT of the same size (the name
+    # without '_distilled') and both terms act on its class head: DeiT Table 3's "usual" and
+    # "hard distillation" rows, and with type=none its "no distillation" row.
+    token: bool = True
 
 
 class EvalConfig(Section):

@@ -89,10 +89,13 @@ def _synthetic(cfg: DataConfig, split: str) -> Any:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1]
-    host = endpoint.split("/")[0]
+    """A quick TCP probe of the Hub endpoint (HF_ENDPOINT, with its scheme's or its own port)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -216,7 +219,15 @@ def _stratified(ds: Any, keep: int | float, seed: int) -> tuple[Any, Any]:
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(ds["label"])
-    kept, rest = train_test_split(np.arange(len(ds)), train_size=keep, random_state=seed, stratify=labels)
+    try:
+        kept, rest = train_test_split(np.arange(len(ds)), train_size=keep, random_state=seed, stratify=labels)
+    except ValueError as exc:  # too few images per class for a stratified split of that size
+        counts = np.bincount(labels)
+        raise DataError(
+            f"cannot draw a stratified split keeping {keep} of {len(ds)} images over {len(counts)} classes "
+            f"(smallest class: {counts.min()} images): {exc}. Use more images per class, or change "
+            "data.val_fraction / data.max_train_samples / data.max_val_samples"
+        ) from None
     return ds.select(np.sort(kept)), ds.select(np.sort(rest))
 
 
@@ -249,8 +260,8 @@ def load_source(cfg: DataConfig) -> SplitData:
     else:
         val_name = next((n for n in VAL_SPLIT_NAMES if n in splits), None)
     if val_name is None:
-        parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed, stratify_by_column="label")
-        train, val, origin = parts["train"], parts["test"], "held-out"
+        train, val = _stratified(train, 1.0 - cfg.val_fraction, cfg.split_seed)
+        origin = "held-out"
     else:
         val = _standard_columns(splits[val_name], f"{cfg.source} split '{val_name}'")
         origin = val_name

@@ -52,12 +52,27 @@ def student_model_args(cfg: StudentConfig, num_classes: int) -> dict[str, Any]:
     return args
 
 
-def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
-    """timm's ``VisionTransformerDistilled`` by registry name, resized by the recipe."""
+def plain_counterpart(name: str) -> str:
+    """The ViT without a distillation token of the same size: deit_tiny_distilled_* -> deit_tiny_*."""
+    import timm
+
+    plain = name.replace("_distilled", "")
+    if plain == name or not timm.is_model(plain):
+        raise RecipeError(
+            f"distillation.token=false needs the plain ViT matching student.model '{name}', but "
+            f"'{plain}' is not a timm model; use a '*_distilled_*' student with a plain twin"
+        )
+    return plain
+
+
+def build_student(cfg: StudentConfig, num_classes: int, token: bool = True) -> nn.Module:
+    """timm's ``VisionTransformerDistilled`` by registry name, resized by the recipe; with
+    ``token=False`` the plain ViT of the same size (DeiT's no-distillation-token rows)."""
     from timm.models.deit import VisionTransformerDistilled
 
-    model = _create(cfg.model, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes))
-    if not isinstance(model, VisionTransformerDistilled):
+    name = cfg.model if token else plain_counterpart(cfg.model)
+    model = _create(name, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes))
+    if token and not isinstance(model, VisionTransformerDistilled):
         raise RecipeError(
             f"student.model '{cfg.model}' is a {type(model).__name__}, not a distilled ViT; use a "
             "'*_distilled_*' model such as deit_tiny_distilled_patch16_224"
@@ -73,7 +88,7 @@ def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
     # Registry provenance (tag, hub id, license, paper) describes timm's released weights, not
     # ours; an export must not claim it.
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in REGISTRY_PROVENANCE_KEYS}
-    model.pretrained_cfg = {**cfg, "input_size": (3, img[0], img[1])}
+    model.pretrained_cfg = {**cfg, "input_size": (3, img[0], img[1]), "num_classes": num_classes}
     return model
 
 
@@ -84,9 +99,18 @@ def student_data_config(model: nn.Module) -> dict[str, Any]:
 
 
 def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cls logits, dist logits) in any mode, without timm's train/eval output switch."""
+    """(cls logits, dist logits) in any mode, without timm's train/eval output switch. A plain
+    ViT has one head, which then plays both parts."""
     feats = model.forward_features(images)
+    if not hasattr(model, "head_dist"):
+        logits = model.forward_head(feats)
+        return logits, logits
     return model.head(feats[:, 0]), model.head_dist(feats[:, 1])
+
+
+def as_heads(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training forward's output as (cls, dist): a plain ViT's single head plays both."""
+    return output if isinstance(output, tuple) else (output, output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +168,8 @@ def load_teacher_weights(model: nn.Module, path: Path, arch: str, num_classes: i
     sd = _read_state_dict(path)
     own = model.state_dict()
     head = model.get_classifier()
-    head_keys = {k for k in own if any(own[k] is p for p in head.parameters())}
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    head_keys = [f"{prefix}.{name}" for name, _ in head.named_parameters()]  # weight first
     for key in head_keys:
         if key in sd and sd[key].shape != own[key].shape:
             raise TeacherError(

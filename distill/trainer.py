@@ -37,7 +37,7 @@ from distill.errors import LaunchError, RecipeError, RunStateError
 from distill.export import export_timm, reload_max_diff
 from distill.losses import LossParts, distillation_loss
 from distill.metrics import student_sample_stats
-from distill.models import build_student, student_data_config, student_heads, student_model_args
+from distill.models import as_heads, build_student, student_data_config, student_heads, student_model_args
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
 from distill.tracking import RunLog, package_versions, provenance
@@ -149,9 +149,10 @@ class StudentState:
 class DistillRun:
     """A run of the recipe: ``DistillRun(recipe, argv).run()`` returns the summary."""
 
-    def __init__(self, recipe: Recipe, argv: list[str] | None = None) -> None:
+    def __init__(self, recipe: Recipe, argv: list[str] | None = None, accelerator: Accelerator | None = None) -> None:
         self.recipe = recipe
         self.argv = list(argv or [])
+        self._given_accelerator = accelerator  # a study runs many recipes in one launch
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
 
     # -- set-up -----------------------------------------------------------------------------
@@ -173,12 +174,13 @@ class DistillRun:
         # Seeded here, after the teacher stage, so the student's initial weights do not depend
         # on whether the teacher was trained now or found in the cache.
         with seeded(r.run.seed):
-            student = build_student(r.student, split.num_classes)
+            student = build_student(r.student, split.num_classes, r.distillation.token)
         student.pretrained_cfg = {
             **student.pretrained_cfg,
             **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")},
         }
-        student.set_distilled_training(True)
+        if hasattr(student, "set_distilled_training"):
+            student.set_distilled_training(True)  # forward returns (cls, dist) while training
         ema = None
         if r.train.ema_decay is not None:
             from timm.utils import ModelEmaV3
@@ -227,7 +229,8 @@ class DistillRun:
 
     def run(self) -> dict[str, Any]:
         r = self.recipe
-        self.accelerator = acc = make_accelerator(r)
+        self.accelerator = acc = self._given_accelerator or make_accelerator(r)
+        acc.free_memory()  # nothing prepared by an earlier run of this launch may linger
         wall_start = time.perf_counter()
         resume_from = prepare_run_dir(acc, r, self.run_dir, self.argv)
         split, data_config, transforms = self._data()
@@ -357,7 +360,7 @@ class DistillRun:
             if needs_teacher:
                 with acc.autocast():
                     t_logits = teacher.module(images)
-            cls, dist = model(images)
+            cls, dist = as_heads(model(images))
             return distillation_loss(
                 cls, dist, targets, t_logits, d.type, d.alpha, d.tau, d.kl_norm, r.train.label_smoothing
             )
@@ -468,7 +471,7 @@ class DistillRun:
             "train_time_s": progress.train_time,
             "throughput_train_img_s": progress.train_images / progress.train_time if progress.train_time else None,
             "teacher": self._teacher_info(teacher),
-            "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm},
+            "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm, "token": d.token},
             "world_size": acc.num_processes,
             "precision": r.train.precision,
             "effective_lr": effective_lr(r.train),
@@ -489,7 +492,7 @@ class DistillRun:
         out = self.run_dir / "export"
         card = {
             "name": r.run.name,
-            "architecture": r.student.model,
+            "architecture": student.pretrained_cfg.get("architecture", r.student.model),
             "num_classes": split.num_classes,
             "teacher": summary["teacher"],
             "distillation": summary["distillation"],

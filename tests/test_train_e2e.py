@@ -110,7 +110,7 @@ def test_smoke_run_leaves_the_run_directory_contract(smoke_run: Path) -> None:
     assert summary["final"]["val/top1_fused"] == read_metrics(smoke_run)[-1]["val/top1_fused"]
     assert summary["best"]["val/top1_fused"] == max(r["val/top1_fused"] for r in read_metrics(smoke_run))
     assert len(summary["teacher"]["sha256"]) == 64 and summary["teacher"]["architecture"] == "resnet10t"
-    assert summary["distillation"] == {"type": "hard", "alpha": 0.5, "tau": 1.0, "kl_norm": "batchmean"}
+    assert summary["distillation"] == {"type": "hard", "alpha": 0.5, "tau": 1.0, "kl_norm": "batchmean", "token": True}
     assert summary["throughput_train_img_s"] > 0 and summary["wall_time_s"] > 0
     assert summary["export"]["reload_max_abs_diff"] == 0.0
 

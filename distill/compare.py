@@ -1,0 +1,136 @@
+"""The soft-vs-hard study: every type x seed as a run of its own, then the report.
+
+    python -m distill.compare RECIPE.yaml --types none,soft,hard --seeds 0,1,2 [a.b=value ...]
+    accelerate launch distill/compare.py RECIPE.yaml --types ... --seeds ... [a.b=value ...]
+
+Runs go one after the other inside one launch, on any number of processes, each in
+``<run.output_dir>/<run.name>-study/<variant>-seed<k>/``. Runs that share a seed see the same
+images in the same order with the same augmentation (the data contract), so differences come
+from the loss alone. The teacher is trained or loaded once: the teacher cache key does not
+depend on the seed or the distillation type. A study started again skips finished runs and
+resumes the unfinished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file by accelerate launch: see distill/train.py
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from distill.errors import RecipeError
+
+TYPES = ("none", "soft", "hard")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of DeiT's Table 3: a distillation type, with or without the distillation token."""
+
+    type: str
+    token: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.type if self.token else f"{self.type}-notoken"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        kind, _, suffix = text.strip().partition("-")
+        if kind not in TYPES or suffix not in ("", "notoken"):
+            raise RecipeError(
+                f"unknown study type '{text}'; use {', '.join(TYPES)} or their '-notoken' forms "
+                "(e.g. soft-notoken: plain ViT, both terms on the class head)"
+            )
+        return cls(kind, token=not suffix)
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise RecipeError(f"--{what} is empty; give a comma-separated list")
+    if len(set(items)) != len(items):
+        raise RecipeError(f"--{what} repeats an entry: {text}")
+    return items
+
+
+def study_plan(
+    recipe_path: str, variants: list[Variant], seeds: list[int], overrides: list[str]
+) -> tuple[Path, list[tuple[str, list[str]]]]:
+    """(study directory, [(run name, overrides)]) for every variant x seed, seed-major."""
+    from distill.config import load_recipe
+
+    base = load_recipe(recipe_path, overrides)  # validate once, before any run starts
+    study = Path(base.run.output_dir) / f"{base.run.name}-study"
+    cache = base.teacher.cache_dir or Path(base.run.output_dir) / "teachers"
+    runs = []
+    for seed in seeds:
+        for v in variants:
+            name = f"{v.name}-seed{seed}"
+            runs.append(
+                (
+                    name,
+                    [
+                        *overrides,
+                        f"run.output_dir={study}",
+                        f"run.name={name}",
+                        f"run.seed={seed}",
+                        f"distillation.type={v.type}",
+                        f"distillation.token={str(v.token).lower()}",
+                        f"teacher.cache_dir={cache}",
+                    ],
+                )
+            )
+    return study, runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.cli import run_guarded
+
+    parser = argparse.ArgumentParser(
+        prog="distill-compare",
+        description="Soft vs hard (vs none) distillation over seeds, then a report with confidence intervals.",
+    )
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run: a.b=value")
+    parser.add_argument("--types", default="none,soft,hard", help="none, soft, hard, soft-notoken, hard-notoken, ...")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default=None, help="report directory (default: <study>/report)")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --types/--seeds
+
+    def go() -> None:
+        from distill.config import load_recipe
+        from distill.report import build_report
+        from distill.trainer import DistillRun, _finished, make_accelerator
+
+        variants = [Variant.parse(t) for t in parse_list(args.types, "types")]
+        try:
+            seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
+        except ValueError:
+            raise RecipeError(f"--seeds must be integers, got '{args.seeds}'") from None
+        study, runs = study_plan(args.recipe, variants, seeds, args.overrides)
+        accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
+        for i, (name, overrides) in enumerate(runs, 1):
+            run_dir = study / name
+            if _finished(run_dir):
+                accelerator.print(f"study: [{i}/{len(runs)}] {name} finished earlier, skipped")
+                continue
+            accelerator.print(f"study: [{i}/{len(runs)}] {name}")
+            recipe = load_recipe(args.recipe, overrides)
+            DistillRun(recipe, [args.recipe, *overrides], accelerator=accelerator).run()
+        if accelerator.is_main_process:
+            out = Path(args.out) if args.out else study / "report"
+            build_report([study / name for name, _ in runs], out)
+            print(f"study: report in {out / 'report.md'}")
+        accelerator.wait_for_everyone()
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""A comparison report from finished runs: report.md, results.csv and PNG plots.
+
+    python -m distill.report RUN_DIR [RUN_DIR ...] --out DIR
+
+Runs are grouped into variants (distillation type, with or without the distillation token);
+seeds are the replicates. Results are reported as mean +- standard deviation over seeds, and
+variants are compared by paired differences over the seeds they share (same data order and
+augmentation), with a 95% t-interval: airbench's rule, never one lucky run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import DistillError
+
+VARIANT_ORDER = ("hard", "soft", "none", "hard-notoken", "soft-notoken", "none-notoken")
+HEADS = ("cls", "dist", "fused")
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    variant: str
+    seed: int
+    recipe: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1]
+
+    def best(self, key: str = "val/top1_fused") -> float:
+        return max(m[key] for m in self.metrics if m.get(key) is not None)
+
+
+def load_run(path: Path) -> RunRecord:
+    path = Path(path)
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json"):
+        if not (path / name).is_file():
+            raise DistillError(f"{path} is not a finished run: {name} is missing")
+    recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not metrics:
+        raise DistillError(f"{path}/metrics.jsonl holds no evaluation")
+    d = recipe["distillation"]
+    variant = d["type"] if d.get("token", True) else f"{d['type']}-notoken"
+    summary = json.loads((path / "summary.json").read_text())
+    return RunRecord(path, variant, int(recipe["run"]["seed"]), recipe, metrics, summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    clean = [v for v in values if v is not None and math.isfinite(v)]
+    if not clean:
+        return math.nan, math.nan
+    return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
+
+
+@dataclass
+class Paired:
+    mean: float  # mean of a - b
+    sd: float
+    lo: float  # 95% confidence interval of the mean difference (nan with one pair)
+    hi: float
+    n: int
+
+
+def paired_difference(a: list[float], b: list[float]) -> Paired:
+    """Mean difference a - b over paired samples, with a two-sided 95% t-interval."""
+    from scipy.stats import t
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired samples need equal, non-zero lengths")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return Paired(mean, math.nan, math.nan, math.nan, n)
+    sd = statistics.stdev(diffs)
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return Paired(mean, sd, mean - half, mean + half, n)
+
+
+def verdict(a: str, b: str, p: Paired, unit: str = "points") -> str:
+    """A plain sentence: who wins by how much, or that the difference is within noise."""
+    seeds = f"{p.n} seed{'s' if p.n != 1 else ''}"
+    if p.n < 2:
+        return f"{a} - {b}: {p.mean:+.2f} {unit} from {seeds}; too few seeds for a confidence interval"
+    if p.lo > 0 or p.hi < 0:
+        win, lose, sign = (a, b, 1) if p.mean > 0 else (b, a, -1)
+        lo, hi = sorted((sign * p.lo, sign * p.hi))
+        return f"{win} beats {lose} by {abs(p.mean):.2f} {unit} (95% CI {lo:.2f} to {hi:.2f}, {seeds})"
+    return f"{a} vs {b}: no difference beyond noise ({p.mean:+.2f} {unit}, 95% CI {p.lo:.2f} to {p.hi:.2f}, {seeds})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _group(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    groups: dict[str, list[RunRecord]] = {}
+    for r in sorted(runs, key=lambda r: r.seed):
+        groups.setdefault(r.variant, []).append(r)
+    order = {v: i for i, v in enumerate(VARIANT_ORDER)}
+    return dict(sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+
+
+def variant_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, str]]:
+    rows = []
+    for variant, runs in groups.items():
+        row = {"variant": variant, "seeds": ",".join(str(r.seed) for r in runs)}
+        for head in HEADS:
+            row[f"final {head}"] = _pm([r.final[f"val/top1_{head}"] for r in runs])
+        row["best fused"] = _pm([r.best() for r in runs])
+        row["teacher"] = _pm([r.final.get("val/teacher_top1") for r in runs])
+        row["agreement"] = _pm([r.final.get("val/agreement") for r in runs])
+        row["KL"] = _pm([r.final.get("val/kl") for r in runs], scale=1.0, digits=3)
+        row["wall s"] = _pm([r.summary.get("wall_time_s") for r in runs], scale=1.0, digits=0)
+        row["img/s"] = _pm([r.summary.get("throughput_train_img_s") for r in runs], scale=1.0, digits=0)
+        rows.append(row)
+    return rows
+
+
+def comparisons(groups: dict[str, list[RunRecord]], key: str = "val/top1_fused") -> list[tuple[str, str, Paired]]:
+    """Paired differences (in points) of the final ``key`` for every pair of variants."""
+    out = []
+    for a, b in itertools.combinations(groups, 2):
+        by_seed_a = {r.seed: r for r in groups[a]}
+        by_seed_b = {r.seed: r for r in groups[b]}
+        shared = sorted(set(by_seed_a) & set(by_seed_b))
+        if not shared:
+            continue
+        p = paired_difference(
+            [100 * by_seed_a[s].final[key] for s in shared], [100 * by_seed_b[s].final[key] for s in shared]
+        )
+        out.append((a, b, p))
+    return out
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(runs: list[RunRecord], path: Path) -> None:
+    keys = [
+        "val/top1_cls", "val/top1_dist", "val/top1_fused", "val/top5_fused", "val/teacher_top1",
+        "val/agreement", "val/kl", "train/loss", "train/loss_ce", "train/loss_kd",
+    ]  # fmt: skip
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "seed", "run", "epochs", *keys, "best_top1_fused", "wall_time_s", "train_img_s"])
+        for r in sorted(runs, key=lambda r: (r.variant, r.seed)):
+            w.writerow(
+                [r.variant, r.seed, str(r.path), r.final["epoch"], *[r.final.get(k) for k in keys], r.best(),
+                 r.summary.get("wall_time_s"), r.summary.get("throughput_train_img_s")]
+            )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _series(runs: list[RunRecord], key: str) -> tuple[list[int], list[list[float]]]:
+    epochs = sorted({m["epoch"] for r in runs for m in r.metrics})
+    per_run = []
+    for r in runs:
+        by_epoch = {m["epoch"]: m.get(key) for m in r.metrics}
+        per_run.append([by_epoch.get(e, math.nan) if by_epoch.get(e) is not None else math.nan for e in epochs])
+    return epochs, per_run
+
+
+def plot_curves(groups: dict[str, list[RunRecord]], key: str, ylabel: str, path: Path, scale: float = 100.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, runs in groups.items():
+        epochs, per_run = _series(runs, key)
+        arr = scale * np.array(per_run, dtype=float)
+        mean = np.nanmean(arr, axis=0)
+        ax.plot(epochs, mean, label=f"{variant} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{ylabel} (mean over seeds, band: min to max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(groups: dict[str, list[RunRecord]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / len(HEADS)
+    x = np.arange(len(groups))
+    lows = []
+    for i, head in enumerate(HEADS):
+        stats = [mean_std([100 * r.final[f"val/top1_{head}"] for r in runs]) for runs in groups.values()]
+        means, stds = [m for m, _ in stats], [s for _, s in stats]
+        lows += [m - s for m, s in stats]
+        ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=3, label=head)
+    ax.set_xticks(x, list(groups))
+    ax.set_ylabel("final val top-1 (%)")
+    ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    ax.legend(title="head")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("final top-1 per head (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(groups: dict[str, list[RunRecord]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = ("train/loss", "train/loss_ce", "train/loss_kd")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key in zip(axes, keys, strict=True):
+        for variant, runs in groups.items():
+            epochs, per_run = _series(runs, key)
+            ax.plot(epochs, np.nanmean(np.array(per_run, dtype=float), axis=0), label=variant)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("training loss parts (epoch means, mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _settings(runs: list[RunRecord]) -> list[dict[str, str]]:
+    """The settings that matter for reading the report, with every distinct value seen."""
+
+    def values(get: Any) -> str:
+        seen = sorted({str(get(r)) for r in runs})
+        return ", ".join(seen)
+
+    teacher = values(lambda r: (r.summary.get("teacher") or {}).get("architecture", "none"))
+    sha = values(lambda r: ((r.summary.get("teacher") or {}).get("sha256") or "n/a")[:16])
+    return [
+        {"setting": "alpha", "value": values(lambda r: r.recipe["distillation"]["alpha"])},
+        {"setting": "tau (soft)", "value": values(lambda r: r.recipe["distillation"]["tau"])},
+        {"setting": "soft-KL normalisation", "value": values(lambda r: r.recipe["distillation"]["kl_norm"])},
+        {"setting": "epochs", "value": values(lambda r: r.final["epoch"])},
+        {"setting": "teacher", "value": teacher},
+        {"setting": "teacher sha256 (first 16)", "value": sha},
+        {"setting": "student", "value": values(lambda r: r.recipe["student"]["model"])},
+        {"setting": "data", "value": values(lambda r: f"{r.recipe['data']['source']} {r.recipe['data']['path']}")},
+        {"setting": "global batch", "value": values(lambda r: r.recipe["train"]["batch_size"])},
+        {"setting": "lr", "value": values(lambda r: r.recipe["train"]["lr"])},
+        {"setting": "processes", "value": values(lambda r: r.summary.get("world_size"))},
+    ]
+
+
+def build_report(run_dirs: list[Path], out: Path) -> Path:
+    runs = [load_run(p) for p in run_dirs]
+    if not runs:
+        raise DistillError("no runs given")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = _group(runs)
+    write_csv(runs, out / "results.csv")
+    plot_curves(groups, "val/top1_fused", "val top-1 fused (%)", out / "top1_fused_vs_epoch.png")
+    plot_bars(groups, out / "final_top1_per_head.png")
+    plot_losses(groups, out / "train_loss_parts.png")
+    pairs = comparisons(groups)
+    lines = [
+        "# Distillation study",
+        "",
+        f"{len(runs)} runs: {', '.join(f'{v} ({len(rs)} seeds)' for v, rs in groups.items())}. "
+        "Top-1 in %, mean ± standard deviation over seeds; runs with the same seed saw the same images "
+        "in the same order with the same augmentation.",
+        "",
+        "## Findings (final fused top-1, paired over shared seeds)",
+        "",
+        *[f"- {verdict(a, b, p)}" for a, b, p in pairs],
+        "",
+        "## Results per variant",
+        "",
+        _markdown_table(variant_rows(groups)),
+        "",
+        "Variants ending in `-notoken` train a plain ViT with both terms on its single head, so its "
+        "cls, dist and fused columns are the same head.",
+        "",
+        "## Paired differences (points of final fused top-1)",
+        "",
+        _markdown_table(
+            [
+                {
+                    "a - b": f"{a} - {b}",
+                    "mean": f"{p.mean:+.2f}",
+                    "std": f"{p.sd:.2f}",
+                    "95% CI": f"{p.lo:.2f} to {p.hi:.2f}" if p.n > 1 else "n/a",
+                    "seeds": p.n,
+                }
+                for a, b, p in pairs
+            ]
+        ),
+        "",
+        "## Settings",
+        "",
+        _markdown_table(_settings(runs)),
+        "",
+        "## Plots",
+        "",
+        "![validation top-1 fused against epoch](top1_fused_vs_epoch.png)",
+        "",
+        "![final top-1 per head](final_top1_per_head.png)",
+        "",
+        "![training loss parts](train_loss_parts.png)",
+        "",
+        "## Runs",
+        "",
+        *[f"- `{r.path}` ({r.variant}, seed {r.seed})" for r in sorted(runs, key=lambda r: (r.variant, r.seed))],
+        "",
+        "Per-run curves and the hyper-parameter comparison: `tensorboard --logdir <study directory>` (HPARAMS tab).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.cli import run_guarded
+
+    parser = argparse.ArgumentParser(prog="distill-report", description="A comparison report from finished runs.")
+    parser.add_argument("runs", nargs="+", help="run directories (or study directories holding runs)")
+    parser.add_argument("--out", required=True, help="report directory")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        dirs: list[Path] = []
+        for p in map(Path, args.runs):
+            if (p / "summary.json").is_file():
+                dirs.append(p)
+            elif p.is_dir():  # a study directory: every finished run inside it
+                dirs += sorted(
+                    c for c in p.iterdir() if (c / "summary.json").is_file() and (c / "metrics.jsonl").is_file()
+                )
+            else:
+                raise DistillError(f"{p} is neither a run directory nor a directory of runs")
+        print(f"report: {build_report(dirs, Path(args.out))}")
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
