@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from distill import __version__
 from distill.config import Recipe
 from distill.data import SplitData, build_mixup, seeded, train_eval_loaders
 from distill.engine import Progress, evaluate, train_one_epoch
@@ -58,6 +59,7 @@ def teacher_key(recipe: Recipe, data_config: dict[str, Any], num_classes: int) -
         "input": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "num_classes": num_classes,
         "precision": recipe.train.precision,
+        "distill": __version__,  # how the data is split and augmented may change between versions
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -206,8 +208,6 @@ def obtain_teacher(
     mean, std = teacher_normalisation(cfg, model, stored)
     module = FrozenTeacher(model, data_config["mean"], data_config["std"], mean, std)
     module.to(accelerator.device)
-    if accelerator.device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
     return Teacher(module, arch, weights, file_sha256(weights), trained_here)
 
 
