@@ -92,6 +92,9 @@ class OptimConfig(Section):
     batch_size: int = Field(1024, ge=1)  # GLOBAL batch: all processes x accumulation steps
     grad_accum_steps: int = Field(1, ge=1)
     opt: Literal["adamw", "sgd", "lamb", "adam"] = "adamw"  # timm.optim.create_optimizer_v2
+    # torch's fused Adam(W) kernel (CPU and GPU): the quickstart's optimizer step went from
+    # 6.3 ms to 2.3 ms on 2 CPU cores (measured), 7.5% of the whole training step.
+    fused: bool = True
     lr: float = Field(5e-4, gt=0.0)
     lr_scale_batch: bool = True  # DeiT: lr x global_batch / 512
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
@@ -143,6 +146,10 @@ class StudentConfig(Section):
     num_heads: int | None = Field(None, ge=1)
     mlp_ratio: float | None = Field(None, gt=0.0)
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)  # DeiT: stochastic depth 0.1
+    # Initial weights: a plain (non-distilled) ViT or a distilled one, as safetensors, torch
+    # weights or a timm Hub folder. A plain ViT gets a distillation token, a position row and a
+    # distillation head (copies of the class token's); heads for another class count are reset.
+    init: Path | None = None
 
     @model_validator(mode="after")
     def _divisible(self) -> StudentConfig:

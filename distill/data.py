@@ -329,8 +329,21 @@ def build_transforms(aug: AugmentConfig, data_config: dict[str, Any]) -> tuple[A
         re_prob=aug.re_prob,
         re_mode="pixel",
     )
-    eval_tf = create_transform(**common, is_training=False, crop_pct=crop_pct)
-    return train_tf, eval_tf
+    return train_tf, eval_transform({**data_config, "interpolation": interpolation, "crop_pct": crop_pct})
+
+
+def eval_transform(data_config: dict[str, Any]) -> Any:
+    """timm's deterministic eval transform (resize, centre crop, normalise) for a data config."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=data_config["input_size"],
+        interpolation=data_config.get("interpolation", "bicubic"),
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config.get("crop_pct", 0.875),
+        is_training=False,
+    )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

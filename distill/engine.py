@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from distill.errors import TrainingError
+from distill.errors import DistillError, TrainingError
 from distill.losses import LossParts
 
 
@@ -44,6 +45,34 @@ class Progress:
         return cls(**d)
 
 
+class Preempted(DistillError):
+    """SIGTERM or Ctrl-C: every process saved the checkpoint and stopped together."""
+
+    exit_code = 143
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; acted on at the next collective flush (every run.log_every_steps
+    optimizer steps), so all processes checkpoint and stop on the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def request(self, signum: int, _frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for a checkpoint
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+    def install(self) -> None:
+        self.requested, self.signal_name = False, ""
+        signal.signal(signal.SIGTERM, self.request)
+        signal.signal(signal.SIGINT, self.request)
+
+
+STOP = _StopFlag()
+
+
 def set_step_seed(seed: int, epoch: int, step: int, rank: int) -> None:
     """Seed python/numpy/torch for one micro-step: model randomness as a function of position."""
     s = int(np.random.SeedSequence([seed, epoch, step, rank, 7]).generate_state(1)[0])
@@ -63,20 +92,23 @@ class LossMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.KEYS) + 2, device=self.device, dtype=torch.float64)
+        # KEYS sums x n, then n, then "a loss was non-finite", then "stop requested" (signals).
+        self.sums = torch.zeros(len(self.KEYS) + 3, device=self.device, dtype=torch.float64)
 
     def add(self, parts: LossParts, n: int) -> None:
         vals = torch.stack([parts.total.detach(), parts.ce.detach(), parts.kd.detach()]).double()
         finite = torch.isfinite(vals).all()
         vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
-        self.sums += torch.cat([vals * n, vals.new_tensor([n]), (~finite).double().view(1)])
+        self.sums[: len(self.KEYS) + 2] += torch.cat([vals * n, vals.new_tensor([n]), (~finite).double().view(1)])
 
-    def flush(self, accelerator: Accelerator) -> tuple[dict[str, float], int, bool]:
-        """Collective: (global sums, global image count, any non-finite loss on any rank)."""
+    def flush(self, accelerator: Accelerator) -> tuple[dict[str, float], int, bool, bool]:
+        """Collective: (global sums, global image count, any non-finite loss on any rank, a stop
+        signal on any rank). Deciding together keeps every rank on the same step."""
+        self.sums[-1] = float(STOP.requested)
         total = accelerator.reduce(self.sums, reduction="sum").tolist()
         self.reset()
         sums = dict(zip(self.KEYS, total[: len(self.KEYS)], strict=True))
-        return sums, int(total[-2]), total[-1] > 0
+        return sums, int(total[len(self.KEYS)]), total[-2] > 0, total[-1] > 0
 
 
 def train_one_epoch(
@@ -112,9 +144,9 @@ def train_one_epoch(
     rank = accelerator.process_index
     interval_start, interval_images = time.perf_counter(), 0
 
-    def flush() -> None:
+    def flush() -> bool:
         nonlocal interval_start, interval_images
-        sums, n, nonfinite = meter.flush(accelerator)
+        sums, n, nonfinite, stop = meter.flush(accelerator)
         if nonfinite:
             raise TrainingError(
                 f"non-finite loss at epoch {epoch + 1}, step {progress.global_step} on at least one "
@@ -136,6 +168,7 @@ def train_one_epoch(
                 }
             )
         interval_start, interval_images = time.perf_counter(), 0
+        return stop
 
     for batch in batches:
         set_step_seed(seed, epoch, progress.step_in_epoch, rank)
@@ -159,11 +192,20 @@ def train_one_epoch(
         if pbar is not None:
             pbar.update(1)
         due_checkpoint = checkpoint_every > 0 and progress.global_step % checkpoint_every == 0
+        stop = False
         if due_checkpoint or progress.global_step % log_every == 0:
-            flush()  # also the collective finite-loss check: a NaN state is never checkpointed
-        if due_checkpoint and on_checkpoint is not None:
+            stop = flush()  # also the collective finite-loss check: a NaN state is never checkpointed
+        if (due_checkpoint or stop) and on_checkpoint is not None:
             on_checkpoint()
-    flush()
+        if stop:
+            raise Preempted(
+                f"stopped by {STOP.signal_name} at epoch {epoch + 1}, step {progress.global_step}"
+                + ("; a checkpoint was saved: run the same command to resume" if on_checkpoint else "")
+            )
+    if flush():
+        if on_checkpoint is not None:
+            on_checkpoint()
+        raise Preempted(f"stopped by {STOP.signal_name} at the end of epoch {epoch + 1}")
 
 
 @torch.no_grad()

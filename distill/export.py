@@ -16,6 +16,8 @@ import torch
 import yaml
 from torch import nn
 
+from distill.errors import DistillError
+
 
 def _fmt(v: Any) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, float) else "n/a"
@@ -142,3 +144,189 @@ def reload_max_diff(model: nn.Module, export_dir: Path, images: torch.Tensor) ->
 
 def read_export_config(export_dir: Path) -> dict[str, Any]:
     return json.loads((Path(export_dir) / "config.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m distill.export: formats, head choice, parity checks and re-validation
+
+FORMATS = ("timm", "onnx", "torchscript")
+PARITY_TOL = 1e-4  # max |exported - PyTorch| on real validation images (fp32)
+
+
+def select_head(model: nn.Module, head: str) -> nn.Module:
+    """A classifier whose output is one head's logits.
+
+    The distillation token still shapes every token's attention, so a head cannot be cut out
+    of the architecture; instead both heads get the chosen head's weights, and the fused output
+    (their mean) is exactly that head. timm loads the result as the same architecture.
+    """
+    if head == "fused" or not hasattr(model, "head_dist"):
+        return model
+    source = model.head if head == "cls" else model.head_dist
+    for target in (model.head, model.head_dist):
+        target.load_state_dict(source.state_dict())
+    return model
+
+
+def _require(module: str, package: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DistillError(
+            f"this export format needs the '{package}' package, which is not installed: "
+            f"pip install {package}  (or pip install 'distill[export]')"
+        ) from None
+
+
+def export_onnx(model: nn.Module, path: Path, images: torch.Tensor) -> dict[str, Any]:
+    """ONNX with a dynamic batch axis (TorchScript-based exporter: the dynamo one needs onnxscript),
+    checked with ONNX Runtime against PyTorch on ``images``."""
+    _require("onnx", "onnx")
+    ort = _require("onnxruntime", "onnxruntime")
+    model = model.eval()
+    torch.onnx.export(
+        model, (images,), str(path), dynamo=False, opset_version=17,
+        input_names=["pixel_values"], output_names=["logits"],
+        dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(images).numpy()
+    got = session.run(["logits"], {"pixel_values": images.numpy()})[0]
+    diff = float(abs(got - ref).max())
+    return {"file": path.name, "max_abs_diff": diff, "ok": diff <= PARITY_TOL, "checked_images": len(images)}
+
+
+def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> dict[str, Any]:
+    model = model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (images,))
+        traced.save(str(path))
+        reloaded = torch.jit.load(str(path))
+        diff = float((reloaded(images) - model(images)).abs().max())
+    return {"file": path.name, "max_abs_diff": diff, "ok": diff <= PARITY_TOL, "checked_images": len(images)}
+
+
+def _run_metric(loaded: Any, head: str, ema: bool) -> float | None:
+    """What the run itself logged for this checkpoint's epoch and head, if it evaluated it."""
+    metrics_file = loaded.run_dir / "metrics.jsonl"
+    if loaded.progress is None or not metrics_file.is_file():
+        return None
+    key = f"{'val_ema' if ema else 'val'}/top1_{head}"
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("epoch") == loaded.progress["epoch"] and row.get("step") == loaded.progress["global_step"]:
+            return row.get(key)
+    return None
+
+
+def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: list[str], out: Path) -> dict[str, Any]:
+    """Export one checkpoint of a run and prove the export: parity and re-validation."""
+    from distill.data import load_source
+    from distill.evaluate import evaluate_model, load_checkpoint_student
+    from distill.evaluate import resolve_checkpoint as resolve
+    from distill.models import student_model_args
+    from distill.trainer import recipe_to_dict
+
+    loaded = load_checkpoint_student(run_dir, resolve(run_dir, checkpoint), ema)
+    recipe = loaded.recipe
+    split = load_source(recipe.data)
+    model = select_head(loaded.model, head)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    d = recipe.distillation
+    card = {
+        "name": out.name,
+        "architecture": model.pretrained_cfg.get("architecture", recipe.student.model),
+        "num_classes": split.num_classes,
+        "teacher": summary.get("teacher"),
+        "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm, "token": d.token},
+        "data": summary.get("data") or {"source": recipe.data.source, "path": recipe.data.path,
+                                        "train_size": len(split.train), "val_size": len(split.val),
+                                        "val_origin": split.val_origin},
+        "epochs": loaded.progress["epoch"],
+        "final": summary.get("final", {}),
+        "packages": summary.get("packages") or {},
+        "recipe": recipe_to_dict(recipe),
+        "weights": f"{Path(loaded.checkpoint).name}{' EMA' if ema else ''}, head {head}",
+    }  # fmt: skip
+    from distill.tracking import package_versions
+
+    card["packages"] = package_versions()
+    export_timm(model, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
+
+    from distill.data import eval_transform
+
+    tf = eval_transform(loaded.data_config)
+    images = torch.stack([tf(split.val[i]["image"].convert("RGB")) for i in range(min(16, len(split.val)))])
+    check: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "ema": ema, "head": head, "formats": {}}
+    check["formats"]["timm"] = {"max_abs_diff": reload_max_diff(model, out, images), "checked_images": len(images)}
+    check["formats"]["timm"]["ok"] = check["formats"]["timm"]["max_abs_diff"] == 0.0
+    if "onnx" in formats:
+        check["formats"]["onnx"] = export_onnx(model, out / "model.onnx", images)
+    if "torchscript" in formats:
+        check["formats"]["torchscript"] = export_torchscript(model, out / "model.torchscript.pt", images)
+
+    # Re-validation: the export, loaded by timm alone, must score exactly what the run's student
+    # scores on the same split with the same preprocessing and batch size.
+    from distill.evaluate import load_export
+
+    batch = recipe.eval.batch_size
+    ours = evaluate_model(loaded, split.val, batch, device=torch.device("cpu"))
+    theirs = evaluate_model(load_export(out), split.val, batch, device=torch.device("cpu"))
+    logged = _run_metric(loaded, head, ema)
+    check["revalidation"] = {
+        "split": f"val ({split.val_origin}, {len(split.val)} images)",
+        "student_top1": ours[f"top1_{head}"],
+        "export_top1": theirs["top1_fused"],
+        "run_logged_top1": logged,
+    }
+    (out / "export_check.json").write_text(json.dumps(check, indent=1))
+    bad = [f for f, c in check["formats"].items() if not c["ok"]]
+    if bad:
+        raise DistillError(
+            f"export parity failed for {', '.join(bad)} (tolerance {PARITY_TOL}); see {out}/export_check.json"
+        )
+    if theirs["top1_fused"] != ours[f"top1_{head}"] or (logged is not None and logged != ours[f"top1_{head}"]):
+        raise DistillError(
+            f"re-validation mismatch: export top-1 {theirs['top1_fused']}, student {ours[f'top1_{head}']}, "
+            f"run logged {logged}; see {out}/export_check.json"
+        )
+    return check
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from distill.cli import run_guarded
+
+    parser = argparse.ArgumentParser(prog="distill-export", description="Export a student from a run's checkpoint.")
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--checkpoint", default="last", help="last (default), best, or a checkpoint directory")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights")
+    parser.add_argument("--head", choices=("fused", "cls", "dist"), default="fused")
+    parser.add_argument("--format", default="timm", help="comma-separated: timm (always), onnx, torchscript")
+    parser.add_argument("--out", required=True, help="export folder")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        formats = [f.strip() for f in args.format.split(",") if f.strip()]
+        unknown = sorted(set(formats) - set(FORMATS))
+        if unknown:
+            raise DistillError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        check = run_export(Path(args.run), args.checkpoint, args.ema, args.head, formats, Path(args.out))
+        for name, c in check["formats"].items():
+            print(f"{name:12s} max |diff| {c['max_abs_diff']:.2e}  {'ok' if c['ok'] else 'FAILED'}")
+        r = check["revalidation"]
+        print(f"re-validation top-1: export {100 * r['export_top1']:.2f}% = student {100 * r['student_top1']:.2f}%")
+        print(f"exported to {args.out}")
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

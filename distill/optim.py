@@ -54,6 +54,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Any:
     kwargs: dict[str, Any] = {}
     if cfg.opt == "sgd":
         kwargs["momentum"] = cfg.momentum
+    if cfg.fused and cfg.opt in ("adam", "adamw"):
+        kwargs["fused"] = True
     return create_optimizer_v2(model, opt=cfg.opt, lr=effective_lr(cfg), weight_decay=cfg.weight_decay, **kwargs)
 
 

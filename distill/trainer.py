@@ -32,12 +32,19 @@ from distill.data import (
     seeded,
     train_eval_loaders,
 )
-from distill.engine import Progress, evaluate, train_one_epoch
+from distill.engine import STOP, Progress, evaluate, train_one_epoch
 from distill.errors import LaunchError, RecipeError, RunStateError
 from distill.export import export_timm, reload_max_diff
 from distill.losses import LossParts, distillation_loss
 from distill.metrics import student_sample_stats
-from distill.models import as_heads, build_student, student_data_config, student_heads, student_model_args
+from distill.models import (
+    as_heads,
+    build_student,
+    init_student,
+    student_data_config,
+    student_heads,
+    student_model_args,
+)
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
 from distill.tracking import RunLog, package_versions, provenance
@@ -78,6 +85,17 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
             "--num_processes N ...; with GPUs check that CUDA is visible to every process"
         )
     return accelerator
+
+
+def input_config(recipe: Recipe, num_classes: int) -> dict[str, Any]:
+    """The student's input: size and normalisation from its timm config, eval crop and
+    interpolation from the recipe where it sets them."""
+    with seeded(recipe.run.seed):  # a probe student; it never trains
+        probe = build_student(recipe.student, num_classes)
+    data_config = student_data_config(probe)
+    data_config["crop_pct"] = recipe.data.augment.crop_pct or data_config["crop_pct"]
+    data_config["interpolation"] = recipe.data.augment.interpolation or data_config["interpolation"]
+    return data_config
 
 
 def _finished(run_dir: Path) -> bool:
@@ -161,11 +179,7 @@ class DistillRun:
         r = self.recipe
         with self.accelerator.main_process_first():
             split = load_source(r.data)
-        with seeded(r.run.seed):  # a probe student: its data config sizes the transforms
-            probe = build_student(r.student, split.num_classes)
-        data_config = student_data_config(probe)
-        data_config["crop_pct"] = r.data.augment.crop_pct or data_config["crop_pct"]
-        data_config["interpolation"] = r.data.augment.interpolation or data_config["interpolation"]
+        data_config = input_config(r, split.num_classes)
         return split, data_config, build_transforms(r.data.augment, data_config)
 
     def _student(self, split: SplitData, data_config: dict[str, Any], transforms: tuple[Any, Any]) -> StudentState:
@@ -175,6 +189,9 @@ class DistillRun:
         # on whether the teacher was trained now or found in the cache.
         with seeded(r.run.seed):
             student = build_student(r.student, split.num_classes, r.distillation.token)
+        if r.student.init is not None:
+            converted = init_student(student, r.student.init)
+            acc.print(f"student: initialised from {r.student.init} {converted}")
         student.pretrained_cfg = {
             **student.pretrained_cfg,
             **{k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")},
@@ -230,6 +247,7 @@ class DistillRun:
     def run(self) -> dict[str, Any]:
         r = self.recipe
         self.accelerator = acc = self._given_accelerator or make_accelerator(r)
+        STOP.install()  # SIGTERM / Ctrl-C: checkpoint at the next log step, then exit
         acc.free_memory()  # nothing prepared by an earlier run of this launch may linger
         wall_start = time.perf_counter()
         resume_from = prepare_run_dir(acc, r, self.run_dir, self.argv)

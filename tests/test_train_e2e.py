@@ -270,3 +270,28 @@ def test_a_trained_teacher_is_reused(smoke_run: Path, tmp_path: Path, teacher_ca
     first = json.loads((smoke_run / "summary.json").read_text())
     assert summary["teacher"]["sha256"] == first["teacher"]["sha256"]
     assert summary["teacher"]["trained_here"] is False
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(
+    smoke_run: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """Preemption: SIGTERM after the step-4 checkpoint; the run checkpoints at its next log step
+    (every 2 steps here), exits with 143, and the same command finishes it identically."""
+    args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.train", *args], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    marker = tmp_path / "smoke" / "checkpoints" / "step_00000004"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "run the same command to resume" in err
+    steps = [int(p.name.split("_")[1]) for p in (tmp_path / "smoke" / "checkpoints").glob("step_*")]
+    assert max(steps) > 4  # the preemption checkpoint, newer than the periodic one
+    resumed = run_train(*args)
+    check_ok(resumed)
+    assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)

@@ -1,0 +1,169 @@
+"""Shipping the student: every export format with parity checks, single-head exports, the model
+card, re-validation, the evaluate command, initialising from a plain ViT, and a fresh process
+that imports only timm reproducing the run's accuracy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.errors import DistillError
+from distill.evaluate import load_model
+from distill.export import main as export_main
+from distill.export import run_export
+from distill.models import student_heads
+from tests.conftest import SMOKE, check_ok, read_metrics, run_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def full_export(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "smoke-all"
+    assert export_main([str(smoke_run), "--format", "timm,onnx,torchscript", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_format_is_written_and_checked(full_export: Path, smoke_run: Path) -> None:
+    names = {p.name for p in full_export.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "model.onnx", "model.torchscript.pt"} <= names
+    check = json.loads((full_export / "export_check.json").read_text())
+    assert check["formats"]["timm"]["max_abs_diff"] == 0.0
+    assert check["formats"]["onnx"]["max_abs_diff"] <= 1e-4 and check["formats"]["onnx"]["checked_images"] == 16
+    assert check["formats"]["torchscript"]["max_abs_diff"] <= 1e-4
+    logged = read_metrics(smoke_run)[-1]["val/top1_fused"]
+    assert check["revalidation"]["export_top1"] == check["revalidation"]["student_top1"] == logged
+
+
+def test_onnx_runs_in_onnxruntime_with_any_batch(full_export: Path) -> None:
+    import onnxruntime as ort
+    import timm
+
+    session = ort.InferenceSession(str(full_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = timm.create_model(f"local-dir:{full_export}", pretrained=True).eval()
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(batch))
+        got = session.run(["logits"], {"pixel_values": x.numpy()})[0]
+        with torch.no_grad():
+            assert abs(got - model(x).numpy()).max() <= 1e-4
+
+
+def test_model_card_carries_the_run_provenance(full_export: Path, smoke_run: Path) -> None:
+    card = (full_export / "README.md").read_text()
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    final = read_metrics(smoke_run)[-1]
+    assert card.startswith("---\n") and "library_name: timm" in card
+    for text in (
+        "`resnet10t`", summary["teacher"]["sha256"], "| type | hard |", "| alpha | 0.5 |", "| tau | 1.0 |",
+        "| soft KL normalisation | batchmean |", "| data source | synthetic", "| train / val images | 128 / 40",
+        "| epochs | 2 |", f"| top-1 fused | {100 * final['val/top1_fused']:.2f}% |",
+        f"| top-1 class head | {100 * final['val/top1_cls']:.2f}% |",
+        f"| agreement with teacher | {100 * final['val/agreement']:.2f}% |", "| timm |", "```yaml",
+    ):  # fmt: skip
+        assert text in card, text
+
+
+@pytest.mark.parametrize("head", ["cls", "dist"])
+def test_single_head_exports_give_that_heads_predictions(smoke_run: Path, tmp_path: Path, head: str) -> None:
+    import timm
+
+    check = run_export(smoke_run, "best", False, head, ["timm"], tmp_path / head)
+    exported = timm.create_model(f"local-dir:{tmp_path / head}", pretrained=True).eval()
+    student = load_model(smoke_run, "best").model
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cls, dist = student_heads(student, x)
+        assert torch.equal(exported(x), cls if head == "cls" else dist)
+    best = json.loads((smoke_run / "checkpoints" / "best" / "progress.json").read_text())
+    logged = next(r for r in read_metrics(smoke_run) if r["epoch"] == best["epoch"])
+    assert check["revalidation"]["export_top1"] == logged[f"val/top1_{head}"]
+
+
+def test_a_missing_optional_dependency_names_the_package(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ort(name: str, *args: object, **kwargs: object) -> object:
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    with pytest.raises(DistillError, match=r"needs the 'onnxruntime' package.*pip install onnxruntime"):
+        run_export(smoke_run, "last", False, "fused", ["timm", "onnx"], tmp_path / "x")
+
+
+def test_evaluate_command_reports_every_head(smoke_run: Path, full_export: Path, tmp_path: Path) -> None:
+    from distill.evaluate import main
+
+    assert main([str(smoke_run), "--json", str(tmp_path / "run.json")]) == 0
+    assert main([str(full_export), "--data", str(SMOKE), "--json", str(tmp_path / "exp.json")]) == 0
+    run, exp = json.loads((tmp_path / "run.json").read_text()), json.loads((tmp_path / "exp.json").read_text())
+    final = read_metrics(smoke_run)[-1]
+    for head in ("cls", "dist", "fused"):
+        assert run[f"top1_{head}"] == exp[f"top1_{head}"] == final[f"val/top1_{head}"]
+    assert run["images"] == 40 and run["throughput_img_s"] > 0 and run["peak_memory_mb"] > 0
+    assert main([str(tmp_path / "nothing")]) == 2
+
+
+def test_a_fresh_process_with_only_timm_reproduces_the_run(smoke_run: Path, full_export: Path, tmp_path: Path) -> None:
+    """Dump the validation images as PNG files, then score the export in a process that imports
+    timm, torch and PIL only: the fused top-1 must be the run's."""
+    from distill.config import load_recipe
+    from distill.data import load_source
+
+    split = load_source(load_recipe(SMOKE).data)
+    for i in range(len(split.val)):
+        row = split.val[i]
+        row["image"].save(tmp_path / f"{i:04d}_{row['label']}.png")
+    script = f"""
+import sys, pathlib, timm, torch
+from PIL import Image
+assert not any(m == "distill" or m.startswith("distill.") for m in sys.modules)
+model = timm.create_model("local-dir:{full_export}", pretrained=True).eval()
+tf = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
+files = sorted(pathlib.Path("{tmp_path}").glob("*.png"))
+x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+y = torch.tensor([int(f.stem.split("_")[1]) for f in files])
+with torch.no_grad():
+    print((model(x).argmax(-1) == y).float().mean().item())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    check_ok(proc)
+    assert float(proc.stdout.strip()) == pytest.approx(read_metrics(smoke_run)[-1]["val/top1_fused"], abs=1e-9)
+
+
+def test_a_student_initialised_from_a_plain_vit_trains(tmp_path: Path, teacher_cache: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from distill.config import StudentConfig
+    from distill.models import build_student, init_student
+
+    plain = timm.create_model(
+        "deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2
+    )
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
+    student = build_student(StudentConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2), 4)
+    report = init_student(student, path)
+    assert report == {"added": ["dist_token", "pos_embed row 1", "head_dist"], "resampled": [], "reset": []}
+    sd = student.state_dict()
+    assert torch.equal(sd["dist_token"], plain.state_dict()["cls_token"])
+    assert torch.equal(sd["pos_embed"][:, 2:], plain.state_dict()["pos_embed"][:, 1:])
+    assert torch.equal(sd["head_dist.weight"], plain.state_dict()["head.weight"])
+    assert torch.equal(sd["blocks.1.mlp.fc2.weight"], plain.state_dict()["blocks.1.mlp.fc2.weight"])
+    proc = run_train(str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}",
+                     f"student.init={path}", "train.epochs=1", "run.export=false")  # fmt: skip
+    check_ok(proc)
+    assert "initialised from" in proc.stdout
+    assert read_metrics(tmp_path / "smoke")[0]["train/loss"] < 1.5
