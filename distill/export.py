@@ -154,17 +154,22 @@ PARITY_TOL = 1e-4  # max |exported - PyTorch| on real validation images (fp32)
 
 
 def select_head(model: nn.Module, head: str) -> nn.Module:
-    """A classifier whose output is one head's logits.
+    """A classifier whose output is exactly one head's logits, in timm's own architecture.
 
-    The distillation token still shapes every token's attention, so a head cannot be cut out
-    of the architecture; instead both heads get the chosen head's weights, and the fused output
-    (their mean) is exactly that head. timm loads the result as the same architecture.
+    The distilled model returns (head(cls token) + head_dist(dist token)) / 2 and the tokens
+    differ, so neither head can be copied onto the other. Instead the chosen head is doubled and
+    the other zeroed: (2 * h(t) + 0) / 2 = h(t), bit for bit in floating point (scaling by 2 is
+    exact). timm loads the result as the same architecture; the distillation token still takes
+    part in attention, as it did in training.
     """
     if head == "fused" or not hasattr(model, "head_dist"):
         return model
-    source = model.head if head == "cls" else model.head_dist
-    for target in (model.head, model.head_dist):
-        target.load_state_dict(source.state_dict())
+    keep, drop = (model.head, model.head_dist) if head == "cls" else (model.head_dist, model.head)
+    with torch.no_grad():
+        for p in keep.parameters():
+            p.mul_(2.0)
+        for p in drop.parameters():
+            p.zero_()
     return model
 
 

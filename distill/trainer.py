@@ -287,14 +287,7 @@ class DistillRun:
                     if final["val/top1_fused"] > progress.best_top1:
                         progress.best_top1, progress.best_epoch = final["val/top1_fused"], epoch + 1
                         ckpt.save_checkpoint(acc, self.run_dir / "checkpoints", ckpt.BEST, progress, st.ema)
-                ckpt.save_checkpoint(
-                    acc,
-                    self.run_dir / "checkpoints",
-                    ckpt.step_name(progress.global_step),
-                    progress,
-                    st.ema,
-                    keep=r.run.keep_checkpoints,
-                )
+                self._save_step(st, progress)
         finally:
             if pbar is not None:
                 pbar.close()
@@ -394,6 +387,11 @@ class DistillRun:
             total=total, initial=done, desc="student", unit="step", dynamic_ncols=True, leave=False, disable=None
         )  # None: off when stderr is not a terminal (CI logs)
 
+    def _save_step(self, st: StudentState, progress: Progress) -> None:
+        """Checkpoint ``step_<global step>`` atomically, keeping the newest run.keep_checkpoints."""
+        root, name = self.run_dir / "checkpoints", ckpt.step_name(progress.global_step)
+        ckpt.save_checkpoint(self.accelerator, root, name, progress, st.ema, keep=self.recipe.run.keep_checkpoints)
+
     def _train_epoch(
         self, st: StudentState, step_loss: Any, progress: Progress, epoch: int, log: RunLog, pbar: Any
     ) -> None:
@@ -410,14 +408,7 @@ class DistillRun:
                 )
 
         def on_checkpoint() -> None:
-            ckpt.save_checkpoint(
-                acc,
-                self.run_dir / "checkpoints",
-                ckpt.step_name(progress.global_step),
-                progress,
-                st.ema,
-                keep=r.run.keep_checkpoints,
-            )
+            self._save_step(st, progress)
 
         train_one_epoch(
             acc,

@@ -81,3 +81,22 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, teacher_cache: Path) -> 
     out = tmp_path_factory.mktemp("smoke")
     check_ok(run_train(str(SMOKE), f"run.output_dir={out}", f"teacher.cache_dir={teacher_cache}"))
     return out / "smoke"
+
+
+def signal_after_checkpoint(args: list[str], marker: Path, sig: int, capture: bool = False) -> subprocess.Popen:
+    """Start ``python -m distill.train ARGS``; send ``sig`` as soon as ``marker`` (a checkpoint
+    folder) exists. Returns the process (waited for unless ``capture``: then call communicate)."""
+    import time
+
+    pipe = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.train", *args], cwd=REPO, env=subprocess_env(),
+        stdout=pipe, stderr=pipe, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    if not capture:
+        proc.wait()
+    return proc

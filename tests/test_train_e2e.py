@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, SMOKE, check_ok, launch_train, read_metrics, run_train, subprocess_env
+from tests.conftest import SMOKE, check_ok, launch_train, read_metrics, run_train, signal_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -178,19 +175,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(smoke_run: Path, tmp_p
     """Kill -9 right after the step-4 checkpoint appears; the same command must finish the run and
     log exactly what the uninterrupted run logged (metrics.jsonl and TensorBoard)."""
     args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill.train", *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    marker = tmp_path / "smoke" / "checkpoints" / "step_00000004"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_after_checkpoint(args, tmp_path / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
     assert not (tmp_path / "smoke" / "summary.json").exists(), "the run finished before it could be killed"
 
     resumed = run_train(*args)
@@ -278,15 +263,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(
     """Preemption: SIGTERM after the step-4 checkpoint; the run checkpoints at its next log step
     (every 2 steps here), exits with 143, and the same command finishes it identically."""
     args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill.train", *args], cwd=REPO, env=subprocess_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     marker = tmp_path / "smoke" / "checkpoints" / "step_00000004"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc = signal_after_checkpoint(args, marker, signal.SIGTERM, capture=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err and "run the same command to resume" in err

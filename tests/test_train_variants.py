@@ -8,15 +8,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, SMOKE, check_ok, read_metrics, run_train, subprocess_env
+from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -83,19 +81,7 @@ def test_exact_resume_with_drop_path_mixup_randaugment_and_workers(tmp_path: Pat
         *NOISY,
         "run.export=false",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill.train", *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    marker = tmp_path / "kill" / "smoke" / "checkpoints" / "step_00000012"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_after_checkpoint(args, tmp_path / "kill" / "smoke" / "checkpoints" / "step_00000012", signal.SIGKILL)
     assert not (tmp_path / "kill" / "smoke" / "summary.json").exists()
     check_ok(run_train(*args))
     assert read_metrics(tmp_path / "kill" / "smoke") == read_metrics(tmp_path / "ref" / "smoke")
