@@ -294,7 +294,10 @@ def _settings(runs: list[RunRecord]) -> list[dict[str, str]]:
         {"setting": "teacher", "value": teacher},
         {"setting": "teacher sha256 (first 16)", "value": sha},
         {"setting": "student", "value": values(lambda r: r.recipe["student"]["model"])},
-        {"setting": "data", "value": values(lambda r: f"{r.recipe['data']['source']} {r.recipe['data']['path']}")},
+        {
+            "setting": "data",
+            "value": values(lambda r: " ".join(filter(None, (r.recipe["data"]["source"], r.recipe["data"]["path"])))),
+        },
         {"setting": "global batch", "value": values(lambda r: r.recipe["train"]["batch_size"])},
         {"setting": "lr", "value": values(lambda r: r.recipe["train"]["lr"])},
         {"setting": "processes", "value": values(lambda r: r.summary.get("world_size"))},
