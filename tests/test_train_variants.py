@@ -46,6 +46,12 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path: Path, teacher_cache: Path) 
     assert {"val_ema/top1_fused", "val_ema/top1_cls", "val_ema/agreement"} <= set(row)
     assert 0.0 <= row["val_ema/top1_fused"] <= 1.0
     assert (tmp_path / "smoke" / "checkpoints" / "step_00000008" / "ema.safetensors").is_file()
+    # --ema exports the EMA weights and re-validates them against what the run logged for them
+    from distill.export import run_export
+
+    check = run_export(tmp_path / "smoke", "last", True, "fused", ["timm"], tmp_path / "ema-export")
+    assert check["ema"] is True
+    assert check["revalidation"]["export_top1"] == check["revalidation"]["run_logged_top1"] == row["val_ema/top1_fused"]
 
 
 def test_bf16_runs_on_cpu(tmp_path: Path, teacher_cache: Path) -> None:
