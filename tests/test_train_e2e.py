@@ -273,3 +273,45 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(
     resumed = run_train(*args)
     check_ok(resumed)
     assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
+
+
+def test_a_dead_rank_stops_the_whole_launch_within_seconds(tmp_path: Path, teacher_cache: Path) -> None:
+    """SIGKILL rank 1 of a 2-process CPU launch mid-training: rank 0 must not hang in its next
+    collective, and the launcher must exit non-zero naming the dead rank."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, subprocess_env
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+        "--monitor_interval", "0.1", "distill/train.py", str(SMOKE), f"run.output_dir={tmp_path}",
+        f"teacher.cache_dir={teacher_cache}", "train.epochs=50",
+    ]  # fmt: skip
+    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    launch = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = tmp_path / "smoke" / "checkpoints" / "step_00000004"
+    deadline = time.time() + 240
+    while not marker.exists() and launch.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-f", f"run.output_dir={tmp_path}"], capture_output=True, text=True).stdout
+
+    def local_rank(pid: str) -> bytes:
+        try:
+            return next(
+                (v for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if v.startswith(b"LOCAL_RANK=")), b""
+            )
+        except OSError:  # the process ended meanwhile
+            return b""
+
+    rank1 = [int(pid) for pid in workers.split() if local_rank(pid) == b"LOCAL_RANK=1"]
+    assert len(rank1) == 1
+    killed = time.time()
+    os.kill(rank1[0], signal.SIGKILL)
+    out, _ = launch.communicate(timeout=60)
+    assert time.time() - killed < 30
+    assert launch.returncode != 0
+    assert "local_rank: 1" in out and "exitcode: -9" in out
