@@ -8,12 +8,22 @@ from collections.abc import Callable
 from distill.errors import DistillError
 
 
+def _user_message(exc: BaseException) -> str:
+    """The message alone: an error raised in a DataLoader worker comes back with the worker's
+    traceback folded into its text ("Caught DataError in DataLoader worker process 0 ...")."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def run_guarded(fn: Callable[[], object]) -> int:
     """Run ``fn``; a :class:`DistillError` prints ``error: ...`` (no traceback) and returns 2."""
     try:
         fn()
     except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {_user_message(exc)}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

@@ -81,6 +81,10 @@ class DataConfig(Section):
     max_train_samples: int | None = Field(None, ge=1)  # a seeded stratified subset, for quick runs
     max_val_samples: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)  # per process; augmentation stays a function of (seed,e,i)
+    # A corrupt or truncated image: 'error' stops at the first one, naming the file; 'skip' opens
+    # every image when the data loads and drops the bad ones (counted and listed).
+    # `python -m distill.scan RECIPE` lists them all without training.
+    on_bad_image: Literal["error", "skip"] = "error"
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
 

@@ -14,7 +14,7 @@ import os
 import random
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class SplitData:
     val: Any
     class_names: list[str]
     val_origin: str  # which split the validation images came from, or 'held-out'
+    skipped: list[str] = field(default_factory=list)  # undecodable images dropped (on_bad_image=skip)
 
     @property
     def num_classes(self) -> int:
@@ -213,6 +214,45 @@ def _standard_columns(ds: Any, where: str) -> Any:
     return ds
 
 
+def open_image(cell: dict[str, Any]) -> Any:
+    """Decode an undecoded datasets Image cell ({'bytes', 'path'}) fully (load() also catches
+    truncation, which Image.open alone does not)."""
+    import io
+
+    from PIL import Image
+
+    source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+    image = Image.open(source)
+    image.load()
+    return image
+
+
+def describe(cell: dict[str, Any], index: int) -> str:
+    return cell.get("path") or f"image #{index}"
+
+
+def bad_images(ds: Any) -> list[tuple[int, str, str]]:
+    """(index, file, error) for every image of ``ds`` that does not decode."""
+    import datasets
+
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    bad = []
+    for i, cell in enumerate(raw["image"]):
+        try:
+            open_image(cell)
+        except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
+            bad.append((i, describe(cell, i), f"{type(exc).__name__}: {exc}"))
+    return bad
+
+
+def _drop_bad(ds: Any) -> tuple[Any, list[str]]:
+    bad = bad_images(ds)
+    if not bad:
+        return ds, []
+    dropped = {i for i, _, _ in bad}
+    return ds.select([i for i in range(len(ds)) if i not in dropped]), [f for _, f, _ in bad]
+
+
 def _stratified(ds: Any, keep: int | float, seed: int) -> tuple[Any, Any]:
     """(kept, rest): a seeded split with class proportions preserved. scikit-learn's splitter
     on the label column: datasets' own stratified split took 8 s on 50,000 rows here."""
@@ -269,11 +309,16 @@ def load_source(cfg: DataConfig) -> SplitData:
     class_names = list(train.features["label"].names)
     if len(class_names) < 2:
         raise DataError(f"{cfg.source} data has {len(class_names)} class; at least 2 are needed")
+    skipped: list[str] = []
+    if cfg.on_bad_image == "skip":
+        train, bad_train = _drop_bad(train)
+        val, bad_val = _drop_bad(val)
+        skipped = bad_train + bad_val
     train = _subset(train, cfg.max_train_samples, cfg.split_seed)
     val = _subset(val, cfg.max_val_samples, cfg.split_seed)
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{cfg.source} data is empty (train {len(train)}, val {len(val)} images)")
-    return SplitData(train=train, val=val, class_names=class_names, val_origin=origin)
+    return SplitData(train=train, val=val, class_names=class_names, val_origin=origin, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +423,10 @@ class AugmentedDataset(Dataset):
     """
 
     def __init__(self, ds: Any, transform: Any, seed: int, train: bool) -> None:
-        self.ds = ds
+        import datasets
+
+        # Decode here rather than in datasets, so that a corrupt file is named in the error.
+        self.ds = ds.cast_column("image", datasets.Image(decode=False))
         self.transform = transform
         self.seed = seed
         self.train = train
@@ -390,8 +438,14 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _view(self, image: Any, index: int) -> torch.Tensor:
-        image = image.convert("RGB")
+    def _view(self, cell: dict[str, Any], index: int) -> torch.Tensor:
+        try:
+            image = open_image(cell).convert("RGB")
+        except Exception as exc:
+            raise DataError(
+                f"cannot decode image {describe(cell, index)}: {type(exc).__name__}: {exc}. Remove or replace it, "
+                "set data.on_bad_image=skip to drop such images, or list them all with python -m distill.scan RECIPE"
+            ) from None
         if not self.train:
             return self.transform(image)
         with seeded(sample_seed(self.seed, self.epoch, index)):

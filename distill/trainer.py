@@ -253,6 +253,8 @@ class DistillRun:
         resume_from = prepare_run_dir(acc, r, self.run_dir, self.argv)
         split, data_config, transforms = self._data()
         self.transforms = transforms
+        if split.skipped:
+            acc.print(f"data: skipped {len(split.skipped)} undecodable images: {', '.join(split.skipped[:10])}")
         acc.print(
             f"data: {r.data.source} {split.num_classes} classes, {len(split.train)} train / "
             f"{len(split.val)} val images (val: {split.val_origin}), input {data_config['input_size']}"
@@ -355,6 +357,7 @@ class DistillRun:
             "train_size": len(split.train),
             "val_size": len(split.val),
             "val_origin": split.val_origin,
+            "skipped_images": split.skipped,
         }
 
     def _step_loss(self, st: StudentState, teacher: Teacher | None, num_classes: int) -> Any:
