@@ -219,15 +219,16 @@ def evaluate(
     ``forward(batch)`` returns per-sample statistic tensors; ``gather_for_metrics`` drops the
     samples that even-batch padding repeats on the last batch.
     """
-    sums: dict[str, float] = {}
+    device_sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in loader:
         with accelerator.autocast():
             stats = forward(batch)
         gathered = accelerator.gather_for_metrics(stats)
-        for k, v in gathered.items():
-            sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+        for k, v in gathered.items():  # summed on the device; read back once at the end
+            device_sums[k] = device_sums.get(k, 0) + v.double().sum()
         count += int(next(iter(gathered.values())).shape[0])
+    sums = {k: float(v) for k, v in device_sums.items()}
     if count == 0:
         return {k: math.nan for k in sums}
     return {k: v / count for k, v in sums.items()}

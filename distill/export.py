@@ -102,6 +102,35 @@ def model_card(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def card_info(
+    name: str,
+    model: nn.Module,
+    recipe: Any,
+    num_classes: int,
+    summary: dict[str, Any],
+    data: dict[str, Any],
+    epochs: int,
+    weights: str,
+) -> dict[str, Any]:
+    """What the model card shows, from the run's recipe and (possibly partial) summary."""
+    from distill.config import recipe_to_dict
+    from distill.tracking import package_versions
+
+    return {
+        "name": name,
+        "architecture": model.pretrained_cfg.get("architecture", recipe.student.model),
+        "num_classes": num_classes,
+        "teacher": summary.get("teacher"),
+        "distillation": recipe.distillation.model_dump(mode="json"),
+        "data": data,
+        "epochs": epochs,
+        "final": summary.get("final", {}),
+        "packages": package_versions(),
+        "recipe": recipe_to_dict(recipe),
+        "weights": weights,
+    }
+
+
 def export_timm(
     model: nn.Module,
     out_dir: Path,
@@ -233,7 +262,6 @@ def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: li
     from distill.evaluate import evaluate_model, load_checkpoint_student
     from distill.evaluate import resolve_checkpoint as resolve
     from distill.models import student_model_args
-    from distill.trainer import recipe_to_dict
 
     loaded = load_checkpoint_student(run_dir, resolve(run_dir, checkpoint), ema)
     recipe = loaded.recipe
@@ -241,25 +269,12 @@ def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: li
     model = select_head(loaded.model, head)
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    d = recipe.distillation
-    card = {
-        "name": out.name,
-        "architecture": model.pretrained_cfg.get("architecture", recipe.student.model),
-        "num_classes": split.num_classes,
-        "teacher": summary.get("teacher"),
-        "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm, "token": d.token},
-        "data": summary.get("data") or {"source": recipe.data.source, "path": recipe.data.path,
-                                        "train_size": len(split.train), "val_size": len(split.val),
-                                        "val_origin": split.val_origin},
-        "epochs": loaded.progress["epoch"],
-        "final": summary.get("final", {}),
-        "packages": summary.get("packages") or {},
-        "recipe": recipe_to_dict(recipe),
-        "weights": f"{Path(loaded.checkpoint).name}{' EMA' if ema else ''}, head {head}",
+    data = summary.get("data") or {
+        "source": recipe.data.source, "path": recipe.data.path, "train_size": len(split.train),
+        "val_size": len(split.val), "val_origin": split.val_origin,
     }  # fmt: skip
-    from distill.tracking import package_versions
-
-    card["packages"] = package_versions()
+    weights = f"{Path(loaded.checkpoint).name}{' EMA' if ema else ''}, head {head}"
+    card = card_info(out.name, model, recipe, split.num_classes, summary, data, loaded.progress["epoch"], weights)
     export_timm(model, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
 
     from distill.data import eval_transform

@@ -34,7 +34,7 @@ from distill.data import (
 )
 from distill.engine import STOP, Progress, evaluate, train_one_epoch
 from distill.errors import LaunchError, RecipeError, RunStateError
-from distill.export import export_timm, reload_max_diff
+from distill.export import card_info, export_timm, reload_max_diff
 from distill.losses import LossParts, distillation_loss
 from distill.metrics import student_sample_stats
 from distill.models import (
@@ -47,7 +47,7 @@ from distill.models import (
 )
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
-from distill.tracking import RunLog, package_versions, provenance
+from distill.tracking import RunLog, provenance
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -472,7 +472,6 @@ class DistillRun:
     ) -> dict[str, Any]:
         r, acc = self.recipe, self.accelerator
         student = acc.unwrap_model(st.model)
-        d = r.distillation
         summary: dict[str, Any] = {
             "run": str(self.run_dir),
             "final": final,
@@ -483,7 +482,7 @@ class DistillRun:
             "train_time_s": progress.train_time,
             "throughput_train_img_s": progress.train_images / progress.train_time if progress.train_time else None,
             "teacher": self._teacher_info(teacher),
-            "distillation": {"type": d.type, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm, "token": d.token},
+            "distillation": r.distillation.model_dump(mode="json"),
             "world_size": acc.num_processes,
             "precision": r.train.precision,
             "effective_lr": effective_lr(r.train),
@@ -502,19 +501,7 @@ class DistillRun:
     def _export(self, student: torch.nn.Module, split: SplitData, summary: dict[str, Any]) -> dict[str, Any]:
         r = self.recipe
         out = self.run_dir / "export"
-        card = {
-            "name": r.run.name,
-            "architecture": student.pretrained_cfg.get("architecture", r.student.model),
-            "num_classes": split.num_classes,
-            "teacher": summary["teacher"],
-            "distillation": summary["distillation"],
-            "data": summary["data"],
-            "epochs": summary["epochs"],
-            "final": summary["final"],
-            "packages": package_versions(),
-            "recipe": recipe_to_dict(r),
-            "weights": "last",
-        }
+        card = card_info(r.run.name, student, r, split.num_classes, summary, summary["data"], summary["epochs"], "last")
         export_timm(student, out, student_model_args(r.student, split.num_classes), split.class_names, card)
         # Reload through timm alone on a few real validation images: a broken export fails here.
         eval_tf = self.transforms[1]
