@@ -129,7 +129,14 @@ def test_tensorboard_holds_the_same_scalars_and_hparams(smoke_run: Path) -> None
     fused = [(e.step, e.value) for e in ea.Scalars("val/top1_fused")]
     assert fused == [(r["step"], pytest.approx(r["val/top1_fused"])) for r in rows]
     assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12, 14, 16]  # log_every_steps=2
-    assert "hparams" in ea.PluginTagToContent("hparams") or ea.PluginTagToContent("hparams")
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions = [plugin_data_pb2.HParamsPluginData.FromString(raw) for raw in ea.PluginTagToContent("hparams").values()]
+    hparams = next(p.session_start_info.hparams for p in sessions if p.HasField("session_start_info"))
+    assert hparams["distillation.type"].string_value == "hard"
+    assert hparams["train.epochs"].number_value == 2 and hparams["distillation.alpha"].number_value == 0.5
+    final = [(e.step, e.value) for e in ea.Scalars("hparam/val/top1_fused")]
+    assert final[-1][1] == pytest.approx(rows[-1]["val/top1_fused"])
 
 
 def test_export_reloads_through_timm_with_identical_logits(smoke_run: Path) -> None:
