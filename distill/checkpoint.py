@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils.other import load as accelerate_load
+from safetensors import SafetensorError
 
 from distill.engine import Progress
+from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
 
 STEP_PREFIX = "step_"
 BEST = "best"
@@ -70,19 +74,37 @@ def save_checkpoint(
     ema: Any = None,
     keep: int | None = None,
 ) -> Path:
-    """Collective: write checkpoint ``name`` atomically; prune ``step_*`` to the newest ``keep``."""
-    tmp, final = root / f"{name}.tmp", root / name
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        if ema is not None:
-            from safetensors.torch import save_file
+    """Collective: write checkpoint ``name`` atomically; prune ``step_*`` to the newest ``keep``.
 
-            save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / EMA_FILE))
-        (tmp / MARKER).write_text(json.dumps(progress.to_dict(), indent=1))
+    A write that fails (disk full, read-only or unwritable directory) removes the half-written
+    ``.tmp`` folder and raises :class:`StorageError` naming the path; nothing older is touched,
+    so the same command resumes from the last complete checkpoint once there is room again.
+    """
+    tmp, final = root / f"{name}.tmp", root / name
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                state = {k: v.contiguous() for k, v in ema.module.state_dict().items()}
+                save_file(state, str(tmp / EMA_FILE))
+            (tmp / MARKER).write_text(json.dumps(progress.to_dict(), indent=1))
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(root)
+        raise storage_error(
+            exc,
+            f"checkpoint {tmp}",
+            f"the last complete checkpoint ({kept or 'none yet'}) is kept; free space or fix "
+            "permissions there, then run the same command again to resume",
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _replace_dir(tmp, final)
@@ -94,13 +116,31 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any = None) -> Progress:
-    """Collective: restore model/optimizer/scaler/RNG state, EMA weights and progress."""
-    accelerator.load_state(str(path))
-    if ema is not None and (path / EMA_FILE).is_file():
-        from safetensors.torch import load_file
+    """Collective: restore model/optimizer/scaler/RNG state, EMA weights and progress.
 
-        ema.module.load_state_dict(load_file(str(path / EMA_FILE)))
-    return Progress.from_dict(json.loads((path / MARKER).read_text()))
+    Nothing is unpickled beyond ``torch.load(weights_only=True)``: weights are safetensors,
+    progress is JSON, and Accelerate (>= 1.x) loads optimizer and RNG files with
+    ``weights_only=True`` plus an allow-list of numpy array types. A file that needs more (a
+    tampered or foreign checkpoint) or is damaged stops the run with the folder named.
+    """
+    try:
+        # Accelerate swallows any error while loading its RNG file ("Could not load random
+        # states"), so a tampered or damaged one would pass unnoticed: read it strictly first.
+        rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+        if rng_file.is_file():
+            accelerate_load(rng_file)  # weights_only=True + numpy arrays; raises on anything else
+        accelerator.load_state(str(path))
+        if ema is not None and (path / EMA_FILE).is_file():
+            from safetensors.torch import load_file
+
+            ema.module.load_state_dict(load_file(str(path / EMA_FILE)))
+        return Progress.from_dict(json.loads((path / MARKER).read_text()))
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunStateError(
+            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {reason}); delete "
+            "that folder to resume from an older checkpoint, or pass run.overwrite=true to start again"
+        ) from None
 
 
 def step_name(global_step: int) -> str:

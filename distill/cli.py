@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from distill.errors import DistillError
+from distill.errors import STORAGE_ERRNOS, DistillError, storage_error
 
 
 def _user_message(exc: BaseException) -> str:
@@ -19,12 +19,20 @@ def _user_message(exc: BaseException) -> str:
 
 
 def run_guarded(fn: Callable[[], object]) -> int:
-    """Run ``fn``; a :class:`DistillError` prints ``error: ...`` (no traceback) and returns 2."""
+    """Run ``fn``; a :class:`DistillError` or a storage ``OSError`` prints ``error: ...`` (no
+    traceback) and returns 2."""
     try:
         fn()
     except DistillError as exc:
         print(f"error: {_user_message(exc)}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except OSError as exc:
+        # Disk full or unwritable output anywhere else (logs, exports, reports): name the path.
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        err = storage_error(exc, "output", "free space or choose a writable location, then run the same command again")
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

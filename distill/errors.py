@@ -7,6 +7,8 @@ exit with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class DistillError(Exception):
     """Base class for errors whose message tells the user what to fix."""
@@ -36,3 +38,20 @@ class RunStateError(DistillError):
 
 class TrainingError(DistillError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class StorageError(DistillError):
+    """The output directory cannot be written (disk full, read-only, no permission)."""
+
+
+# errno values that mean "this location cannot take our files": reported as StorageError with the
+# path instead of a traceback (disk full is the common one on shared machines).
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
+
+
+def storage_error(exc: OSError, what: str, hint: str) -> StorageError:
+    """``cannot write <what> (<path>: <reason>); <hint>``."""
+    where = exc.filename or what
+    return StorageError(f"cannot write {what} ({where}: {exc.strerror or exc}); {hint}")

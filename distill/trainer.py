@@ -33,7 +33,7 @@ from distill.data import (
     train_eval_loaders,
 )
 from distill.engine import STOP, Progress, evaluate, train_one_epoch
-from distill.errors import LaunchError, RecipeError, RunStateError
+from distill.errors import STORAGE_ERRNOS, LaunchError, RecipeError, RunStateError, storage_error
 from distill.export import card_info, export_timm, reload_max_diff
 from distill.losses import LossParts, distillation_loss
 from distill.metrics import student_sample_stats
@@ -135,21 +135,34 @@ def prepare_run_dir(accelerator: Accelerator, recipe: Recipe, run_dir: Path, arg
             )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if latest is None and run_dir.exists():
-            for name in ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml"):
-                target = run_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial(root)
-        if latest is None:
-            record = recipe_to_dict(recipe)
-            record[PROVENANCE_KEY] = provenance(argv, accelerator.num_processes, str(accelerator.device))
-            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        try:
+            _reset_run_dir(accelerator, recipe, run_dir, argv, latest)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            raise storage_error(exc, f"the run directory {run_dir}", "choose a writable run.output_dir") from None
     accelerator.wait_for_everyone()
     return latest
+
+
+def _reset_run_dir(
+    accelerator: Accelerator, recipe: Recipe, run_dir: Path, argv: list[str], latest: Path | None
+) -> None:
+    """Main process: clear a run being started afresh, drop half-written checkpoints, record the recipe."""
+    root = run_dir / "checkpoints"
+    if latest is None and run_dir.exists():
+        for name in ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_partial(root)
+    if latest is None:
+        record = recipe_to_dict(recipe)
+        record[PROVENANCE_KEY] = provenance(argv, accelerator.num_processes, str(accelerator.device))
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
 
 
 @dataclass

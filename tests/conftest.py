@@ -30,8 +30,10 @@ def run_train(*args: str, env: dict[str, str] | None = None, timeout: int = 300)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env or subprocess_env(), timeout=timeout)
 
 
-def launch_train(*args: str, processes: int = 2, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    """A real multi-process CPU launch: ``accelerate launch --multi_gpu --num_processes N``."""
+def launch_train(
+    *args: str, processes: int = 2, timeout: int = 300, script: str = "distill/train.py", **env: str
+) -> subprocess.CompletedProcess:
+    """A real multi-process CPU launch: ``accelerate launch --multi_gpu --num_processes N SCRIPT``."""
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
         str(accelerate),
@@ -49,7 +51,7 @@ def launch_train(*args: str, processes: int = 2, timeout: int = 300, **env: str)
         "0",
         "--monitor_interval",
         "0.1",
-        "distill/train.py",
+        script,
         *args,
     ]
     full_env = subprocess_env(OMP_NUM_THREADS="1", **env)

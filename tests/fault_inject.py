@@ -1,0 +1,77 @@
+"""Run ``distill.train`` with one fault injected: the test-side half of the fault tests.
+
+Faults live here, not in the product: this script patches a library function, then calls the
+real entry point, so the product's own error handling is what the tests observe.
+
+``DISTILL_FAULT`` selects the fault:
+
+- ``disk_full:N`` -- the N-th model file written by a checkpoint (1-based) gets half its bytes,
+  then the write fails with ENOSPC, as a full disk would.
+- ``nan_rank:R:K`` -- on process R only, the K-th training loss (1-based) is NaN.
+
+Usage: ``DISTILL_FAULT=... python tests/fault_inject.py RECIPE [overrides]`` (also under
+``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def disk_full(nth: int) -> None:
+    import accelerate.checkpointing as ac
+
+    real_save, calls = ac.save, [0]
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(f).endswith("model.safetensors"):
+            calls[0] += 1
+            if calls[0] == nth:
+                real_save(obj, f, *args, **kwargs)
+                data = Path(f).read_bytes()
+                Path(f).write_bytes(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    ac.save = save
+
+
+def nan_rank(rank: int, nth: int) -> None:
+    import torch
+
+    from distill.trainer import DistillRun
+
+    real_step_loss, calls = DistillRun._step_loss, [0]
+
+    def _step_loss(self: DistillRun, *args: Any) -> Any:
+        inner = real_step_loss(self, *args)
+
+        def step_loss(model: Any, batch: Any) -> Any:
+            parts = inner(model, batch)
+            calls[0] += 1
+            if self.accelerator.process_index == rank and calls[0] == nth:
+                return parts._replace(total=parts.total * torch.nan)
+            return parts
+
+        return step_loss
+
+    DistillRun._step_loss = _step_loss
+
+
+def main() -> int:
+    kind, *params = os.environ["DISTILL_FAULT"].split(":")
+    {"disk_full": disk_full, "nan_rank": nan_rank}[kind](*map(int, params))
+    from distill.train import main as train_main
+
+    return train_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
