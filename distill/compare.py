@@ -7,8 +7,10 @@ Runs go one after the other inside one launch, on any number of processes, each 
 ``<run.output_dir>/<run.name>-study/<variant>-seed<k>/``. Runs that share a seed see the same
 images in the same order with the same augmentation (the data contract), so differences come
 from the loss alone. The teacher is trained or loaded once: the teacher cache key does not
-depend on the seed or the distillation type. A study started again skips finished runs and
-resumes the unfinished one.
+depend on the seed or the distillation type. Its outputs are computed once per data stream and
+replayed by the other runs (teacher.output_cache; ``--data-seed N`` gives every seed the same
+stream, so the teacher runs once for the whole study). A study started again skips finished
+runs and resumes the unfinished one.
 """
 
 from __future__ import annotations
@@ -60,14 +62,29 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def study_plan(
-    recipe_path: str, variants: list[Variant], seeds: list[int], overrides: list[str]
+    recipe_path: str,
+    variants: list[Variant],
+    seeds: list[int],
+    overrides: list[str],
+    teacher_outputs: bool = True,
+    data_seed: int | None = None,
 ) -> tuple[Path, list[tuple[str, list[str]]]]:
-    """(study directory, [(run name, overrides)]) for every variant x seed, seed-major."""
+    """(study directory, [(run name, overrides)]) for every variant x seed, seed-major.
+
+    ``teacher_outputs``: share the teacher's outputs between runs through the cache in
+    ``<study>/teacher_outputs`` (unless the recipe names another directory); the user's own
+    overrides come after ours, so they win. ``data_seed``: one data stream for every seed."""
     from distill.config import load_recipe
 
     base = load_recipe(recipe_path, overrides)  # validate once, before any run starts
     study = Path(base.run.output_dir) / f"{base.run.name}-study"
     cache = base.teacher.cache_dir or Path(base.run.output_dir) / "teachers"
+    shared: list[str] = []
+    if teacher_outputs:
+        outputs_dir = base.teacher.output_cache.dir or study / "teacher_outputs"
+        shared += ["teacher.output_cache.enabled=true", f"teacher.output_cache.dir={outputs_dir}"]
+    if data_seed is not None:
+        shared.append(f"data.seed={data_seed}")
     runs = []
     for seed in seeds:
         for v in variants:
@@ -76,6 +93,7 @@ def study_plan(
                 (
                     name,
                     [
+                        *shared,
                         *overrides,
                         f"run.output_dir={study}",
                         f"run.name={name}",
@@ -101,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", default="none,soft,hard", help="none, soft, hard, soft-notoken, hard-notoken, ...")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=None, help="report directory (default: <study>/report)")
+    parser.add_argument(
+        "--no-teacher-cache",
+        action="store_true",
+        help="recompute the teacher in every run instead of replaying its outputs (teacher.output_cache)",
+    )
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="one data stream (order, augmentation, mixup) for every seed: seeds then vary only the "
+        "model's randomness, and the teacher runs once for the whole study",
+    )
     args = parser.parse_intermixed_args(argv)  # overrides may follow --types/--seeds
 
     def go() -> None:
@@ -113,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
         except ValueError:
             raise RecipeError(f"--seeds must be integers, got '{args.seeds}'") from None
-        study, runs = study_plan(args.recipe, variants, seeds, args.overrides)
+        study, runs = study_plan(
+            args.recipe, variants, seeds, args.overrides, not args.no_teacher_cache, args.data_seed
+        )
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
         for i, (name, overrides) in enumerate(runs, 1):
             run_dir = study / name

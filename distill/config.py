@@ -81,6 +81,14 @@ class DataConfig(Section):
     max_train_samples: int | None = Field(None, ge=1)  # a seeded stratified subset, for quick runs
     max_val_samples: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)  # per process; augmentation stays a function of (seed,e,i)
+    # The data stream's seed (order, augmentation, mixup/cutmix); None: run.seed. Fixing it makes
+    # runs with different run.seed differ only in the model's randomness (init, drop-path), so
+    # their teacher outputs are the same and teacher.output_cache can share them.
+    seed: int | None = None
+    # 'tensor': decode every image once into a uint8 tensor and augment whole batches as tensors
+    # (crop + flip; on the GPU when there is one). For small images only; it cannot do
+    # RandAugment, colour jitter or random erasing. 'auto': tensor when it can, else 'decode'.
+    store: Literal["auto", "decode", "tensor"] = "decode"
     # A corrupt or truncated image: 'error' stops at the first one, naming the file; 'skip' opens
     # every image when the data loads and drops the bad ones (counted and listed).
     # `python -m distill.scan RECIPE` lists them all without training.
@@ -115,6 +123,9 @@ class TrainConfig(OptimConfig):
     # One precision per launch (Accelerate fixes it at start-up); the teacher stage uses it too.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 works on CPUs too; fp16 GPU only
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA (DeiT never used it)
+    # torch.compile the student's forward (Inductor). Off by default: compiling costs tens of
+    # seconds per run, which only pays off on long runs (figures: python -m distill.bench).
+    compile: bool = False
 
 
 class TeacherTrainConfig(OptimConfig):
@@ -130,6 +141,25 @@ class TeacherTrainConfig(OptimConfig):
     seed: int = 0
 
 
+class OutputCacheConfig(Section):
+    """Replay the teacher's logits instead of recomputing them (teacher_cache.py).
+
+    The view of image i in epoch e is fixed by (data seed, e, i), so the teacher's output for it
+    is too: runs that share the data seed, teacher and augmentation (a study's types and seeds
+    with data.seed fixed) pay for the teacher once.
+    """
+
+    enabled: bool = False  # distill.compare switches it on for its runs (--no-teacher-cache: off)
+    dir: Path | None = None  # None: <run.output_dir>/teacher_outputs
+    # Full fp32 logits while an epoch's fit this budget (CIFAR-10: 50,000 x 10 x 4 B = 2 MB);
+    # otherwise the top-k log-probabilities in fp16 (ImageNet, k=10: 51 MB per epoch).
+    budget_mb: float = Field(64.0, gt=0.0)
+    topk: int = Field(10, ge=1)
+    # Every N-th replayed step (and each epoch's first) is recomputed and compared: a cache that
+    # no longer matches its key stops the run instead of silently training on stale targets.
+    verify_every: int = Field(50, ge=0)
+
+
 class TeacherConfig(Section):
     model: str = "regnety_160"  # any timm convnet (DeiT used RegNetY-16GF)
     checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder
@@ -139,6 +169,12 @@ class TeacherConfig(Section):
     min_top1: float | None = Field(None, ge=0.0, le=1.0)  # None: stop below 1.5 x chance
     train: TeacherTrainConfig | None = None  # train the teacher when no checkpoint is given
     cache_dir: Path | None = None  # trained teachers; None: <run.output_dir>/teachers
+    # Fast path (python -m distill.bench measures each): no autograd bookkeeping at all, the
+    # channels-last layout convolutions prefer, and optionally torch.compile.
+    inference_mode: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    output_cache: OutputCacheConfig = OutputCacheConfig()
 
 
 class StudentConfig(Section):

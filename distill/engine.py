@@ -73,11 +73,18 @@ class _StopFlag:
 STOP = _StopFlag()
 
 
-def set_step_seed(seed: int, epoch: int, step: int, rank: int) -> None:
-    """Seed python/numpy/torch for one micro-step: model randomness as a function of position."""
-    s = int(np.random.SeedSequence([seed, epoch, step, rank, 7]).generate_state(1)[0])
-    random.seed(s)
-    np.random.seed(s)
+def set_step_seed(seed: int, epoch: int, step: int, rank: int, data_seed: int | None = None) -> None:
+    """Seed the RNGs for one micro-step as a function of position: torch (drop-path, the model's
+    randomness) from ``seed``; numpy and python (timm's Mixup/CutMix draws, part of the data
+    stream) from ``data_seed`` (default ``seed``)."""
+
+    def derive(base: int) -> int:
+        return int(np.random.SeedSequence([base, epoch, step, rank, 7]).generate_state(1)[0])
+
+    s = derive(seed)
+    d = s if data_seed is None or data_seed == seed else derive(data_seed)
+    random.seed(d)
+    np.random.seed(d)
     torch.manual_seed(s)
 
 
@@ -123,6 +130,7 @@ def train_one_epoch(
     epoch: int,
     seed: int,
     log_every: int,
+    data_seed: int | None = None,
     clip_grad: float | None,
     on_log: Callable[[dict[str, float]], None],
     checkpoint_every: int = 0,
@@ -171,7 +179,7 @@ def train_one_epoch(
         return stop
 
     for batch in batches:
-        set_step_seed(seed, epoch, progress.step_in_epoch, rank)
+        set_step_seed(seed, epoch, progress.step_in_epoch, rank, data_seed)
         with accelerator.accumulate(model):
             parts = step_loss(model, batch)
             accelerator.backward(parts.total)

@@ -301,7 +301,29 @@ def _settings(runs: list[RunRecord]) -> list[dict[str, str]]:
         {"setting": "global batch", "value": values(lambda r: r.recipe["train"]["batch_size"])},
         {"setting": "lr", "value": values(lambda r: r.recipe["train"]["lr"])},
         {"setting": "processes", "value": values(lambda r: r.summary.get("world_size"))},
+        {"setting": "data seed", "value": values(lambda r: _data_seed(r))},
+        {"setting": "teacher outputs", "value": _cache_note(runs)},
     ]
+
+
+def _data_seed(run: RunRecord) -> str:
+    seed = run.recipe["data"].get("seed")
+    return "run.seed" if seed is None else str(seed)
+
+
+def _cache_note(runs: list[RunRecord]) -> str:
+    """Whether teacher outputs were replayed from the cache (teacher_cache.py), and how."""
+    caches = [r.summary.get("teacher_cache") or {} for r in runs]
+    used = [c for c in caches if c.get("enabled")]
+    if not used:
+        return "computed in every run (no cache)"
+    replaying = sum(1 for c in used if c.get("train_replayed_images", 0) > 0)
+    encodings = ", ".join(sorted({c.get("encoding", "?") for c in used}))
+    verified = sum(c.get("verified_batches", 0) for c in used)
+    return (
+        f"cache on in {len(used)} of {len(runs)} runs ({encodings}); replayed in {replaying}, "
+        f"{verified} replayed batches re-checked against a fresh teacher pass, all equal"
+    )
 
 
 def build_report(run_dirs: list[Path], out: Path) -> Path:

@@ -206,7 +206,9 @@ def obtain_teacher(
     else:
         return None
     mean, std = teacher_normalisation(cfg, model, stored)
-    module = FrozenTeacher(model, data_config["mean"], data_config["std"], mean, std)
+    module = FrozenTeacher(
+        model, data_config["mean"], data_config["std"], mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile
+    )
     module.to(accelerator.device)
     return Teacher(module, arch, weights, file_sha256(weights), trained_here)
 

@@ -46,6 +46,7 @@ from distill.models import (
     student_model_args,
 )
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
+from distill.teacher_cache import TeacherOutputCache, labels_digest
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
 from distill.tracking import RunLog, provenance
 
@@ -64,6 +65,10 @@ RESUME_FREE_KEYS = (
 )
 
 
+# Teacher settings that change its outputs beyond its weights (teacher_cache key).
+TEACHER_OUTPUT_KEYS = {"model", "model_args", "mean", "std", "channels_last", "compile"}
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """An Accelerator for the recipe, refusing launches that would silently go wrong."""
     precision = recipe.train.precision
@@ -75,6 +80,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=PRECISION[precision],
         gradient_accumulation_steps=recipe.train.grad_accum_steps,
+        # prepare() compiles the student (and unwraps it for saving); the teacher is compiled
+        # by FrozenTeacher since it is never prepared.
+        dynamo_backend="inductor" if recipe.train.compile else "no",
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -85,6 +93,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
             "--num_processes N ...; with GPUs check that CUDA is visible to every process"
         )
     return accelerator
+
+
+def data_seed(recipe: Recipe) -> int:
+    """The seed of the data stream (order, augmentation, mixup): data.seed, else run.seed."""
+    return recipe.run.seed if recipe.data.seed is None else recipe.data.seed
 
 
 def input_config(recipe: Recipe, num_classes: int) -> dict[str, Any]:
@@ -185,6 +198,7 @@ class DistillRun:
         self.argv = list(argv or [])
         self._given_accelerator = accelerator  # a study runs many recipes in one launch
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
+        self.teacher_cache: TeacherOutputCache | None = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -219,7 +233,7 @@ class DistillRun:
         optimizer = build_optimizer(student, r.train)
         eval_batch = math.ceil(r.eval.batch_size / acc.num_processes)
         train_loader, val_loader = train_eval_loaders(
-            split, transforms, r.run.seed, plan.per_process, plan.global_batch, eval_batch, r.data.num_workers
+            split, transforms, data_seed(r), plan.per_process, plan.global_batch, eval_batch, r.data.num_workers
         )
         model, optimizer, train_loader, val_loader = acc.prepare(student, optimizer, train_loader, val_loader)
         acc.gradient_accumulation_steps = r.train.grad_accum_steps
@@ -227,15 +241,64 @@ class DistillRun:
         scheduler = build_scheduler(optimizer, r.train, steps)
         return StudentState(model, optimizer, scheduler, train_loader, val_loader, ema, steps, plan.per_process)
 
+    def _output_cache(
+        self, teacher: Teacher | None, split: SplitData, data_config: dict[str, Any], st: StudentState
+    ) -> TeacherOutputCache | None:
+        """The teacher-output cache when enabled and the teacher is used (teacher_cache.py)."""
+        r, acc = self.recipe, self.accelerator
+        cfg = r.teacher.output_cache
+        if not cfg.enabled or teacher is None:
+            return None
+        # Everything the teacher's input or output depends on; the folder is named by its hash.
+        data = r.data.model_dump(mode="json", exclude={"num_workers", "on_bad_image", "seed"})
+        key = {
+            "teacher_sha256": teacher.sha256,
+            "teacher": r.teacher.model_dump(
+                mode="json", include={"model", "model_args", "mean", "std", "channels_last", "compile"}
+            ),
+            "data": data,
+            "data_seed": data_seed(r),
+            "input": {k: data_config[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")},
+            "train_split": [len(split.train), labels_digest(list(split.train["label"]))],
+            "val_split": [len(split.val), labels_digest(list(split.val["label"]))],
+            "precision": r.train.precision,
+            "world_size": acc.num_processes,
+            "per_process_batch": st.per_process_batch,
+            "eval_per_process_batch": math.ceil(r.eval.batch_size / acc.num_processes),
+            "torch": torch.__version__,
+            "device": acc.device.type,
+        }
+        cache = TeacherOutputCache(
+            acc,
+            cfg.dir or r.run.output_dir / "teacher_outputs",
+            key,
+            split.num_classes,
+            rows_per_epoch=len(st.train_loader) * acc.num_processes * st.per_process_batch,
+            per_process_batch=st.per_process_batch,
+            val_rows=len(split.val),
+            budget_mb=cfg.budget_mb,
+            topk=cfg.topk,
+            verify_every=cfg.verify_every,
+        )
+        acc.print(f"teacher outputs: cache {cache.dir} ({cache.mode if cache.mode == 'full' else f'top-{cache.k}'})")
+        return cache
+
     # -- evaluation -------------------------------------------------------------------------
 
     def _teacher_val_logits(self, teacher: Teacher, loader: Any) -> dict[str, float]:
         """One teacher pass over the val split: its accuracy, and logits kept for every epoch's
         agreement/KL (the val transform is deterministic, so they never change)."""
         self.val_teacher: dict[int, torch.Tensor] = {}
+        cache, first = self.teacher_cache, [True]
+        if cache is not None:
+            cache.open_val()
 
         def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            logits = teacher.module(batch["image"])
+            if cache is not None:
+                logits = cache.val_logits(batch["index"], batch["image"], teacher.module, first[0])
+                first[0] = False
+            else:
+                logits = teacher.module(batch["image"])
             for i, row in zip(batch["index"].tolist(), logits, strict=True):
                 self.val_teacher[i] = row
             return {"top1": (logits.argmax(-1) == batch["label"]).float()}
@@ -276,6 +339,7 @@ class DistillRun:
         if r.run.teacher_only:
             return self._teacher_only(teacher, split, data_config, time.perf_counter() - wall_start)
         st = self._student(split, data_config, transforms)
+        self.teacher_cache = self._output_cache(teacher, split, data_config, st)
         if teacher is not None:
             t_stats = self._teacher_val_logits(teacher, st.val_loader)
             check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1)
@@ -288,11 +352,13 @@ class DistillRun:
             progress = ckpt.load_checkpoint(acc, resume_from, st.ema)
             acc.print(f"resuming from {resume_from} (epoch {progress.epoch + 1}, step {progress.global_step})")
         log = RunLog(self.run_dir, acc.is_main_process, progress.epoch, progress.global_step if resume_from else 0)
-        step_loss = self._step_loss(st, teacher, split.num_classes)
+        step_loss = self._step_loss(st, teacher, split.num_classes, progress)
         pbar = self._progress_bar(st.steps_per_epoch * r.train.epochs, progress.global_step)
         final: dict[str, Any] = {}
         try:
             for epoch in range(progress.epoch, r.train.epochs):
+                if self.teacher_cache is not None:
+                    self.teacher_cache.begin_epoch(epoch)
                 self._train_epoch(st, step_loss, progress, epoch, log, pbar)
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
                 sums, progress.epoch_sums = progress.epoch_sums, {}
@@ -373,20 +439,26 @@ class DistillRun:
             "skipped_images": split.skipped,
         }
 
-    def _step_loss(self, st: StudentState, teacher: Teacher | None, num_classes: int) -> Any:
+    def _step_loss(self, st: StudentState, teacher: Teacher | None, num_classes: int, progress: Progress) -> Any:
         r, acc = self.recipe, self.accelerator
         d = r.distillation
         mixup = build_mixup(r.data.augment, r.train.label_smoothing, num_classes, st.per_process_batch)
         needs_teacher = d.type != "none"
+        cache = self.teacher_cache
+
+        def teacher_logits(images: torch.Tensor) -> torch.Tensor:
+            with acc.autocast():
+                return teacher.module(images)
 
         def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
             images, targets = batch["image"], batch["label"]
             if mixup is not None:
                 images, targets = mixup(images, targets)  # DeiT: the teacher sees the mixed image
             t_logits = None
-            if needs_teacher:
-                with acc.autocast():
-                    t_logits = teacher.module(images)
+            if needs_teacher and cache is not None:  # progress: where this micro-batch sits
+                t_logits = cache.train_logits(progress.epoch, progress.step_in_epoch, images, teacher_logits)
+            elif needs_teacher:
+                t_logits = teacher_logits(images)
             cls, dist = as_heads(model(images))
             return distillation_loss(
                 cls, dist, targets, t_logits, d.type, d.alpha, d.tau, d.kl_norm, r.train.label_smoothing
@@ -436,6 +508,7 @@ class DistillRun:
             progress,
             epoch=epoch,
             seed=r.run.seed,
+            data_seed=data_seed(r),
             log_every=r.run.log_every_steps,
             clip_grad=r.train.clip_grad,
             on_log=on_log,
@@ -500,8 +573,11 @@ class DistillRun:
             "precision": r.train.precision,
             "effective_lr": effective_lr(r.train),
             "data": self._data_info(split),
+            "teacher_cache": self.teacher_cache.summary() if self.teacher_cache else {"enabled": False},
             "export": None,
         }
+        if self.teacher_cache is not None:
+            self.teacher_cache.close()
         if acc.is_main_process:
             if r.run.export:
                 summary["export"] = self._export(student, split, summary)
