@@ -503,12 +503,13 @@ def collate(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tenso
 
 
 def make_loader(
-    dataset: AugmentedDataset,
+    dataset: Dataset,
     batch_size: int,
     seed: int,
     train: bool,
     num_workers: int,
     global_multiple: int = 1,
+    collate_fn: Any = collate,
 ) -> DataLoader:
     """A plain DataLoader (per-process batch) ready for ``accelerator.prepare``.
 
@@ -526,7 +527,7 @@ def make_loader(
         sampler=sampler,
         drop_last=train,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -561,17 +562,27 @@ def train_eval_loaders(
     train_multiple: int,
     eval_batch: int,
     num_workers: int,
+    store: str = "decode",
 ) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders with per-process batch sizes, before ``accelerator.prepare``."""
+    """(train, val) loaders with per-process batch sizes, before ``accelerator.prepare``.
+
+    ``store='tensor'``: the train loader yields uint8 batches decoded once (tensor_store.py); the
+    caller augments them with BatchAugment. Validation always decodes (the export's path)."""
     train_tf, eval_tf = transforms
-    train = make_loader(
-        AugmentedDataset(split.train, train_tf, seed, train=True),
-        train_batch,
-        seed,
-        train=True,
-        num_workers=num_workers,
-        global_multiple=train_multiple,
-    )
+    if store == "tensor":
+        from distill.tensor_store import StoredImages, collate_stored, decode_all
+
+        stored = StoredImages(decode_all(split.train), split.train["label"])
+        train = make_loader(stored, train_batch, seed, True, 0, train_multiple, collate_stored)
+    else:
+        train = make_loader(
+            AugmentedDataset(split.train, train_tf, seed, train=True),
+            train_batch,
+            seed,
+            train=True,
+            num_workers=num_workers,
+            global_multiple=train_multiple,
+        )
     val = make_loader(
         AugmentedDataset(split.val, eval_tf, seed, train=False),
         eval_batch,

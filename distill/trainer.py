@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator
 
 from distill import checkpoint as ckpt
-from distill.config import PROVENANCE_KEY, Recipe, flatten, recipe_to_dict
+from distill.config import PROVENANCE_KEY, DataConfig, Recipe, flatten, recipe_to_dict
 from distill.data import (
     AugmentedDataset,
     SplitData,
@@ -48,6 +48,7 @@ from distill.models import (
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.teacher_cache import TeacherOutputCache, labels_digest
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
+from distill.tensor_store import BatchAugment, store_fits, tensor_path_problem
 from distill.tracking import RunLog, provenance
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -93,6 +94,21 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
             "--num_processes N ...; with GPUs check that CUDA is visible to every process"
         )
     return accelerator
+
+
+def resolve_store(cfg: DataConfig, train: Any) -> str:
+    """data.store for this run: 'tensor' or 'decode' ('auto': tensor when it can do the job)."""
+    if cfg.store == "decode":
+        return "decode"
+    problem = tensor_path_problem(cfg.augment)
+    if cfg.store == "tensor":
+        if problem is not None:
+            raise RecipeError(
+                f"data.store=tensor augments with crop and flip only and cannot apply {problem}; "
+                "set data.store=decode (or auto), or switch that augmentation off"
+            )
+        return "tensor"
+    return "tensor" if problem is None and store_fits(train) else "decode"
 
 
 def data_seed(recipe: Recipe) -> int:
@@ -199,6 +215,8 @@ class DistillRun:
         self._given_accelerator = accelerator  # a study runs many recipes in one launch
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
         self.teacher_cache: TeacherOutputCache | None = None
+        self.store = "decode"  # data.store as resolved for this run
+        self.batch_augment: BatchAugment | None = None  # the tensor path's augmentation
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -232,8 +250,18 @@ class DistillRun:
             ema = ModelEmaV3(student, decay=r.train.ema_decay)
         optimizer = build_optimizer(student, r.train)
         eval_batch = math.ceil(r.eval.batch_size / acc.num_processes)
+        self.store = resolve_store(r.data, split.train)
+        if self.store == "tensor":
+            self.batch_augment = BatchAugment(r.data.augment, data_config, data_seed(r))
         train_loader, val_loader = train_eval_loaders(
-            split, transforms, data_seed(r), plan.per_process, plan.global_batch, eval_batch, r.data.num_workers
+            split,
+            transforms,
+            data_seed(r),
+            plan.per_process,
+            plan.global_batch,
+            eval_batch,
+            r.data.num_workers,
+            self.store,
         )
         model, optimizer, train_loader, val_loader = acc.prepare(student, optimizer, train_loader, val_loader)
         acc.gradient_accumulation_steps = r.train.grad_accum_steps
@@ -437,6 +465,7 @@ class DistillRun:
             "val_size": len(split.val),
             "val_origin": split.val_origin,
             "skipped_images": split.skipped,
+            "store": self.store,
         }
 
     def _step_loss(self, st: StudentState, teacher: Teacher | None, num_classes: int, progress: Progress) -> Any:
@@ -450,8 +479,12 @@ class DistillRun:
             with acc.autocast():
                 return teacher.module(images)
 
+        augment = self.batch_augment
+
         def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
             images, targets = batch["image"], batch["label"]
+            if augment is not None:  # data.store=tensor: uint8 in, the (seed, epoch, index) view out
+                images = augment(images, batch["index"], progress.epoch)
             if mixup is not None:
                 images, targets = mixup(images, targets)  # DeiT: the teacher sees the mixed image
             t_logits = None
