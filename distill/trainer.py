@@ -63,6 +63,8 @@ RESUME_FREE_KEYS = (
     "run.export",
     "data.num_workers",
     "teacher.cache_dir",
+    "teacher.output_cache.dir",
+    "teacher.output_cache.verify_every",
 )
 
 
