@@ -101,7 +101,9 @@ class StoredImages(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"image": self.images[idx], "label": self.labels[idx], "index": idx}
+        # index_host stays a numpy array: Accelerate moves tensors to the device but leaves it on
+        # the host, where the crop parameters are drawn without a device-to-host sync per step.
+        return {"image": self.images[idx], "label": self.labels[idx], "index": idx, "index_host": idx.numpy()}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])
@@ -140,9 +142,11 @@ class BatchAugment:
         self.mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
 
-    def params(self, epoch: int, index: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def params(self, epoch: int, index: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``[B, 2, 3]`` affine matrices (output -> input, normalised coordinates)."""
-        u = torch.from_numpy(uniforms(self.seed, epoch, index.cpu().numpy(), 5))
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        u = torch.from_numpy(uniforms(self.seed, epoch, np.asarray(index), 5))
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
         ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 1])
         # Crop size as a fraction of each side (timm draws until it fits; clamping keeps the
@@ -157,9 +161,9 @@ class BatchAugment:
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
         return theta.float()
 
-    def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, index: np.ndarray | torch.Tensor, epoch: int) -> torch.Tensor:
         x = images.float().div_(255)
-        theta = self.params(epoch, index, x.shape[-2], x.shape[-1]).to(x.device)
+        theta = self.params(epoch, index).to(x.device, non_blocking=True)
         grid = F.affine_grid(theta, [x.shape[0], 3, *self.size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)

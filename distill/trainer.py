@@ -486,7 +486,7 @@ class DistillRun:
         def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
             images, targets = batch["image"], batch["label"]
             if augment is not None:  # data.store=tensor: uint8 in, the (seed, epoch, index) view out
-                images = augment(images, batch["index"], progress.epoch)
+                images = augment(images, batch["index_host"], progress.epoch)
             if mixup is not None:
                 images, targets = mixup(images, targets)  # DeiT: the teacher sees the mixed image
             t_logits = None
