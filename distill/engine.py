@@ -196,7 +196,7 @@ def train_one_epoch(
         progress.global_step += 1
         scheduler.step_update(num_updates=progress.global_step)
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model), step=progress.global_step)
+            ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=progress.global_step)
         if pbar is not None:
             pbar.update(1)
         due_checkpoint = checkpoint_every > 0 and progress.global_step % checkpoint_every == 0

@@ -557,7 +557,7 @@ class DistillRun:
         self, st: StudentState, teacher: Teacher | None, progress: Progress, sums: dict[str, float]
     ) -> dict[str, Any]:
         acc = self.accelerator
-        student = acc.unwrap_model(st.model)
+        student = acc.unwrap_model(st.model, keep_torch_compile=False)
         stats = self._evaluate(student, st.val_loader, teacher)
         student.train()
         n = sums.get("n", 0.0)
@@ -592,7 +592,7 @@ class DistillRun:
         wall: float,
     ) -> dict[str, Any]:
         r, acc = self.recipe, self.accelerator
-        student = acc.unwrap_model(st.model)
+        student = acc.unwrap_model(st.model, keep_torch_compile=False)
         summary: dict[str, Any] = {
             "run": str(self.run_dir),
             "final": final,

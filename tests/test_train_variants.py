@@ -60,6 +60,20 @@ def test_bf16_runs_on_cpu(tmp_path: Path, teacher_cache: Path) -> None:
     assert torch.isfinite(torch.tensor(row["train/loss"])) and row["val/top1_fused"] > 0.25
 
 
+def test_compiled_student_and_teacher_train_like_eager_ones_and_export(
+    smoke_run: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """train.compile / teacher.compile (torch.compile, Inductor): the same numbers as the eager
+    smoke run to float tolerance, and an export of the plain (uncompiled) module."""
+    args = [f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "train.compile=true"]
+    check_ok(run_train(str(SMOKE), *args, "teacher.compile=true"))
+    for got, want in zip(read_metrics(tmp_path / "smoke"), read_metrics(smoke_run), strict=True):
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    config = json.loads((tmp_path / "smoke" / "export" / "config.json").read_text())
+    assert config["architecture"] == "deit_tiny_distilled_patch16_224"
+
+
 def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(tmp_path: Path, teacher_cache: Path) -> None:
     proc = one_epoch(tmp_path, teacher_cache, "train.lr=1e30")
     assert proc.returncode == 2
