@@ -122,7 +122,10 @@ class OptimConfig(Section):
 
 class TrainConfig(OptimConfig):
     # One precision per launch (Accelerate fixes it at start-up); the teacher stage uses it too.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 works on CPUs too; fp16 GPU only
+    # bf16 autocast: fast on GPUs and on CPUs with AMX or avx512_bf16; elsewhere it is emulated
+    # (this project's 2-core avx512f machines: a whole step 3x slower than fp32, measured by
+    # python -m distill.bench). fp16: GPU only.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA (DeiT never used it)
     # torch.compile the student's forward (Inductor). Off by default: compiling costs tens of
     # seconds per run, which only pays off on long runs (figures: python -m distill.bench).
