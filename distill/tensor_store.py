@@ -45,8 +45,25 @@ def tensor_path_problem(aug: AugmentConfig) -> str | None:
     return None
 
 
+_DECODED: dict[str, torch.Tensor] = {}
+
+
 def decode_all(ds: Any) -> torch.Tensor:
-    """Every image of an HF dataset as one ``[N, 3, H, W]`` uint8 tensor (all must share a size)."""
+    """Every image of an HF dataset as one ``[N, 3, H, W]`` uint8 tensor (all must share a size).
+
+    Kept for the next run of a study in this process (keyed by the dataset's fingerprint, which
+    changes with any selection or transform): CIFAR-sized subsets take seconds to decode."""
+    key = getattr(ds, "_fingerprint", None)
+    if key is not None and key in _DECODED:
+        return _DECODED[key]
+    out = _decode_all(ds)
+    if key is not None:
+        _DECODED.clear()
+        _DECODED[key] = out
+    return out
+
+
+def _decode_all(ds: Any) -> torch.Tensor:
     import datasets
 
     from distill.data import describe, open_image
