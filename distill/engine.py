@@ -203,7 +203,12 @@ def train_one_epoch(
             ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=progress.global_step)
         if pbar is not None:
             pbar.update(1)
-        due_checkpoint = checkpoint_every > 0 and progress.global_step % checkpoint_every == 0
+        # Not on an epoch's last step: the end-of-epoch checkpoint follows at the same step, after
+        # the evaluation is logged. A mid-loop one there would let a kill between the two resume
+        # at that step with the evaluation already in TensorBoard, which the resume's purge (it
+        # drops events after the checkpoint's step) keeps: duplicate val/* points (fault_trials).
+        last_step = progress.step_in_epoch == len(loader)
+        due_checkpoint = checkpoint_every > 0 and progress.global_step % checkpoint_every == 0 and not last_step
         stop = False
         if due_checkpoint or progress.global_step % log_every == 0:
             stop = flush()  # also the collective finite-loss check: a NaN state is never checkpointed

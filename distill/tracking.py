@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import socket
 import subprocess
@@ -20,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("distill", "torch", "torchvision", "timm", "accelerate", "datasets", "tensorboard", "numpy")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old
+    file or the new one, never half of one (summary.json marks a run finished)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def package_versions() -> dict[str, str]:

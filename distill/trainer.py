@@ -49,7 +49,7 @@ from distill.optim import batch_plan, build_optimizer, build_scheduler, effectiv
 from distill.teacher_cache import TeacherOutputCache, labels_digest
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
 from distill.tensor_store import BatchAugment, store_fits, tensor_path_problem
-from distill.tracking import RunLog, provenance
+from distill.tracking import RunLog, provenance, write_atomic
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -441,7 +441,7 @@ class DistillRun:
                 target.mkdir()
                 shutil.copy2(teacher.weights, target / teacher.weights.name)
             summary["teacher"]["folder"] = str(target)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
             print(f"teacher {teacher.architecture}: val top-1 {100 * stats['top1']:.2f}%, saved to {target}")
         acc.wait_for_everyone()
         return summary
@@ -617,7 +617,7 @@ class DistillRun:
             if r.run.export:
                 summary["export"] = self._export(student, split, summary)
             log.hparams(flatten(recipe_to_dict(r)), {k: v for k, v in final.items() if "/" in k})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
             print_summary(summary)
         acc.wait_for_everyone()
         return summary

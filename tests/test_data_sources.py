@@ -364,3 +364,13 @@ def test_subset_at_or_above_split_size_keeps_everything(full_digits: SplitData) 
 def test_subset_smaller_than_class_count_is_a_data_error(override: str) -> None:
     with pytest.raises(DataError):
         digits(override)
+
+
+def test_a_process_resolves_the_same_split_once(tmp_path: Path) -> None:
+    """A study's runs share one resolved split (listing CIFAR-10 costs seconds per run); settings
+    that only change how images are read share it too, anything else resolves afresh."""
+    write_images(tmp_path, "train", {"a": 4, "b": 4})
+    first = load_source(folder_cfg(tmp_path))
+    assert load_source(folder_cfg(tmp_path, "data.seed=5", "data.augment.hflip=0.0", "data.store=decode")) is first
+    other = load_source(folder_cfg(tmp_path, "data.val_fraction=0.5"))
+    assert other is not first and len(other.val) == 4

@@ -125,7 +125,7 @@ files = sorted(pathlib.Path("{tmp_path}").glob("*.png"))
 x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
 y = torch.tensor([int(f.stem.split("_")[1]) for f in files])
 with torch.no_grad():
-    print((model(x).argmax(-1) == y).float().mean().item())
+    print((model(x).argmax(-1) == y).double().mean().item())
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     check_ok(proc)

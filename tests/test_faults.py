@@ -4,6 +4,7 @@ of two, and a tampered checkpoint (safe loading). The injection lives in tests/f
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SMOKE, check_ok, launch_train, read_metrics, run_train, subprocess_env
+from tests.conftest import (
+    REPO,
+    SMOKE,
+    check_ok,
+    launch_train,
+    read_metrics,
+    run_train,
+    signal_after_checkpoint,
+    subprocess_env,
+)
 
 INJECT = "tests/fault_inject.py"
 
@@ -26,24 +36,50 @@ def inject(fault: str, *args: str) -> subprocess.CompletedProcess:
 def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_the_run_resumes_exactly(
     smoke_run: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:
-    """The second checkpoint (step 8) hits ENOSPC half-way through its model file: the run stops
-    with the path named, step 4 stays the newest complete checkpoint, no partial folder is left,
-    and once there is room the same command finishes with the uninterrupted run's numbers."""
+    """The third checkpoint write (step_4, best, then step_8 at the end of epoch 1) hits ENOSPC
+    half-way through its model file: the run stops with the path named, step 4 stays the newest
+    complete checkpoint, no partial folder is left, and once there is room the same command
+    finishes with the uninterrupted run's numbers."""
     args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
-    proc = inject("disk_full:2", *args)
+    proc = inject("disk_full:3", *args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     root = tmp_path / "smoke" / "checkpoints"
     assert f"error: cannot write checkpoint {root / 'step_00000008.tmp'}" in proc.stderr
     assert "No space left on device" in proc.stderr
     assert f"the last complete checkpoint ({root / 'step_00000004'}) is kept" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["best", "step_00000004"]
     assert (root / "step_00000004" / "progress.json").is_file()
 
     resumed = run_train(*args)
     check_ok(resumed)
     assert f"resuming from {root / 'step_00000004'}" in resumed.stdout
     assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
+
+
+def test_a_kill_right_after_an_epoch_is_evaluated_leaves_no_duplicate_points(
+    smoke_run: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """SIGKILL as soon as epoch 1's evaluation reaches metrics.jsonl, while its end-of-epoch
+    checkpoints are being written: the resumed run's TensorBoard scalars, val/* included, read
+    back exactly like the uninterrupted run's (found by scripts/fault_trials.py: a mid-loop
+    checkpoint at the epoch's last step made the resume keep the evaluation's points and log
+    them again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
+    signal_after_checkpoint(args, tmp_path / "smoke" / "metrics.jsonl", signal.SIGKILL)
+    assert not (tmp_path / "smoke" / "summary.json").exists()
+    check_ok(run_train(*args))
+    assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
+
+    def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+        ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+        ea.Reload()
+        tags = [t for t in ea.Tags()["scalars"] if "throughput/" not in t]  # timings differ
+        return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in tags}
+
+    assert scalars(tmp_path / "smoke") == scalars(smoke_run)
 
 
 def test_an_unwritable_output_directory_is_named(tmp_path: Path) -> None:
