@@ -402,8 +402,11 @@ class DistillRun:
         finally:
             if pbar is not None:
                 pbar.close()
-        if not final:  # resumed after the last epoch's checkpoint: evaluate again for the record
-            final = self._epoch_record(st, teacher, progress, {})
+        if not final:
+            # Resumed after the last epoch's checkpoint (killed before summary.json): that epoch's
+            # record is already in metrics.jsonl, training sums included; re-evaluating would lose
+            # them (fault_trials found summary.json with NaN train losses).
+            final = self._logged_record(progress.epoch) or self._epoch_record(st, teacher, progress, {})
         summary = self._finish(st, teacher, split, progress, final, log, time.perf_counter() - wall_start)
         log.close()
         return summary
@@ -552,6 +555,14 @@ class DistillRun:
             ema=st.ema,
             pbar=pbar,
         )
+
+    def _logged_record(self, epoch: int) -> dict[str, Any] | None:
+        """The record metrics.jsonl holds for ``epoch``, if any (a shared run directory)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return next((row for row in reversed(rows) if row.get("epoch") == epoch), None)
 
     def _epoch_record(
         self, st: StudentState, teacher: Teacher | None, progress: Progress, sums: dict[str, float]

@@ -82,6 +82,26 @@ def test_a_kill_right_after_an_epoch_is_evaluated_leaves_no_duplicate_points(
     assert scalars(tmp_path / "smoke") == scalars(smoke_run)
 
 
+def test_a_kill_after_the_last_checkpoint_still_summarises_the_logged_epoch(
+    smoke_run: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """SIGKILL once the final checkpoint exists, before summary.json: the same command finishes
+    the run with the summary the uninterrupted run wrote (its final record, training losses
+    included), not a re-evaluation without training sums (found by scripts/fault_trials.py)."""
+    args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
+    signal_after_checkpoint(args, tmp_path / "smoke" / "checkpoints" / "step_00000016", signal.SIGKILL)
+    if (tmp_path / "smoke" / "summary.json").exists():
+        pytest.skip("the run finished before the kill landed")
+    check_ok(run_train(*args))
+
+    def final(run: Path) -> dict:
+        record = json.loads((run / "summary.json").read_text())["final"]
+        return {k: v for k, v in record.items() if not k.startswith("throughput/")}
+
+    assert final(tmp_path / "smoke") == final(smoke_run)
+    assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
+
+
 def test_an_unwritable_output_directory_is_named(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the output directory should be")
