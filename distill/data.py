@@ -431,6 +431,17 @@ def seeded(seed: int) -> Iterator[None]:
         torch.default_generator.set_state(torch_state)
 
 
+def decode_rgb(cell: dict[str, Any], index: int) -> Any:
+    """An undecoded Image cell as an RGB PIL image; a corrupt file is a DataError naming it."""
+    try:
+        return open_image(cell).convert("RGB")
+    except Exception as exc:
+        raise DataError(
+            f"cannot decode image {describe(cell, index)}: {type(exc).__name__}: {exc}. Remove or replace it, "
+            "set data.on_bad_image=skip to drop such images, or list them all with python -m distill.scan RECIPE"
+        ) from None
+
+
 class AugmentedDataset(Dataset):
     """An HF dataset seen through a transform keyed by (seed, epoch, index).
 
@@ -454,13 +465,7 @@ class AugmentedDataset(Dataset):
         return len(self.ds)
 
     def _view(self, cell: dict[str, Any], index: int) -> torch.Tensor:
-        try:
-            image = open_image(cell).convert("RGB")
-        except Exception as exc:
-            raise DataError(
-                f"cannot decode image {describe(cell, index)}: {type(exc).__name__}: {exc}. Remove or replace it, "
-                "set data.on_bad_image=skip to drop such images, or list them all with python -m distill.scan RECIPE"
-            ) from None
+        image = decode_rgb(cell, index)
         if not self.train:
             return self.transform(image)
         with seeded(sample_seed(self.seed, self.epoch, index)):

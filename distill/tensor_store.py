@@ -66,19 +66,13 @@ def decode_all(ds: Any) -> torch.Tensor:
 def _decode_all(ds: Any) -> torch.Tensor:
     import datasets
 
-    from distill.data import describe, open_image
+    from distill.data import decode_rgb, describe
 
     raw = ds.cast_column("image", datasets.Image(decode=False))["image"]
     first = None
     out: torch.Tensor | None = None
     for i, cell in enumerate(raw):
-        try:
-            image = open_image(cell).convert("RGB")
-        except Exception as exc:
-            raise DataError(
-                f"cannot decode image {describe(cell, i)}: {type(exc).__name__}: {exc}. Remove or replace it, or "
-                "set data.on_bad_image=skip; python -m distill.scan RECIPE lists them all"
-            ) from None
+        image = decode_rgb(cell, i)
         if out is None:
             first = image.size
             out = torch.empty((len(raw), 3, image.size[1], image.size[0]), dtype=torch.uint8)
