@@ -36,6 +36,7 @@ from distill.models import (
     teacher_normalisation,
 )
 from distill.optim import batch_plan, build_optimizer, build_scheduler
+from distill.tensor_store import BatchAugment, resolve_store
 
 TEACHER_INFO = "teacher.json"
 
@@ -84,8 +85,10 @@ def train_teacher(
     with seeded(cfg.seed):
         model = build_teacher_model(arch, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
     eval_batch = math.ceil(recipe.eval.batch_size / accelerator.num_processes)
+    store = resolve_store(recipe.data, split.train)  # data.store, as the student's stage reads it
+    augment = BatchAugment(recipe.data.augment, data_config, cfg.seed) if store == "tensor" else None
     train_loader, val_loader = train_eval_loaders(
-        split, transforms, cfg.seed, plan.per_process, plan.global_batch, eval_batch, recipe.data.num_workers
+        split, transforms, cfg.seed, plan.per_process, plan.global_batch, eval_batch, recipe.data.num_workers, store
     )
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -96,6 +99,8 @@ def train_teacher(
 
     def step_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
         images, targets = batch["image"], batch["label"]
+        if augment is not None:  # data.store=tensor: uint8 in, the (seed, epoch, index) view out
+            images = augment(images, batch["index_host"], progress.epoch)
         if mixup is not None:
             images, targets = mixup(images, targets)
         return classification_loss(m(images), targets, cfg.label_smoothing)

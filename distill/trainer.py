@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator
 
 from distill import checkpoint as ckpt
-from distill.config import PROVENANCE_KEY, DataConfig, Recipe, flatten, recipe_to_dict
+from distill.config import PROVENANCE_KEY, Recipe, flatten, recipe_to_dict
 from distill.data import (
     AugmentedDataset,
     SplitData,
@@ -48,7 +48,7 @@ from distill.models import (
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.teacher_cache import TeacherOutputCache, labels_digest
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
-from distill.tensor_store import BatchAugment, store_fits, tensor_path_problem
+from distill.tensor_store import BatchAugment, resolve_store
 from distill.tracking import RunLog, provenance, write_atomic
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -96,21 +96,6 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
             "--num_processes N ...; with GPUs check that CUDA is visible to every process"
         )
     return accelerator
-
-
-def resolve_store(cfg: DataConfig, train: Any) -> str:
-    """data.store for this run: 'tensor' or 'decode' ('auto': tensor when it can do the job)."""
-    if cfg.store == "decode":
-        return "decode"
-    problem = tensor_path_problem(cfg.augment)
-    if cfg.store == "tensor":
-        if problem is not None:
-            raise RecipeError(
-                f"data.store=tensor augments with crop and flip only and cannot apply {problem}; "
-                "set data.store=decode (or auto), or switch that augmentation off"
-            )
-        return "tensor"
-    return "tensor" if problem is None and store_fits(train) else "decode"
 
 
 def data_seed(recipe: Recipe) -> int:

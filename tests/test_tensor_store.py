@@ -40,6 +40,79 @@ def test_a_full_crop_is_the_image_and_hflip_mirrors_it() -> None:
     assert torch.allclose(mirror(x, torch.arange(6), 0), normalised.flip(-1), atol=1e-5)
 
 
+PIL_FILTERS = {"bicubic": 3, "bilinear": 2, "lanczos": 1, "box": 4, "hamming": 5}  # PIL.Image.Resampling
+
+
+def pil_view(image: torch.Tensor, box: list[int], out: int, interpolation: str) -> torch.Tensor:
+    """What timm's PIL path makes of one crop box: crop, resize, flip (RandomResizedCrop + flip)."""
+    from PIL import Image
+
+    top, left, h, w, flip = box
+    im = Image.fromarray(image.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+    im = im.resize((out, out), PIL_FILTERS[interpolation])
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize("interpolation", sorted(PIL_FILTERS))
+@pytest.mark.parametrize(("side", "out"), [(32, 32), (8, 16)])
+def test_views_are_pillows_resize_of_timms_crop(interpolation: str, side: int, out: int) -> None:
+    # Upscaling crops, as CIFAR (32 px) and digits (8 px -> 16) make: the tensor path must give the
+    # pixels the PIL path gives for the same box, so the student trains on what it is tested on.
+    x = images(64, side)
+    cfg = {"input_size": (3, out, out), "mean": (0, 0, 0), "std": (1, 1, 1), "interpolation": interpolation}
+    aug = BatchAugment(AugmentConfig(scale=(0.08, 1.0), hflip=0.5), cfg, seed=1)
+    ours = aug(x, np.arange(64), 0) * 255
+    boxes = aug.boxes(0, np.arange(64), side, side)
+    pil = torch.stack([pil_view(x[i], boxes[i].tolist(), out, interpolation) for i in range(64)])
+    diff = (ours - pil).abs()
+    # Equal on 99% of pixels; the rest is Pillow's 22-bit fixed point and, for filters with
+    # negative lobes, where the clipped intermediate of a ringing edge falls.
+    assert (diff > 0.5).float().mean() < 0.01
+    assert diff.max() <= 2.0 + 1e-3
+    assert boxes[:, 4].sum() not in (0, 64)  # both flipped and unflipped views were compared
+
+
+def test_downscaled_views_stay_close_to_pillows() -> None:
+    # Shrinking widens the filter (antialiasing) as Pillow does. Pillow 13 may run the vertical
+    # pass first, which moves a clipped ringing pixel here and there: close, not identical.
+    x = images(64, 40)
+    cfg = {"input_size": (3, 24, 24), "mean": (0, 0, 0), "std": (1, 1, 1), "interpolation": "bilinear"}
+    aug = BatchAugment(AugmentConfig(scale=(0.5, 1.0)), cfg, seed=2)
+    ours = aug(x, np.arange(64), 0) * 255
+    boxes = aug.boxes(0, np.arange(64), 40, 40)
+    pil = torch.stack([pil_view(x[i], boxes[i].tolist(), 24, "bilinear") for i in range(64)])
+    assert (ours - pil).abs().max() <= 1.0 + 1e-3
+
+
+def test_crops_follow_timms_distribution() -> None:
+    # timm's get_params: area fraction uniform in scale, log-aspect uniform in ratio, integer
+    # boxes inside the image, 10 attempts then the centre; ours draws from (seed, epoch, index).
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    random.seed(0)
+    image = Image.new("RGB", (32, 24))
+    timm_boxes = torch.tensor(
+        [RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (0.75, 4 / 3)) for _ in range(20000)]
+    ).float()
+    aug = BatchAugment(AugmentConfig(scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5), CFG, seed=5)
+    ours = aug.boxes(0, np.arange(20000), 24, 32)
+    top, left, h, w, flip = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 24).all() and (left + w <= 32).all()
+    for column, what in enumerate(("top", "left", "height", "width")):
+        assert abs(ours[:, column].float().mean() - timm_boxes[:, column].mean()) < 0.15, what
+        assert abs(ours[:, column].float().std() - timm_boxes[:, column].std()) < 0.15, what
+    area = (h * w).float()
+    assert abs(area.mean() - (timm_boxes[:, 2] * timm_boxes[:, 3]).mean()) < 5
+    assert abs(flip.float().mean().item() - 0.5) < 0.02
+    full = BatchAugment(AugmentConfig(scale=(1.0, 1.0), ratio=(2.0, 2.0)), CFG, seed=5)
+    assert full.boxes(0, np.arange(3), 32, 32).tolist() == [[8, 0, 16, 32, 0]] * 3  # timm's fallback
+
+
 def test_views_do_not_depend_on_the_batch_they_are_in() -> None:
     x, aug = images(), BatchAugment(AugmentConfig(scale=(0.3, 1.0), hflip=0.5), CFG, seed=3)
     whole = aug(x, torch.arange(6), 4)

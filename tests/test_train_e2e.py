@@ -29,32 +29,32 @@ PINNED = [
     {
         "epoch": 1,
         "step": 8,
-        "train/loss": 1.2879459708929062,
-        "train/loss_ce": 1.3099038153886795,
-        "train/loss_kd": 1.2659880965948105,
+        "train/loss": 1.2939790338277817,
+        "train/loss_ce": 1.3132948875427246,
+        "train/loss_kd": 1.2746631801128387,
         "lr": 0.001005,
-        "val/top1_cls": 0.85,
-        "val/top1_dist": 0.625,
-        "val/top1_fused": 0.825,
+        "val/top1_cls": 0.775,
+        "val/top1_dist": 0.6,
+        "val/top1_fused": 0.65,
         "val/top5_fused": 1.0,
-        "val/teacher_top1": 0.925,
-        "val/agreement": 0.75,
-        "val/kl": 0.599703422933817,
+        "val/teacher_top1": 1.0,
+        "val/agreement": 0.65,
+        "val/kl": 0.5952284187078476,
     },
     {
         "epoch": 2,
         "step": 16,
-        "train/loss": 1.0896964967250824,
-        "train/loss_ce": 1.1287499815225601,
-        "train/loss_kd": 1.0506429821252823,
+        "train/loss": 1.1037604808807373,
+        "train/loss_ce": 1.1431499421596527,
+        "train/loss_kd": 1.0643709897994995,
         "lr": 1e-05,
-        "val/top1_cls": 0.925,
-        "val/top1_dist": 0.725,
-        "val/top1_fused": 0.875,
+        "val/top1_cls": 0.9,
+        "val/top1_dist": 0.6,
+        "val/top1_fused": 0.65,
         "val/top5_fused": 1.0,
-        "val/teacher_top1": 0.925,
-        "val/agreement": 0.8,
-        "val/kl": 0.5533566500991582,
+        "val/teacher_top1": 1.0,
+        "val/agreement": 0.65,
+        "val/kl": 0.5597788706421852,
     },
 ]
 CONTRACT_KEYS = {
@@ -231,7 +231,7 @@ def test_two_processes_with_no_distillation_train_both_heads(tmp_path: Path, tea
     check_ok(proc)
     row = read_metrics(tmp_path / "smoke")[0]
     assert row["train/loss_kd"] == 0.0 and row["step"] == 8
-    assert row["val/teacher_top1"] == pytest.approx(0.925, abs=1 / 40 + 1e-9)  # still reported
+    assert row["val/teacher_top1"] == pytest.approx(PINNED[0]["val/teacher_top1"], abs=1 / 40 + 1e-9)  # reported
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the broken launch only exists without GPUs")
