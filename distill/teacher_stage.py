@@ -85,7 +85,7 @@ def train_teacher(
     with seeded(cfg.seed):
         model = build_teacher_model(arch, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
     eval_batch = math.ceil(recipe.eval.batch_size / accelerator.num_processes)
-    store = resolve_store(recipe.data, split.train)  # data.store, as the student's stage reads it
+    store = resolve_store(recipe.data, split.train, data_config["interpolation"])  # as the student's stage
     augment = BatchAugment(recipe.data.augment, data_config, cfg.seed) if store == "tensor" else None
     train_loader, val_loader = train_eval_loaders(
         split, transforms, cfg.seed, plan.per_process, plan.global_batch, eval_batch, recipe.data.num_workers, store

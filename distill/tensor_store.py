@@ -33,16 +33,18 @@ from distill.errors import DataError, RecipeError
 MAX_STORE_SIDE = 64
 
 
-def tensor_path_problem(aug: AugmentConfig) -> str | None:
-    """Why the tensor path cannot reproduce this augmentation, or None when it can."""
+def tensor_path_problem(aug: AugmentConfig, interpolation: str | None = None) -> str | None:
+    """Why the tensor path cannot reproduce this augmentation, or None when it can
+    (``interpolation``: the resolved one, the student's own when the recipe sets none)."""
     if aug.auto_augment:
         return f"data.augment.auto_augment={aug.auto_augment}"
     if aug.color_jitter > 0:
         return f"data.augment.color_jitter={aug.color_jitter}"
     if aug.re_prob > 0:
         return f"data.augment.re_prob={aug.re_prob}"
-    if aug.interpolation is not None and aug.interpolation not in FILTERS:
-        return f"data.augment.interpolation={aug.interpolation}"
+    chosen = aug.interpolation or interpolation
+    if chosen is not None and chosen not in FILTERS:
+        return f"interpolation {chosen!r} (it resamples with {', '.join(FILTERS)})"
     return None
 
 
@@ -98,11 +100,11 @@ def store_fits(ds: Any) -> bool:
     return max(w, h) <= MAX_STORE_SIDE
 
 
-def resolve_store(cfg: DataConfig, train: Any) -> str:
+def resolve_store(cfg: DataConfig, train: Any, interpolation: str | None = None) -> str:
     """data.store for this run: 'tensor' or 'decode' ('auto': tensor when it can do the job)."""
     if cfg.store == "decode":
         return "decode"
-    problem = tensor_path_problem(cfg.augment)
+    problem = tensor_path_problem(cfg.augment, interpolation)
     if cfg.store == "tensor":
         if problem is not None:
             raise RecipeError(

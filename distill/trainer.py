@@ -237,7 +237,7 @@ class DistillRun:
             ema = ModelEmaV3(student, decay=r.train.ema_decay)
         optimizer = build_optimizer(student, r.train)
         eval_batch = math.ceil(r.eval.batch_size / acc.num_processes)
-        self.store = resolve_store(r.data, split.train)
+        self.store = resolve_store(r.data, split.train, data_config["interpolation"])
         if self.store == "tensor":
             self.batch_augment = BatchAugment(r.data.augment, data_config, data_seed(r))
         train_loader, val_loader = train_eval_loaders(

@@ -141,6 +141,10 @@ def test_auto_picks_the_tensor_path_only_when_it_can_do_the_augmentation() -> No
     assert resolve_store(load_recipe(SMOKE, ra).data, split.train) == "decode"
     with pytest.raises(RecipeError, match=r"cannot apply data\.augment\.re_prob=0\.25"):
         resolve_store(load_recipe(SMOKE, ["data.store=tensor", "data.augment.re_prob=0.25"]).data, split.train)
+    # nearest is not one of Pillow's convolution filters: auto decodes, tensor says why not
+    assert resolve_store(load_recipe(SMOKE, ["data.store=auto"]).data, split.train, "nearest") == "decode"
+    with pytest.raises(RecipeError, match=r"cannot apply interpolation 'nearest'"):
+        resolve_store(load_recipe(SMOKE, ["data.store=tensor"]).data, split.train, "nearest")
 
 
 def test_the_tensor_path_resumes_exactly_after_sigkill(tmp_path: Path, teacher_cache: Path) -> None:
