@@ -213,7 +213,9 @@ class BatchAugment:
     recipe's interpolation, horizontal pass first with uint8 rounding in between as Pillow's C
     code does. For the same box the views equal the PIL path's on more than 99% of pixels and
     never differ by more than two grey levels when upscaling (tests), so the student trains on
-    the pixels it is evaluated on (bilinear resampling instead cost 2 points on digits)."""
+    the pixels it is evaluated on (an earlier bilinear ``grid_sample`` version scored 96.9%
+    against the PIL path's 98.9% on the quickstart; this one 98.1%, 97.8%, 97.2% for seeds 0-2
+    against 98.9%, 96.9%, 96.7%)."""
 
     def __init__(self, aug: AugmentConfig, data_config: dict[str, Any], seed: int) -> None:
         self.scale, self.log_ratio = aug.scale, (math.log(aug.ratio[0]), math.log(aug.ratio[1]))
