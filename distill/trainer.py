@@ -20,6 +20,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+from distill import __version__
 from distill import checkpoint as ckpt
 from distill.config import PROVENANCE_KEY, Recipe, flatten, recipe_to_dict
 from distill.data import (
@@ -281,6 +282,8 @@ class DistillRun:
             "per_process_batch": st.per_process_batch,
             "eval_per_process_batch": math.ceil(r.eval.batch_size / acc.num_processes),
             "torch": torch.__version__,
+            "distill": __version__,  # how views are drawn and resampled may change between versions
+            "store": self.store,  # the resolved data path: its views differ from the other's
             "device": acc.device.type,
         }
         cache = TeacherOutputCache(
