@@ -243,17 +243,32 @@ def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> di
     return {"file": path.name, "max_abs_diff": diff, "ok": diff <= PARITY_TOL, "checked_images": len(images)}
 
 
-def _run_metric(loaded: Any, head: str, ema: bool) -> float | None:
-    """What the run itself logged for this checkpoint's epoch and head, if it evaluated it."""
+def _checkpoint_row(loaded: Any) -> dict[str, Any] | None:
+    """The metrics.jsonl row the run logged at this checkpoint's step, if it evaluated there."""
     metrics_file = loaded.run_dir / "metrics.jsonl"
     if loaded.progress is None or not metrics_file.is_file():
         return None
-    key = f"{'val_ema' if ema else 'val'}/top1_{head}"
     for line in metrics_file.read_text().splitlines():
         row = json.loads(line)
         if row.get("epoch") == loaded.progress["epoch"] and row.get("step") == loaded.progress["global_step"]:
-            return row.get(key)
+            return row
     return None
+
+
+def _run_metric(loaded: Any, head: str, ema: bool) -> float | None:
+    """What the run itself logged for this checkpoint's epoch and head, if it evaluated it."""
+    row = _checkpoint_row(loaded)
+    return None if row is None else row.get(f"{'val_ema' if ema else 'val'}/top1_{head}")
+
+
+def _card_results(loaded: Any, summary: dict[str, Any], ema: bool) -> dict[str, Any]:
+    """The validation results of the exported weights: the row logged at their checkpoint (the
+    EMA's under val/* names for an EMA export), else the run's final ones."""
+    row = _checkpoint_row(loaded)
+    if row is None:
+        return summary.get("final", {})
+    prefix = "val_ema/" if ema else "val/"
+    return {f"val/{k[len(prefix) :]}": v for k, v in row.items() if k.startswith(prefix)}
 
 
 def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: list[str], out: Path) -> dict[str, Any]:
@@ -274,7 +289,9 @@ def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: li
         "val_size": len(split.val), "val_origin": split.val_origin,
     }  # fmt: skip
     weights = f"{Path(loaded.checkpoint).name}{' EMA' if ema else ''}, head {head}"
-    card = card_info(out.name, model, recipe, split.num_classes, summary, data, loaded.progress["epoch"], weights)
+    # The card shows what these weights scored (for --checkpoint best, not the final epoch's).
+    shown = {**summary, "final": _card_results(loaded, summary, ema)}
+    card = card_info(out.name, model, recipe, split.num_classes, shown, data, loaded.progress["epoch"], weights)
     export_timm(model, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
 
     from distill.data import eval_transform
