@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Every source of randomness that makes exact resume hard (as tests/test_train_variants.py).
+# Every source of randomness that makes exact resume hard (tests/test_train_variants.py uses it too).
 HARD_OVERRIDES = (
     "student.drop_path=0.1",
     "data.augment.mixup=0.8",

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scripts.fault_trials import HARD_OVERRIDES
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -81,14 +82,7 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(tmp_path: Path, t
     assert not (tmp_path / "smoke" / "checkpoints").exists() or not any((tmp_path / "smoke" / "checkpoints").iterdir())
 
 
-NOISY = (
-    "student.drop_path=0.1",
-    "data.augment.mixup=0.8",
-    "data.augment.cutmix=1.0",
-    "data.augment.auto_augment=rand-m9-mstd0.5-inc1",
-    "data.augment.re_prob=0.25",
-    "data.num_workers=2",
-)
+NOISY = HARD_OVERRIDES  # every source of randomness that makes exact resume hard
 
 
 def test_exact_resume_with_drop_path_mixup_randaugment_and_workers(tmp_path: Path, teacher_cache: Path) -> None:
