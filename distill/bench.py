@@ -545,12 +545,58 @@ class Options:
     peak_seconds: float = 1.0
     peak_size: int | None = None
     mode: str = "recipe"  # recipe | models
+    loader_batches: int = 20  # recipe mode: batches of the recipe's input pipeline to time (0: skip)
     source: str = "(defaults)"
     argv: list[str] = field(default_factory=list)
 
 
 def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def measure_loading(recipe: Recipe, batches: int, device: torch.device) -> dict[str, Any]:
+    """The recipe's training input pipeline alone, as the trainer builds it: its loader
+    (``data.store`` resolved, ``data.num_workers``) and, on the tensor path, BatchAugment on the
+    device; ``batches`` batches timed after up to 2 warm-up ones (worker start-up)."""
+    from distill.data import build_transforms, load_source, train_eval_loaders
+    from distill.optim import batch_plan
+    from distill.tensor_store import BatchAugment, resolve_store
+    from distill.trainer import data_seed, input_config
+
+    split = load_source(recipe.data)
+    data_config = input_config(recipe, split.num_classes)
+    store = resolve_store(recipe.data, split.train, data_config["interpolation"])
+    per = batch_plan(recipe.train, 1, "train").per_process
+    transforms = build_transforms(recipe.data.augment, data_config)
+    workers = recipe.data.num_workers if store == "decode" else 0  # the tensor path loads in-process
+    loader, _ = train_eval_loaders(split, transforms, data_seed(recipe), per, per, per, workers, store)
+    augment = BatchAugment(recipe.data.augment, data_config, data_seed(recipe)) if store == "tensor" else None
+    available = len(loader)
+    warm = min(2, max(available - 1, 0))
+    timed = min(batches, available - warm)
+    batches_iter = iter(loader)
+
+    def one() -> int:
+        batch = next(batches_iter)
+        images = batch["image"].to(device, non_blocking=True)
+        if augment is not None:
+            images = augment(images, batch["index_host"], 0)
+        return int(images.shape[0])
+
+    for _ in range(warm):
+        one()
+    synchronize(device)
+    start = time.perf_counter()
+    count = sum(one() for _ in range(timed))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "store": store,
+        "num_workers": workers,
+        "batch_size": per,
+        "batches": timed,
+        "img_s": count / seconds if seconds > 0 else math.inf,
+    }
 
 
 def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
@@ -707,6 +753,20 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
     peaks = {precision: max(values) for precision, values in samples.items()}
     rows = [_row(m, opts.steps, peaks) for m, _ in configs]
     by_key = {r["key"]: r for r in rows}
+    loading = None
+    if opts.mode == "recipe" and opts.loader_batches > 0:  # after the timing: workers take cores
+        _log(f"bench: timing {opts.loader_batches} batches of the recipe's input pipeline")
+        loading = measure_loading(recipe, opts.loader_batches, device)
+        step_key = "ours_recipe" if "ours_recipe" in by_key else "ours_identical"
+        if recipe_settings == fast:
+            step_key = "ours_fast"
+        step_img_s = by_key[step_key]["img_s"]["median"]
+        loading.update(
+            compared_with=step_key,
+            step_img_s=step_img_s,
+            ratio_to_step=loading["img_s"] / step_img_s,
+            keeps_up=loading["img_s"] >= step_img_s,
+        )
     ratios = {
         "identical_settings": _ratio(by_key["ours_identical"], by_key["reference"]),
         "fast_path": _ratio(by_key["ours_fast"], by_key["reference"]),
@@ -757,6 +817,7 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
         "memory": memory.label,
         "configurations": rows,
         "ratios": ratios,
+        "data_loading": loading,
         "notes": _notes(recipe, opts),
     }
 
@@ -896,9 +957,21 @@ def format_report(result: dict[str, Any]) -> str:
             f"fast path (ours {s['fast_precision']} fused{' compiled' if s['compile'] else ''} vs reference fp32)",
             ratios["fast_path"],
         ),
+        *_loading_lines(result.get("data_loading")),
         *[f"note: {n}" for n in result["notes"]],
     ]
     return "\n".join([*head, "", *lines, "", *tail])
+
+
+def _loading_lines(loading: dict[str, Any] | None) -> list[str]:
+    if loading is None:
+        return []
+    return [
+        f"data loading (data.store={loading['store']}, {loading['num_workers']} workers, batch "
+        f"{loading['batch_size']}, {loading['batches']} batches, measured alone): {loading['img_s']:.0f} img/s, "
+        f"{loading['ratio_to_step']:.1f}x the {loading['compared_with']} step; keeps up: "
+        f"{'yes' if loading['keeps_up'] else 'NO'}"
+    ]
 
 
 def _mb(value: float | None) -> str:
@@ -954,6 +1027,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, 
     m.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     m.add_argument("--peak-seconds", type=float, default=1.0, help="time spent on each matmul peak")
     m.add_argument("--peak-size", type=int, default=None, help="matmul peak matrix side (default 2048 CPU, 8192 GPU)")
+    m.add_argument(
+        "--loader-batches",
+        type=int,
+        default=20,
+        help="with a recipe: time this many batches of its input pipeline against the step (0: skip)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     recipe_paths = [a for a in args.inputs if "=" not in a]
@@ -989,6 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
             peak_seconds=args.peak_seconds,
             peak_size=args.peak_size,
             mode="recipe" if recipe_path else "models",
+            loader_batches=args.loader_batches,
             source=" ".join([recipe_path or "(models)", *overrides]),
             argv=list(sys.argv[1:] if argv is None else argv),
         )

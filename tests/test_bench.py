@@ -104,6 +104,15 @@ def test_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     printed = capsys.readouterr().out
     assert "ratio, identical settings" in printed and "ratio, fast path" in printed
     assert "timm TokenDistillationTask" in printed
+    # The recipe's input pipeline, timed against its step: the smoke recipe is crop + flip on
+    # 16 px images, so auto resolves to the tensor path (batch 16, 8 batches: 2 warm-up, 6 timed).
+    loading = result["data_loading"]
+    assert (loading["store"], loading["num_workers"], loading["batch_size"], loading["batches"]) == ("tensor", 0, 16, 6)
+    assert loading["img_s"] > 0 and loading["compared_with"] in rows
+    step_img_s = rows[loading["compared_with"]]["img_s"]["median"]
+    assert loading["ratio_to_step"] == pytest.approx(loading["img_s"] / step_img_s)
+    assert loading["keeps_up"] == (loading["ratio_to_step"] >= 1.0)
+    assert "data loading (data.store=tensor, 0 workers, batch 16, 6 batches" in printed
 
 
 def test_named_models_bf16_soft(tmp_path: Path) -> None:
@@ -120,6 +129,7 @@ def test_named_models_bf16_soft(tmp_path: Path) -> None:
     assert rows["reference"]["distillation"] == rows["ours_fast"]["distillation"] == "soft"
     assert rows["ours_fast"]["precision"] == "bf16" and "bf16" in result["matmul_peak_gflops"]
     assert "ours_recipe" not in rows  # named models: the fast path is the primary configuration
+    assert result["data_loading"] is None  # no recipe, no data to load
     assert rows["ours_eval"]["precision"] == "bf16"
 
 
