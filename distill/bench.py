@@ -560,17 +560,15 @@ def measure_loading(recipe: Recipe, batches: int, device: torch.device) -> dict[
     device; ``batches`` batches timed after up to 2 warm-up ones (worker start-up)."""
     from distill.data import build_transforms, load_source, train_eval_loaders
     from distill.optim import batch_plan
-    from distill.tensor_store import BatchAugment, resolve_store
+    from distill.tensor_store import batch_pipeline
     from distill.trainer import data_seed, input_config
 
     split = load_source(recipe.data)
     data_config = input_config(recipe, split.num_classes)
-    store = resolve_store(recipe.data, split.train, data_config["interpolation"])
+    store, augment = batch_pipeline(recipe.data, split.train, data_config, data_seed(recipe))
     per = batch_plan(recipe.train, 1, "train").per_process
     transforms = build_transforms(recipe.data.augment, data_config)
-    workers = recipe.data.num_workers if store == "decode" else 0  # the tensor path loads in-process
-    loader, _ = train_eval_loaders(split, transforms, data_seed(recipe), per, per, per, workers, store)
-    augment = BatchAugment(recipe.data.augment, data_config, data_seed(recipe)) if store == "tensor" else None
+    loader, _ = train_eval_loaders(split, transforms, data_seed(recipe), per, per, per, recipe.data.num_workers, store)
     available = len(loader)
     warm = min(2, max(available - 1, 0))
     timed = min(batches, available - warm)
@@ -592,7 +590,7 @@ def measure_loading(recipe: Recipe, batches: int, device: torch.device) -> dict[
     seconds = time.perf_counter() - start
     return {
         "store": store,
-        "num_workers": workers,
+        "num_workers": loader.num_workers,  # the tensor path loads in-process
         "batch_size": per,
         "batches": timed,
         "img_s": count / seconds if seconds > 0 else math.inf,

@@ -245,14 +245,12 @@ def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> di
 
 def _checkpoint_row(loaded: Any) -> dict[str, Any] | None:
     """The metrics.jsonl row the run logged at this checkpoint's step, if it evaluated there."""
-    metrics_file = loaded.run_dir / "metrics.jsonl"
-    if loaded.progress is None or not metrics_file.is_file():
+    from distill.tracking import read_metrics
+
+    if loaded.progress is None or not (loaded.run_dir / "metrics.jsonl").is_file():
         return None
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("epoch") == loaded.progress["epoch"] and row.get("step") == loaded.progress["global_step"]:
-            return row
-    return None
+    at = (loaded.progress["epoch"], loaded.progress["global_step"])
+    return next((row for row in read_metrics(loaded.run_dir) if (row.get("epoch"), row.get("step")) == at), None)
 
 
 def _run_metric(loaded: Any, head: str, ema: bool) -> float | None:

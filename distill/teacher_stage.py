@@ -36,7 +36,7 @@ from distill.models import (
     teacher_normalisation,
 )
 from distill.optim import batch_plan, build_optimizer, build_scheduler
-from distill.tensor_store import BatchAugment, resolve_store
+from distill.tensor_store import batch_pipeline
 
 TEACHER_INFO = "teacher.json"
 
@@ -85,8 +85,7 @@ def train_teacher(
     with seeded(cfg.seed):
         model = build_teacher_model(arch, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
     eval_batch = math.ceil(recipe.eval.batch_size / accelerator.num_processes)
-    store = resolve_store(recipe.data, split.train, data_config["interpolation"])  # as the student's stage
-    augment = BatchAugment(recipe.data.augment, data_config, cfg.seed) if store == "tensor" else None
+    store, augment = batch_pipeline(recipe.data, split.train, data_config, cfg.seed)  # as the student's stage
     train_loader, val_loader = train_eval_loaders(
         split, transforms, cfg.seed, plan.per_process, plan.global_batch, eval_batch, recipe.data.num_workers, store
     )

@@ -115,6 +115,15 @@ def resolve_store(cfg: DataConfig, train: Any, interpolation: str | None = None)
     return "tensor" if problem is None and store_fits(train) else "decode"
 
 
+def batch_pipeline(
+    cfg: DataConfig, train: Any, data_config: dict[str, Any], seed: int
+) -> tuple[str, BatchAugment | None]:
+    """``data.store`` resolved for this data and input, with the batch augmentation the tensor
+    path applies (None when decoding): the teacher stage, the student's and the bench share it."""
+    store = resolve_store(cfg, train, data_config["interpolation"])
+    return store, BatchAugment(cfg.augment, data_config, seed) if store == "tensor" else None
+
+
 class StoredImages(Dataset):
     """Decoded uint8 images by index: ``(image_uint8, label, index)`` like AugmentedDataset."""
 

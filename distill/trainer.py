@@ -49,8 +49,8 @@ from distill.models import (
 from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.teacher_cache import TeacherOutputCache, labels_digest
 from distill.teacher_stage import Teacher, check_teacher, obtain_teacher
-from distill.tensor_store import BatchAugment, resolve_store
-from distill.tracking import RunLog, provenance, write_atomic
+from distill.tensor_store import BatchAugment, batch_pipeline
+from distill.tracking import RunLog, provenance, read_metrics, write_atomic
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -238,9 +238,7 @@ class DistillRun:
             ema = ModelEmaV3(student, decay=r.train.ema_decay)
         optimizer = build_optimizer(student, r.train)
         eval_batch = math.ceil(r.eval.batch_size / acc.num_processes)
-        self.store = resolve_store(r.data, split.train, data_config["interpolation"])
-        if self.store == "tensor":
-            self.batch_augment = BatchAugment(r.data.augment, data_config, data_seed(r))
+        self.store, self.batch_augment = batch_pipeline(r.data, split.train, data_config, data_seed(r))
         train_loader, val_loader = train_eval_loaders(
             split,
             transforms,
@@ -546,11 +544,9 @@ class DistillRun:
 
     def _logged_record(self, epoch: int) -> dict[str, Any] | None:
         """The record metrics.jsonl holds for ``epoch``, if any (a shared run directory)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
+        if not (self.run_dir / "metrics.jsonl").is_file():
             return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return next((row for row in reversed(rows) if row.get("epoch") == epoch), None)
+        return next((row for row in reversed(read_metrics(self.run_dir)) if row.get("epoch") == epoch), None)
 
     def _epoch_record(
         self, st: StudentState, teacher: Teacher | None, progress: Progress, sums: dict[str, float]

@@ -12,7 +12,7 @@ import torch
 from distill.config import AugmentConfig, load_recipe
 from distill.data import load_source
 from distill.errors import RecipeError
-from distill.tensor_store import BatchAugment, StoredImages, decode_all, uniforms
+from distill.tensor_store import BatchAugment, StoredImages, decode_all, resolve_store, uniforms
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 CFG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
@@ -133,8 +133,6 @@ def test_the_store_holds_every_training_image_once() -> None:
 
 
 def test_auto_picks_the_tensor_path_only_when_it_can_do_the_augmentation() -> None:
-    from distill.trainer import resolve_store
-
     split = load_source(load_recipe(SMOKE).data)
     assert resolve_store(load_recipe(SMOKE, ["data.store=auto"]).data, split.train) == "tensor"
     ra = ["data.store=auto", "data.augment.auto_augment=rand-m9-mstd0.5-inc1"]
