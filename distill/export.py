@@ -84,7 +84,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"| top-1 fused | {_fmt(final.get('val/top1_fused'))} |",
         f"| top-5 fused | {_fmt(final.get('val/top5_fused'))} |",
         f"| agreement with teacher | {_fmt(final.get('val/agreement'))} |",
-        f"| KL(teacher ‖ student) | {final.get('val/kl', 'n/a')} |",
+        f"| KL(teacher ‖ fused student), τ=1 | {f'{v:.4g}' if type(v := final.get('val/kl')) is float else 'n/a'} |",
         "",
         "## Software",
         "",

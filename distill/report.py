@@ -27,6 +27,8 @@ from distill.errors import DistillError
 
 VARIANT_ORDER = ("hard", "soft", "none", "hard-notoken", "soft-notoken", "none-notoken")
 HEADS = ("cls", "dist", "fused")
+# val/kl (metrics.student_sample_stats): KL(teacher || fused student) at temperature 1, per image
+KL_HEADER = "KL(teacher ‖ fused student), τ=1"
 
 
 @dataclass
@@ -138,7 +140,7 @@ def variant_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, str]]:
         row["best fused"] = _pm([r.best() for r in runs])
         row["teacher"] = _pm([r.final.get("val/teacher_top1") for r in runs])
         row["agreement"] = _pm([r.final.get("val/agreement") for r in runs])
-        row["KL"] = _pm([r.final.get("val/kl") for r in runs], scale=1.0, digits=3)
+        row[KL_HEADER] = _pm([r.final.get("val/kl") for r in runs], scale=1.0, digits=3)
         row["wall s"] = _pm([r.summary.get("wall_time_s") for r in runs], scale=1.0, digits=0)
         row["img/s"] = _pm([r.summary.get("throughput_train_img_s") for r in runs], scale=1.0, digits=0)
         rows.append(row)
@@ -250,25 +252,81 @@ def plot_bars(groups: dict[str, list[RunRecord]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_losses(groups: dict[str, list[RunRecord]], path: Path) -> None:
+def _kind(variant: str) -> str:
+    """The distillation type of a variant: soft-notoken -> soft."""
+    return variant.removesuffix("-notoken")
+
+
+KL_NORM_NOTE = {"batchmean": "summed KL ÷ batch", "deit": "summed KL ÷ (batch × classes)"}
+
+
+def _kl_norm(run: RunRecord) -> str:
+    return str(run.recipe["distillation"].get("kl_norm", "batchmean"))
+
+
+def _kd_panels(groups: dict[str, list[RunRecord]]) -> list[tuple[str, str, dict[str, list[RunRecord]]]]:
+    """One panel per kind of teacher term, never two kinds on one y-scale.
+
+    soft KD is tau^2 KL(teacher || dist head) (losses.soft_kd) and hard KD a cross-entropy against
+    the teacher's argmax (losses.hard_kd); soft runs with different ``kl_norm`` differ by a factor
+    of the class count, so they get panels of their own too. ``none`` has no teacher term.
+    Returns (title, y-label, the variants' runs in that panel) per panel.
+    """
+    panels = []
+    for kind in ("soft", "hard"):
+        runs_of_kind = {v: rs for v, rs in groups.items() if _kind(v) == kind}
+        if not runs_of_kind:
+            continue
+        if kind == "hard":
+            panels.append(("hard KD: CE(dist head, teacher argmax)", "cross-entropy (nats)", runs_of_kind))
+            continue
+        for norm in sorted({_kl_norm(r) for rs in runs_of_kind.values() for r in rs}):
+            sub = {v: [r for r in rs if _kl_norm(r) == norm] for v, rs in runs_of_kind.items()}
+            sub = {v: rs for v, rs in sub.items() if rs}
+            taus = ", ".join(sorted({str(r.recipe["distillation"]["tau"]) for rs in sub.values() for r in rs}))
+            title = f"soft KD: τ²·KL(teacher ‖ dist head)\nτ={taus}, kl_norm={norm} ({KL_NORM_NOTE.get(norm, norm)})"
+            panels.append((title, "τ²·KL (nats)", sub))
+    return panels
+
+
+def loss_figure(groups: dict[str, list[RunRecord]]) -> Any:
+    """The training-loss figure (a matplotlib Figure): total, label CE, then each teacher term on its own axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    keys = ("train/loss", "train/loss_ce", "train/loss_kd")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key in zip(axes, keys, strict=True):
-        for variant, runs in groups.items():
+    colours = {v: f"C{i}" for i, v in enumerate(groups)}
+    panels: list[tuple[str, str, str, dict[str, list[RunRecord]]]] = [
+        ("train/loss", "total: (1-α)·CE + α·KD\n(none: CE only; KD differs by type)", "loss", groups),
+        ("train/loss_ce", "CE(cls head, labels)\n(none: mean CE of both heads)", "cross-entropy (nats)", groups),
+    ]
+    panels += [("train/loss_kd", title, ylabel, sub) for title, ylabel, sub in _kd_panels(groups)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.2), squeeze=False)
+    for ax, (key, title, ylabel, sub) in zip(axes[0], panels, strict=True):
+        for variant, runs in sub.items():
             epochs, per_run = _series(runs, key)
-            ax.plot(epochs, np.nanmean(np.array(per_run, dtype=float), axis=0), label=variant)
-        ax.set_title(key)
+            ax.plot(epochs, np.nanmean(np.array(per_run, dtype=float), axis=0), label=variant, color=colours[variant])
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("training loss parts (epoch means, mean over seeds)")
+        ax.legend(fontsize=8)
+    suptitle = "training loss parts (epoch means, mean over seeds)"
+    if any(_kind(v) == "none" for v in groups):
+        suptitle += "; runs of type none have no KD term (not plotted)"
+    fig.suptitle(suptitle)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(groups: dict[str, list[RunRecord]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(groups)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -356,6 +414,10 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         "Variants ending in `-notoken` train a plain ViT with both terms on its single head, so its "
         "cls, dist and fused columns are the same head.",
         "",
+        f"`{KL_HEADER}` is `val/kl`: KL(teacher ‖ student) at temperature 1 (whatever the training τ), "
+        "with the student's fused output (mean of the class and distillation logits), averaged over "
+        "validation images, in nats; lower means the student's distribution is closer to the teacher's.",
+        "",
         "## Paired differences (points of final fused top-1)",
         "",
         _markdown_table(
@@ -382,6 +444,11 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         "![final top-1 per head](final_top1_per_head.png)",
         "",
         "![training loss parts](train_loss_parts.png)",
+        "",
+        "The teacher term `train/loss_kd` is not one quantity: for soft it is τ²·KL(teacher ‖ dist head) "
+        "at the training τ (divided by the batch, or by batch × classes with kl_norm deit), for hard the "
+        "cross-entropy of the dist head against the teacher's argmax; each has its own panel and scale. "
+        "Runs of type none have no teacher term.",
         "",
         "## Runs",
         "",

@@ -123,3 +123,78 @@ def test_load_run_names_the_missing_file(tmp_path: Path) -> None:
 
     with pytest.raises(DistillError, match=r"summary\.json is missing"):
         load_run(run)
+
+
+def test_report_names_the_kl_direction_and_the_kd_terms(tmp_path: Path) -> None:
+    runs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED]
+    text = build_report(runs, tmp_path / "report").read_text()
+    # val/kl is metrics.kl_teacher_student(teacher, fused) at temperature 1
+    assert "| KL(teacher ‖ fused student), τ=1 |" in text
+    assert "| KL |" not in text
+    assert "τ²·KL(teacher ‖ dist head)" in text and "teacher's argmax" in text
+
+
+def _lines_by_axes(fig: object) -> list[tuple[str, set[str]]]:
+    return [(ax.get_title() + " " + ax.get_ylabel(), {line.get_label() for line in ax.get_lines()}) for ax in fig.axes]
+
+
+def test_loss_kd_of_soft_and_hard_never_share_an_axis(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from distill.report import _group, loss_figure
+
+    runs = [load_run(fake_run(tmp_path / "study", v, s)) for (v, s) in FUSED]
+    fig = loss_figure(_group(runs))
+    try:
+        panels = _lines_by_axes(fig)
+        soft = [(label, lines) for label, lines in panels if lines == {"soft"}]
+        hard = [(label, lines) for label, lines in panels if lines == {"hard"}]
+        assert len(soft) == 1 and len(hard) == 1, panels
+        assert "τ²·KL(teacher ‖ dist head)" in soft[0][0] and "kl_norm=batchmean" in soft[0][0]
+        assert "CE(dist head, teacher argmax)" in hard[0][0]
+        soft_ax = next(ax for ax in fig.axes if ax.get_title() + " " + ax.get_ylabel() == soft[0][0])
+        hard_ax = next(ax for ax in fig.axes if ax.get_title() + " " + ax.get_ylabel() == hard[0][0])
+        assert not soft_ax.get_shared_y_axes().joined(soft_ax, hard_ax)
+        # the mixed panels (total, label CE) carry every variant; no KD panel plots none's zero line
+        kd_panels = [lines for label, lines in panels if "KD:" in label]
+        assert len(kd_panels) == 2 and all("none" not in lines for lines in kd_panels)
+        assert "none have no KD term" in fig.get_suptitle()
+    finally:
+        plt.close(fig)
+
+
+def test_loss_kd_panels_split_soft_runs_by_kl_norm(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from distill.report import _group, loss_figure
+
+    runs = [load_run(fake_run(tmp_path / "study", "soft", s)) for s in (0, 1)]
+    runs[1].recipe["distillation"]["kl_norm"] = "deit"  # C times smaller: not on the batchmean scale
+    fig = loss_figure(_group(runs))
+    try:
+        kd = [label for label, _ in _lines_by_axes(fig) if "soft KD" in label]
+        assert len(kd) == 2 and any("kl_norm=deit" in k for k in kd) and any("kl_norm=batchmean" in k for k in kd)
+        assert "none" not in fig.get_suptitle()
+    finally:
+        plt.close(fig)
+
+
+def card_info_for(final: dict) -> dict:
+    return {
+        "name": "student", "architecture": "deit_tiny_distilled_patch16_224", "final": final,
+        "teacher": {"architecture": "resnet10t", "sha256": "ab" * 32, "val_top1": 0.9},
+        "distillation": {"type": "soft", "alpha": 0.5, "tau": 1.0, "kl_norm": "batchmean"},
+        "data": {"source": "digits", "path": None, "train_size": 100, "val_size": 20, "val_origin": "split"},
+        "num_classes": 10, "epochs": 2, "recipe": {"run": {"seed": 0}},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kl", "shown"), [(0.5952284187078476, "0.5952"), (1.23456789e-05, "1.235e-05"), (None, "n/a"), ("x", "n/a")]
+)
+def test_model_card_kl_row_names_the_direction_with_four_digits(kl: object, shown: str) -> None:
+    from distill.export import model_card
+
+    final = {"val/top1_fused": 0.8} if kl is None else {"val/top1_fused": 0.8, "val/kl": kl}
+    card = model_card(card_info_for(final))
+    assert f"| KL(teacher ‖ fused student), τ=1 | {shown} |" in card
