@@ -1,0 +1,270 @@
+"""Which recipe fields change what: one table, read by every cache and by resume.
+
+Four effects, each the answer to one question a cache or a resumed run asks about a field:
+
+- ``SPLIT``: which images are in train and val (``data.load_source`` keeps splits by these).
+- ``TEACHER``: the weights of a teacher the pipeline trains (the trained-teacher cache key).
+- ``TEACHER_OUTPUTS``: the teacher's logits at a given place in the data stream (the
+  teacher-output cache key): the teacher itself, the tensor it is fed there, and how it runs.
+- ``RESULT``: what a resumed run ends with (a resume refuses a recipe that differs in one).
+
+They nest: a field that changes the split changes a trained teacher; one that changes a trained
+teacher changes its outputs; one that changes the outputs changes the result (tests/test_keys.py
+checks it). A field with no effect at all is an operational setting a resumed run may change.
+
+The table is keyed by the schema's leaf fields (distill.config.Recipe), free-form dict fields
+(``teacher.model_args``) as a whole; a new recipe field is classified here in the same commit
+(tests/test_keys.py fails until it is). Keys of the data's identity that are not recipe fields
+(the package version, world size, the resolved data path, the teacher's weight digest) are for
+each cache to add.
+"""
+
+from __future__ import annotations
+
+import typing
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel
+
+from distill.config import PROVENANCE_KEY, Recipe
+
+
+class Effect(str, Enum):
+    SPLIT = "split"
+    TEACHER = "teacher"
+    TEACHER_OUTPUTS = "teacher_outputs"
+    RESULT = "result"
+
+
+SPLIT, TEACHER, TEACHER_OUTPUTS, RESULT = Effect.SPLIT, Effect.TEACHER, Effect.TEACHER_OUTPUTS, Effect.RESULT
+
+# The nested combinations the table is made of.
+IN_SPLIT = frozenset({SPLIT, TEACHER, TEACHER_OUTPUTS, RESULT})
+IN_TEACHER = frozenset({TEACHER, TEACHER_OUTPUTS, RESULT})
+IN_OUTPUTS = frozenset({TEACHER_OUTPUTS, RESULT})
+RESULT_ONLY = frozenset({RESULT})
+NO_EFFECT: frozenset[Effect] = frozenset()
+# A key this version does not know (an older recipe's): assume it mattered.
+UNKNOWN = frozenset(Effect)
+
+TABLE: dict[str, frozenset[Effect]] = {
+    # -- run ------------------------------------------------------------------------------------
+    "run.name": RESULT_ONLY,  # where the run lives; kept in the resume check as before
+    "run.output_dir": RESULT_ONLY,  # likewise (the caches under it are found by key, not by place)
+    # The data stream's seed when data.seed is None (trainer.data_seed); the teacher stage seeds
+    # from teacher.train.seed, so a trained teacher does not depend on it.
+    "run.seed": IN_OUTPUTS,
+    "run.resume": NO_EFFECT,  # whether to continue, not what the continuation computes
+    "run.overwrite": NO_EFFECT,  # likewise
+    "run.checkpoint_every_steps": NO_EFFECT,  # a mid-epoch resume reproduces the uninterrupted run
+    "run.keep_checkpoints": NO_EFFECT,  # how many files stay on disk
+    "run.log_every_steps": NO_EFFECT,  # TensorBoard scalars and the finite-loss check only
+    "run.export": NO_EFFECT,  # written after training, from the same weights
+    "run.teacher_only": RESULT_ONLY,  # stops before the student: another result altogether
+    # -- data: which images (data.load_source) ---------------------------------------------------
+    "data.source": IN_SPLIT,
+    "data.path": IN_SPLIT,
+    "data.hub_config": IN_SPLIT,
+    "data.train_split": IN_SPLIT,
+    "data.val_split": IN_SPLIT,
+    "data.val_fraction": IN_SPLIT,
+    "data.split_seed": IN_SPLIT,
+    "data.max_train_samples": IN_SPLIT,
+    "data.max_val_samples": IN_SPLIT,
+    "data.on_bad_image": IN_SPLIT,  # 'skip' drops the unreadable images from the split
+    "data.synthetic.num_classes": IN_SPLIT,
+    "data.synthetic.train_per_class": IN_SPLIT,
+    "data.synthetic.val_per_class": IN_SPLIT,
+    "data.synthetic.image_size": IN_SPLIT,
+    "data.synthetic.noise": IN_SPLIT,
+    # -- data: how they are read ---------------------------------------------------------------
+    "data.num_workers": NO_EFFECT,  # a view is a function of (seed, epoch, index), not of the worker
+    # The student's data stream (order, views, mixup); the teacher stage draws its own from
+    # teacher.train.seed, so a trained teacher does not depend on it (it used to be hashed).
+    "data.seed": IN_OUTPUTS,
+    "data.store": IN_TEACHER,  # the tensor path's views differ from PIL's; both stages use it
+    # Augmentation: the teacher stage trains on the student's pipeline, and the teacher's outputs
+    # are computed on the augmented (and mixed) batch the student sees.
+    "data.augment.scale": IN_TEACHER,
+    "data.augment.ratio": IN_TEACHER,
+    "data.augment.hflip": IN_TEACHER,
+    "data.augment.color_jitter": IN_TEACHER,
+    "data.augment.auto_augment": IN_TEACHER,
+    "data.augment.re_prob": IN_TEACHER,
+    "data.augment.mixup": IN_TEACHER,
+    "data.augment.cutmix": IN_TEACHER,
+    "data.augment.mixup_prob": IN_TEACHER,
+    "data.augment.mixup_switch_prob": IN_TEACHER,
+    "data.augment.crop_pct": IN_TEACHER,  # part of the input spec (trainer.input_config)
+    "data.augment.interpolation": IN_TEACHER,  # likewise
+    # -- teacher ---------------------------------------------------------------------------------
+    "teacher.model": IN_TEACHER,
+    "teacher.model_args": IN_TEACHER,  # the whole free-form dict
+    # Another teacher's weights; a trained teacher is only used when this is None.
+    "teacher.checkpoint": IN_OUTPUTS,
+    # Re-normalisation of the student's input at inference (FrozenTeacher); the teacher stage
+    # trains on the student's normalisation and ignores them.
+    "teacher.mean": IN_OUTPUTS,
+    "teacher.std": IN_OUTPUTS,
+    "teacher.min_top1": RESULT_ONLY,  # a check that may refuse the teacher, never changes it
+    "teacher.cache_dir": NO_EFFECT,  # where trained teachers are kept; found there by key
+    # How the frozen teacher runs: no_grad vs inference_mode, memory layout and Inductor kernels
+    # may round differently, so the logits' last bits can change.
+    "teacher.inference_mode": IN_OUTPUTS,
+    "teacher.channels_last": IN_OUTPUTS,
+    "teacher.compile": IN_OUTPUTS,
+    # The output cache replays the outputs it keys; top-k mode (budget_mb, topk) approximates the
+    # soft targets, so it changes the result but not the teacher's outputs (the cache keys its
+    # own encoding). enabled: replay in top-k mode is not what a recomputing run trains on.
+    "teacher.output_cache.enabled": RESULT_ONLY,
+    "teacher.output_cache.dir": NO_EFFECT,  # where the cache lives; found there by key
+    "teacher.output_cache.budget_mb": RESULT_ONLY,
+    "teacher.output_cache.topk": RESULT_ONLY,
+    "teacher.output_cache.verify_every": NO_EFFECT,  # how often replay is checked, not what it gives
+    # teacher.train: everything that trains the teacher (teacher_stage.train_teacher).
+    "teacher.train.epochs": IN_TEACHER,
+    "teacher.train.batch_size": IN_TEACHER,
+    "teacher.train.grad_accum_steps": IN_TEACHER,
+    "teacher.train.opt": IN_TEACHER,
+    "teacher.train.fused": IN_TEACHER,  # the fused kernel rounds differently
+    "teacher.train.lr": IN_TEACHER,
+    "teacher.train.lr_scale_batch": IN_TEACHER,
+    "teacher.train.momentum": IN_TEACHER,
+    "teacher.train.weight_decay": IN_TEACHER,
+    "teacher.train.sched": IN_TEACHER,
+    "teacher.train.warmup_epochs": IN_TEACHER,
+    "teacher.train.warmup_lr": IN_TEACHER,
+    "teacher.train.min_lr": IN_TEACHER,
+    "teacher.train.clip_grad": IN_TEACHER,
+    "teacher.train.label_smoothing": IN_TEACHER,
+    "teacher.train.drop_path": IN_TEACHER,
+    "teacher.train.seed": IN_TEACHER,  # init, order, views and mixup of the teacher stage
+    # -- student ---------------------------------------------------------------------------------
+    # The input spec comes from a probe of the student (trainer.input_config): its registry
+    # config's mean/std, crop_pct and interpolation, and its image size. The teacher is trained
+    # on it and fed it (distillation.token, below, picks the probed model too).
+    "student.model": IN_TEACHER,
+    "student.img_size": IN_TEACHER,
+    # The rest shapes the student only: input_size is patch_embed.img_size, whatever the patch.
+    "student.patch_size": RESULT_ONLY,
+    "student.embed_dim": RESULT_ONLY,
+    "student.depth": RESULT_ONLY,
+    "student.num_heads": RESULT_ONLY,
+    "student.mlp_ratio": RESULT_ONLY,
+    "student.drop_path": RESULT_ONLY,
+    "student.init": RESULT_ONLY,  # weights only; the probe that fixes the input spec is not initialised
+    # -- distillation ----------------------------------------------------------------------------
+    "distillation.type": RESULT_ONLY,
+    "distillation.alpha": RESULT_ONLY,
+    "distillation.tau": RESULT_ONLY,  # applied to logits after the teacher, not inside it
+    "distillation.kl_norm": RESULT_ONLY,
+    # Picks the model whose registry config gives the input spec: the plain twin when False
+    # (pipeline.student_input_spec probes it; trainer.input_config probed the distilled one).
+    "distillation.token": IN_TEACHER,
+    # -- train (the student's; the teacher stage reads teacher.train) --------------------------
+    "train.epochs": RESULT_ONLY,  # epoch e's stream is a function of (data seed, e), not of the total
+    # The global batch and its split into micro-batches fix the rows of each micro-step (and so
+    # each mixup/cutmix pair) and the rows per epoch (truncated to whole global batches).
+    "train.batch_size": IN_OUTPUTS,
+    "train.grad_accum_steps": IN_OUTPUTS,
+    "train.opt": RESULT_ONLY,
+    "train.fused": RESULT_ONLY,
+    "train.lr": RESULT_ONLY,
+    "train.lr_scale_batch": RESULT_ONLY,
+    "train.momentum": RESULT_ONLY,
+    "train.weight_decay": RESULT_ONLY,
+    "train.sched": RESULT_ONLY,
+    "train.warmup_epochs": RESULT_ONLY,
+    "train.warmup_lr": RESULT_ONLY,
+    "train.min_lr": RESULT_ONLY,
+    "train.clip_grad": RESULT_ONLY,
+    "train.label_smoothing": RESULT_ONLY,  # labels only: the teacher sees images, never targets
+    "train.precision": IN_TEACHER,  # one precision per launch: the teacher stage trains under it
+    "train.ema_decay": RESULT_ONLY,
+    # Accelerate's dynamo_backend compiles every model passed to prepare(), the teacher the
+    # stage trains included; Inductor's kernels round differently.
+    "train.compile": IN_TEACHER,
+    # -- eval ----------------------------------------------------------------------------------
+    # Val batch composition (the last bits of batched kernels); the teacher stage evaluates
+    # with it too, but only to report, never to choose weights.
+    "eval.batch_size": IN_OUTPUTS,
+    "eval.every_epochs": RESULT_ONLY,  # which epochs log val metrics and may become 'best'
+}
+
+
+def effects(path: str) -> frozenset[Effect]:
+    """The effects of a dotted key from a recipe tree: a field's own; a key inside a free-form
+    dict field (``teacher.model_args.depth``), the field's; a whole section (``teacher.train``
+    when it is None), the union of its fields'; a key the schema lacks, every effect."""
+    if path in TABLE:
+        return TABLE[path]
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if head in TABLE:
+            return TABLE[head]
+    below = [e for p, e in TABLE.items() if p.startswith(path + ".")]
+    return frozenset().union(*below) if below else UNKNOWN
+
+
+def fields(recipe: Recipe, effect: Effect) -> dict[str, Any]:
+    """The recipe's value of every field with ``effect``, JSON-able, sorted by dotted path.
+    Fields of an absent optional section (``teacher.train`` None) read None."""
+    tree = recipe.model_dump(mode="json")
+    return {path: _lookup(tree, path) for path in sorted(TABLE) if effect in TABLE[path]}
+
+
+def changed_for_resume(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose change alters a resumed run's result, between two recipe trees (nested
+    dicts as in recipe.yaml): those that differ, or are in one tree only, and have RESULT effect.
+    Keys the schema does not know count as RESULT; the provenance block is ignored."""
+    a, b = _flatten(old), _flatten(new)
+    changed = (k for k in sorted(a.keys() | b.keys()) if (k not in a or k not in b or a[k] != b[k]))
+    return [k for k in changed if RESULT in effects(k)]
+
+
+def all_fields() -> list[str]:
+    """Every leaf field of the recipe schema as a dotted path, sorted; optional sections
+    (``teacher.train``) are walked, free-form dicts (``teacher.model_args``) are leaves."""
+    return sorted(_leaves(Recipe, ""))
+
+
+def _leaves(model: type[BaseModel], prefix: str) -> list[str]:
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        section = _section(info.annotation)
+        out += [prefix + name] if section is None else _leaves(section, f"{prefix}{name}.")
+    return out
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside ``X``, ``X | None`` or ``Optional[X]``; None for a value field."""
+    for arg in typing.get_args(annotation) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _lookup(tree: dict[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if node is None:  # inside an optional section that is absent
+            return None
+        node = node[part]
+    return node
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': v}} -> {'a.b': v}, stopping at table fields (a free-form dict stays whole);
+    values are kept as they are, so 1 == 1.0 and a list compares by its items."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if path == PROVENANCE_KEY:
+            continue
+        if isinstance(value, dict) and value and path not in TABLE:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
