@@ -303,6 +303,17 @@ class Problem:
     def batch_size(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.student.head.out_features)
+
+    def teacher_spec(self) -> Any:
+        """The teacher's input: the student's size, its own normalisation (as the trainer's)."""
+        from distill.pipeline import InputSpec
+
+        size = (int(self.images.shape[-2]), int(self.images.shape[-1]))
+        return InputSpec(size, self.teacher_mean, self.teacher_std, 1.0, "bicubic")  # type: ignore[arg-type]
+
 
 def _optimizer_text(opt: str, fused: bool, device: torch.device) -> str:
     if fused and opt in ("adam", "adamw"):
@@ -313,13 +324,27 @@ def _optimizer_text(opt: str, fused: bool, device: torch.device) -> str:
 
 
 class OursStep:
-    """Our training step, as the trainer and engine assemble it (see the module docstring)."""
+    """The trainer's own step object (``distill.step.Step``) with the engine's update around it.
 
-    def __init__(self, problem: Problem, settings: Settings, distillation: str, teacher: nn.Module | None) -> None:
+    ``prepare`` and ``batch``: by default the fixed float batch as it is (``as_prepared``); with
+    the recipe's input pipeline (``ours_recipe`` in recipe mode), a real training batch through
+    ``InputPipeline.prepare`` every step: the tensor path's crop and flip and mixup/cutmix, as
+    training runs them."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        settings: Settings,
+        distillation: str,
+        teacher: Any,
+        pipeline: Any = None,
+        batch: dict[str, Any] | None = None,
+    ) -> None:
         from accelerate.utils import convert_outputs_to_fp32
 
         from distill.engine import LossMeter
         from distill.optim import build_optimizer
+        from distill.step import Step, as_prepared
 
         p, r = problem, problem.recipe
         self.problem, self.settings, self.distillation, self.teacher = p, settings, distillation, teacher
@@ -336,22 +361,16 @@ class OursStep:
         self.scaler = torch.amp.GradScaler(p.device.type) if settings.precision == "fp16" else None
         self.meter = LossMeter(p.device)
         self.step_index = 0
+        self.batch = batch if batch is not None else {"image": p.images, "label": p.labels}
+        self.step = Step(
+            pipeline.prepare if pipeline is not None else as_prepared,
+            label_smoothing=r.train.label_smoothing,
+            distillation=r.distillation.model_copy(update={"type": distillation}),
+            teacher=teacher,
+        )
 
     def loss(self, forward: Any = None) -> Any:
-        """``DistillRun._step_loss`` without mixup: teacher under autocast, student, loss."""
-        from distill.losses import distillation_loss
-        from distill.models import as_heads
-
-        p, d = self.problem, self.problem.recipe.distillation
-        t_logits = None
-        if self.distillation != "none":
-            assert self.teacher is not None
-            with autocast(self.settings.precision, p.device):
-                t_logits = self.teacher(p.images)
-        cls, dist = as_heads((forward or self.forward)(p.images))
-        return distillation_loss(
-            cls, dist, p.labels, t_logits, self.distillation, d.alpha, d.tau, d.kl_norm, p.recipe.train.label_smoothing
-        )
+        return self.step(forward or self.forward, self.batch, 0, self.step_index)
 
     def __call__(self) -> torch.Tensor:
         from distill.engine import set_step_seed
@@ -379,14 +398,15 @@ class OursStep:
             self.optimizer.zero_grad(set_to_none=True)
 
         # The counter cannot see into compiled code: count a compiled teacher's eager module.
-        compiled = getattr(self.teacher, "forward_model", None)
+        module = getattr(self.teacher, "module", None)
+        compiled = getattr(module, "forward_model", None)
         if compiled is not None:
-            self.teacher.forward_model = self.teacher.model  # type: ignore[union-attr]
+            module.forward_model = module.model  # type: ignore[union-attr]
         try:
             return count_flops(once)
         finally:
             if compiled is not None:
-                self.teacher.forward_model = compiled  # type: ignore[union-attr]
+                module.forward_model = compiled  # type: ignore[union-attr]
 
 
 class EvalStep:
@@ -481,8 +501,10 @@ def check_recipe(recipe: Recipe) -> None:
 
 def build_problem(recipe: Recipe, num_classes: int, kd: str, device: torch.device) -> Problem:
     from distill.data import seeded
-    from distill.models import build_student, build_teacher_model, student_data_config, teacher_normalisation
+    from distill.models import build_student
     from distill.optim import batch_plan
+    from distill.pipeline import student_input_spec
+    from distill.teacher import build_teacher_model, teacher_normalisation
 
     check_recipe(recipe)
     with seeded(recipe.run.seed):  # random weights: speed does not depend on them
@@ -490,11 +512,11 @@ def build_problem(recipe: Recipe, num_classes: int, kd: str, device: torch.devic
         teacher = build_teacher_model(recipe.teacher.model, num_classes, dict(recipe.teacher.model_args))
     student.set_distilled_training(True)  # forward returns (cls, dist) while training
     student.train()
-    dc = student_data_config(student)
+    spec = student_input_spec(recipe)
     t_mean, t_std = teacher_normalisation(recipe.teacher, teacher)
     # One process: the micro-batch of one optimizer step (accumulation is not benchmarked).
     batch = batch_plan(recipe.train, 1, "train").per_process
-    _, h, w = dc["input_size"]
+    h, w = spec.size
     gen = torch.Generator().manual_seed(recipe.run.seed)
     images = torch.randn(batch, 3, h, w, generator=gen).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
@@ -502,8 +524,8 @@ def build_problem(recipe: Recipe, num_classes: int, kd: str, device: torch.devic
         recipe,
         student,
         teacher,
-        tuple(dc["mean"]),
-        tuple(dc["std"]),
+        spec.mean,
+        spec.std,
         t_mean,
         t_std,
         images,
@@ -554,31 +576,45 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def measure_loading(recipe: Recipe, batches: int, device: torch.device) -> dict[str, Any]:
-    """The recipe's training input pipeline alone, as the trainer builds it: its loader
-    (``data.store`` resolved, ``data.num_workers``) and, on the tensor path, BatchAugment on the
-    device; ``batches`` batches timed after up to 2 warm-up ones (worker start-up)."""
-    from distill.data import build_transforms, load_source, train_eval_loaders
+def recipe_pipeline(recipe: Recipe) -> Any:
+    """The recipe's training input pipeline, as the trainer builds it on one process."""
+    from distill.data import load_source
     from distill.optim import batch_plan
-    from distill.tensor_store import batch_pipeline
-    from distill.trainer import data_seed, input_config
+    from distill.pipeline import build_pipeline, data_seed, student_input_spec
 
     split = load_source(recipe.data)
-    data_config = input_config(recipe, split.num_classes)
-    store, augment = batch_pipeline(recipe.data, split.train, data_config, data_seed(recipe))
-    per = batch_plan(recipe.train, 1, "train").per_process
-    transforms = build_transforms(recipe.data.augment, data_config)
-    loader, _ = train_eval_loaders(split, transforms, data_seed(recipe), per, per, per, recipe.data.num_workers, store)
+    plan = batch_plan(recipe.train, 1, "train")
+    return build_pipeline(
+        recipe.data,
+        split,
+        student_input_spec(recipe),
+        data_seed(recipe),
+        per_process_batch=plan.per_process,
+        global_batch=plan.global_batch,
+        eval_batch=plan.per_process,
+        label_smoothing=recipe.train.label_smoothing,
+    )
+
+
+def device_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A loader's batch on ``device`` as Accelerate's prepared loader hands it over (tensors moved,
+    the tensor path's host-side index left where it is)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def measure_loading(pipeline: Any, batches: int, device: torch.device) -> dict[str, Any]:
+    """The recipe's training input pipeline alone, as the trainer runs it: its loader
+    (``data.store`` resolved, ``data.num_workers``) and ``InputPipeline.prepare`` (the tensor
+    path's on-device crop and flip, mixup); ``batches`` batches timed after up to 2 warm-up ones
+    (worker start-up)."""
+    loader = pipeline.train_loader
     available = len(loader)
     warm = min(2, max(available - 1, 0))
     timed = min(batches, available - warm)
     batches_iter = iter(loader)
 
     def one() -> int:
-        batch = next(batches_iter)
-        images = batch["image"].to(device, non_blocking=True)
-        if augment is not None:
-            images = augment(images, batch["index_host"], 0)
+        images, _ = pipeline.prepare(device_batch(next(batches_iter), device), 0)
         return int(images.shape[0])
 
     for _ in range(warm):
@@ -589,19 +625,36 @@ def measure_loading(recipe: Recipe, batches: int, device: torch.device) -> dict[
     synchronize(device)
     seconds = time.perf_counter() - start
     return {
-        "store": store,
+        "store": pipeline.store,
         "num_workers": loader.num_workers,  # the tensor path loads in-process
-        "batch_size": per,
+        "batch_size": loader.batch_size,
         "batches": timed,
         "img_s": count / seconds if seconds > 0 else math.inf,
     }
 
 
-def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
-    """Build every configuration, time them alternately, return the figures (JSON-able)."""
-    from distill.models import FrozenTeacher
-    from distill.tracking import provenance
+@dataclass
+class Peaks:
+    """Matmul peaks per precision: every measurement kept, the best one used (other load only
+    ever lowers a measurement)."""
 
+    device: torch.device
+    size: int
+    seconds: float
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def measure(self, precision: str) -> float:
+        if precision not in self.samples:
+            _log(f"bench: measuring the {precision} matmul peak ({self.size}x{self.size}, {self.seconds:g} s)")
+        value = matmul_peak_gflops(self.device, DTYPES[precision], self.size, self.seconds)
+        self.samples.setdefault(precision, []).append(value)
+        return value
+
+    def best(self) -> dict[str, float]:
+        return {precision: max(values) for precision, values in self.samples.items()}
+
+
+def _check_options(recipe: Recipe, opts: Options) -> torch.device:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -611,120 +664,92 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
         raise RecipeError("--warmup must be >= 0, --steps and --repeats >= 1")
     if recipe.train.precision == "fp16" and device.type != "cuda":
         raise LaunchError("train.precision=fp16 needs a GPU; use train.precision=bf16 or fp32 on this machine")
-    kd = opts.kd or (recipe.distillation.type if recipe.distillation.type != "none" else "hard")
-    num_classes = num_classes_of(recipe, opts.num_classes)
     check_recipe(recipe)  # before the minute of matmul timing
+    return device
 
-    # Matmul peaks first: the fast path's precision depends on them.
-    size = opts.peak_size or PEAK_SIZE.get(device.type, 2048)
 
-    samples: dict[str, list[float]] = {}
+def _measured(key: str, label: str, problem: Problem, **kw: Any) -> Measured:
+    return Measured(key=key, label=label, batch_size=problem.batch_size, **kw)
 
-    def measure(precision: str) -> float:
-        if precision not in samples:
-            _log(f"bench: measuring the {precision} matmul peak ({size}x{size}, {opts.peak_seconds:g} s)")
-        value = matmul_peak_gflops(device, DTYPES[precision], size, opts.peak_seconds)
-        samples.setdefault(precision, []).append(value)
-        return value
 
-    peaks: dict[str, float] = {"fp32": measure("fp32")}
-    fast_precision, fast_reason = choose_fast_precision(opts.fast_precision, device, peaks, measure)
+def _configurations(
+    problem: Problem, settings: dict[str, Settings], kd: str, pipeline: Any, opts: Options
+) -> list[tuple[Measured, Any]]:
+    """Every configuration to time, each with its own copy of the models and optimizer."""
+    from distill.teacher import ConvnetTeacher, FrozenTeacher
 
-    problem = build_problem(recipe, num_classes, kd, device)
-    identical = Settings("fp32", fused=False, teacher_inference_mode=False, teacher_channels_last=False)
-    fast = Settings(fast_precision, True, opts.compile, True, True, opts.compile)
-    recipe_settings = Settings.of_recipe(recipe)
-    primary = recipe_settings if opts.mode == "recipe" else fast
-    for s in {identical, fast, recipe_settings, primary}:
-        if s.precision not in peaks:
-            peaks[s.precision] = measure(s.precision)
+    device, t = problem.device, problem.recipe.train
+    teachers: dict[tuple[str, bool, bool, bool], ConvnetTeacher] = {}
 
-    teachers: dict[tuple[bool, bool, bool], FrozenTeacher] = {}
-
-    def frozen_teacher(s: Settings) -> FrozenTeacher:
-        """One FrozenTeacher per switch combination (channels_last converts the weights in place)."""
-        key = (s.teacher_inference_mode, s.teacher_channels_last, s.teacher_compile)
+    def teacher(s: Settings) -> ConvnetTeacher:
+        """The trainer's teacher object: one per switch combination (channels_last converts the
+        weights in place), called under the configuration's autocast."""
+        key = (s.precision, s.teacher_inference_mode, s.teacher_channels_last, s.teacher_compile)
         if key not in teachers:
-            teachers[key] = FrozenTeacher(
-                copy.deepcopy(problem.teacher),
-                problem.student_mean,
-                problem.student_std,
-                problem.teacher_mean,
-                problem.teacher_std,
-                *key,
-            ).to(device)
+            module = FrozenTeacher(
+                copy.deepcopy(problem.teacher), problem.student_mean, problem.student_std,
+                problem.teacher_mean, problem.teacher_std, *key[1:],
+            ).to(device)  # fmt: skip
+            teachers[key] = ConvnetTeacher(
+                module, problem.teacher_spec(), problem.recipe.teacher.model, None, False,
+                lambda p=s.precision: autocast(p, device),
+            )  # fmt: skip
         return teachers[key]
 
-    t = recipe.train
+    def ours(key: str, label: str, s: Settings, distillation: str, with_pipeline: bool = False) -> tuple[Measured, Any]:
+        m = _measured(
+            key, label, problem, implementation="distill", kind="train", distillation=distillation,
+            precision=s.precision, optimizer=_optimizer_text(t.opt, s.fused, device),
+            teacher=s.teacher_text() if distillation != "none" else "-", compile=s.compile,
+        )  # fmt: skip
+        batch = None
+        if with_pipeline:
+            batch = device_batch(next(iter(pipeline.train_loader)), device)
+        step = OursStep(
+            problem, s, distillation, teacher(s) if distillation != "none" else None,
+            pipeline if with_pipeline else None, batch,
+        )  # fmt: skip
+        return m, step
 
-    def ours(key: str, label: str, s: Settings, distillation: str) -> tuple[Measured, Any]:
-        teacher = frozen_teacher(s) if distillation != "none" else None
-        m = Measured(
-            key=key,
-            label=label,
-            implementation="distill",
-            kind="train",
-            distillation=distillation,
-            precision=s.precision,
-            optimizer=_optimizer_text(t.opt, s.fused, device),
-            teacher=s.teacher_text() if teacher is not None else "-",
-            compile=s.compile,
-            batch_size=problem.batch_size,
-        )
-        return m, OursStep(problem, s, distillation, teacher)
-
-    configs: list[tuple[Measured, Any]] = [
-        ours("ours_identical", "ours, identical settings", identical, kd),
-        (
-            Measured(
-                key="reference",
-                label=f"{REFERENCE} (defaults)",
-                implementation=REFERENCE,
-                kind="train",
-                distillation=kd,
-                precision="fp32",
-                optimizer=_optimizer_text(t.opt, False, device),
-                teacher="NG (timm)",
-                compile=False,
-                batch_size=problem.batch_size,
-            ),
-            ReferenceStep(problem),
-        ),
-        ours("ours_fast", "ours, fast path", fast, kd),
+    reference = _measured(
+        "reference", f"{REFERENCE} (defaults)", problem, implementation=REFERENCE, kind="train",
+        distillation=kd, precision="fp32", optimizer=_optimizer_text(t.opt, False, device),
+        teacher="NG (timm)", compile=False,
+    )  # fmt: skip
+    configs = [
+        ours("ours_identical", "ours, identical settings", settings["identical"], kd),
+        (reference, ReferenceStep(problem)),
+        ours("ours_fast", "ours, fast path", settings["fast"], kd),
     ]
-    if opts.mode == "recipe" and recipe_settings not in (identical, fast):
-        configs.append(ours("ours_recipe", "ours, recipe settings", recipe_settings, kd))
-    configs.append(ours("ours_no_teacher", "ours, no teacher", primary, "none"))
-    configs.append(
-        (
-            Measured(
-                key="ours_eval",
-                label="ours, evaluation forward",
-                implementation="distill",
-                kind="eval",
-                distillation="-",
-                precision=primary.precision,
-                optimizer="-",
-                teacher="-",
-                compile=False,
-                batch_size=problem.batch_size,
-            ),
-            EvalStep(problem, primary.precision),
+    if opts.mode == "recipe" and settings["recipe"] not in (settings["identical"], settings["fast"]):
+        configs.append(ours("ours_recipe", "ours, recipe settings", settings["recipe"], kd))
+    if pipeline is not None:
+        configs.append(
+            ours("ours_recipe_data", "ours, recipe settings + its input pipeline", settings["recipe"], kd, True)
         )
-    )
+    primary = settings["primary"]
+    configs.append(ours("ours_no_teacher", "ours, no teacher", primary, "none"))
+    evaluation = _measured(
+        "ours_eval", "ours, evaluation forward", problem, implementation="distill", kind="eval",
+        distillation="-", precision=primary.precision, optimizer="-", teacher="-", compile=False,
+    )  # fmt: skip
+    configs.append((evaluation, EvalStep(problem, primary.precision)))
+    return configs
 
+
+def _time(configs: list[tuple[Measured, Any]], peaks: Peaks, opts: Options, problem: Problem) -> PeakMemory:
+    """FLOPs once, one priming step each, then ``opts.repeats`` alternating timed runs."""
+    device = problem.device
     # FLOPs once per configuration, before timing (never on a compiled module: the counter sees
     # eager ops only; precision and fusing do not change the count).
     for m, step in configs:
         m.flops_per_step = step.flops()
-
     # One priming step each, untimed and unmeasured: optimizer state, compilation and first-call
     # allocations happen here, so every repetition (and --warmup 0) sees the steady state.
     for m, step in configs:
         step()
         m.optimizer_state_mb = _optimizer_state_mb(step)
     synchronize(device)
-
     memory = PeakMemory(device)
     for rep in range(opts.repeats):
         line = []
@@ -744,32 +769,81 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
             line.append(f"{m.key} {problem.batch_size * opts.steps / m.seconds[-1]:.1f}")
         # The peak again, in every repetition: other load only ever lowers it, so the best of
         # its measurements, spread like the configurations' runs, is the estimate.
-        for precision in samples:
-            measure(precision)
+        for precision in list(peaks.samples):
+            peaks.measure(precision)
         _log(f"bench: repetition {rep + 1}/{opts.repeats}: " + ", ".join(line) + " img/s")
+    return memory
 
-    peaks = {precision: max(values) for precision, values in samples.items()}
-    rows = [_row(m, opts.steps, peaks) for m, _ in configs]
+
+def _loading(pipeline: Any, opts: Options, device: torch.device, by_key: dict[str, Any], fast: bool) -> Any:
+    """The input pipeline alone against the recipe's step: does loading keep up?"""
+    if pipeline is None or opts.loader_batches <= 0:
+        return None
+    _log(f"bench: timing {opts.loader_batches} batches of the recipe's input pipeline")
+    loading = measure_loading(pipeline, opts.loader_batches, device)
+    step_key = "ours_fast" if fast else ("ours_recipe" if "ours_recipe" in by_key else "ours_identical")
+    step_img_s = by_key[step_key]["img_s"]["median"]
+    loading.update(
+        compared_with=step_key,
+        step_img_s=step_img_s,
+        ratio_to_step=loading["img_s"] / step_img_s,
+        keeps_up=loading["img_s"] >= step_img_s,
+    )
+    return loading
+
+
+def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
+    """Build every configuration, time them alternately, return the figures (JSON-able)."""
+    device = _check_options(recipe, opts)
+    kd = opts.kd or (recipe.distillation.type if recipe.distillation.type != "none" else "hard")
+    num_classes = num_classes_of(recipe, opts.num_classes)
+    # Matmul peaks first: the fast path's precision depends on them.
+    peaks = Peaks(device, opts.peak_size or PEAK_SIZE.get(device.type, 2048), opts.peak_seconds)
+    measured = {"fp32": peaks.measure("fp32")}
+    fast_precision, fast_reason = choose_fast_precision(opts.fast_precision, device, measured, peaks.measure)
+    problem = build_problem(recipe, num_classes, kd, device)
+    fast = Settings(fast_precision, True, opts.compile, True, True, opts.compile)
+    settings = {
+        "identical": Settings("fp32", fused=False, teacher_inference_mode=False, teacher_channels_last=False),
+        "fast": fast,
+        "recipe": Settings.of_recipe(recipe),
+        "primary": Settings.of_recipe(recipe) if opts.mode == "recipe" else fast,
+    }
+    for s in settings.values():
+        if s.precision not in peaks.samples:
+            peaks.measure(s.precision)
+    pipeline = recipe_pipeline(recipe) if opts.mode == "recipe" else None
+    configs = _configurations(problem, settings, kd, pipeline, opts)
+    memory = _time(configs, peaks, opts, problem)
+    best = peaks.best()
+    rows = [_row(m, opts.steps, best) for m, _ in configs]
     by_key = {r["key"]: r for r in rows}
-    loading = None
-    if opts.mode == "recipe" and opts.loader_batches > 0:  # after the timing: workers take cores
-        _log(f"bench: timing {opts.loader_batches} batches of the recipe's input pipeline")
-        loading = measure_loading(recipe, opts.loader_batches, device)
-        step_key = "ours_recipe" if "ours_recipe" in by_key else "ours_identical"
-        if recipe_settings == fast:
-            step_key = "ours_fast"
-        step_img_s = by_key[step_key]["img_s"]["median"]
-        loading.update(
-            compared_with=step_key,
-            step_img_s=step_img_s,
-            ratio_to_step=loading["img_s"] / step_img_s,
-            keeps_up=loading["img_s"] >= step_img_s,
-        )
+    loading = _loading(pipeline, opts, device, by_key, settings["recipe"] == fast)  # after: workers take cores
     ratios = {
         "identical_settings": _ratio(by_key["ours_identical"], by_key["reference"]),
         "fast_path": _ratio(by_key["ours_fast"], by_key["reference"]),
     }
-    d = recipe.distillation
+    return _result(recipe, opts, problem, settings, kd, (fast_precision, fast_reason), peaks, memory, rows) | {
+        "ratios": ratios,
+        "data_loading": loading,
+    }
+
+
+def _result(
+    recipe: Recipe,
+    opts: Options,
+    problem: Problem,
+    settings: dict[str, Settings],
+    kd: str,
+    fast_choice: tuple[str, str],
+    peaks: Peaks,
+    memory: PeakMemory,
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    from distill.optim import effective_lr
+    from distill.tracking import provenance
+
+    device, d, t = problem.device, recipe.distillation, recipe.train
     record = provenance(opts.argv, 1, str(device))
     return {
         "tool": "distill.bench",
@@ -782,6 +856,8 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
         },
         "versions": record["packages"],
         "provenance": record,
+        # What "ours" runs: the trainer's own step object, not a copy of it.
+        "step": "distill.step.Step (the object DistillRun and the teacher stage train with)",
         "settings": {
             "mode": opts.mode,
             "source": opts.source,
@@ -791,31 +867,29 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
                 "model_args": recipe.teacher.model_args,
                 "params": sum(p.numel() for p in problem.teacher.parameters()),
             },
-            "num_classes": num_classes,
+            "num_classes": problem.num_classes,
             "batch_size": problem.batch_size,
             "input_size": list(problem.images.shape[1:]),
             "distillation": {"type": kd, "alpha": d.alpha, "tau": d.tau, "kl_norm": d.kl_norm},
             "label_smoothing": t.label_smoothing,
-            "optimizer": {"opt": t.opt, "lr": _effective_lr(recipe), "weight_decay": t.weight_decay},
+            "optimizer": {"opt": t.opt, "lr": effective_lr(t), "weight_decay": t.weight_decay},
             "warmup": opts.warmup,
             "steps": opts.steps,
             "repeats": opts.repeats,
             "compile": opts.compile,
-            "fast_precision": fast_precision,
-            "fast_precision_reason": fast_reason,
-            "identical": asdict(identical),
-            "fast": asdict(fast),
-            "recipe": asdict(recipe_settings),
+            "fast_precision": fast_choice[0],
+            "fast_precision_reason": fast_choice[1],
+            "identical": asdict(settings["identical"]),
+            "fast": asdict(settings["fast"]),
+            "recipe": asdict(settings["recipe"]),
             "primary": "recipe" if opts.mode == "recipe" else "fast",
             "data": DATA_NOTE,
         },
-        "matmul_peak_gflops": peaks,  # the best of the samples
-        "matmul_peak_samples": samples,  # before the configurations and once per repetition
-        "matmul_peak_size": size,
+        "matmul_peak_gflops": peaks.best(),
+        "matmul_peak_samples": peaks.samples,  # before the configurations and once per repetition
+        "matmul_peak_size": peaks.size,
         "memory": memory.label,
         "configurations": rows,
-        "ratios": ratios,
-        "data_loading": loading,
         "notes": _notes(recipe, opts),
     }
 
@@ -839,12 +913,6 @@ def _optimizer_state_mb(step: Any) -> float | None:
         return None
     tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return sum(v.numel() * v.element_size() for v in tensors) / 2**20
-
-
-def _effective_lr(recipe: Recipe) -> float:
-    from distill.optim import effective_lr
-
-    return effective_lr(recipe.train)
 
 
 def _notes(recipe: Recipe, opts: Options) -> list[str]:

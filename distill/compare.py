@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         from distill.config import load_recipe
         from distill.report import build_report
-        from distill.trainer import DistillRun, _finished, make_accelerator
+        from distill.rundir import RunDir
+        from distill.trainer import DistillRun, make_accelerator
 
         variants = [Variant.parse(t) for t in parse_list(args.types, "types")]
         try:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
         for i, (name, overrides) in enumerate(runs, 1):
             run_dir = study / name
-            if _finished(run_dir):
+            if RunDir(run_dir).finished():
                 accelerator.print(f"study: [{i}/{len(runs)}] {name} finished earlier, skipped")
                 continue
             accelerator.print(f"study: [{i}/{len(runs)}] {name}")

@@ -1,29 +1,29 @@
-"""Data sources -> Hugging Face datasets -> deterministic, augmented torch loaders.
+"""Data sources -> train/val splits (Hugging Face datasets), image decoding, the bad-image scan.
 
-The data contract (PRODUCT.md): the augmented view of image i in epoch e is a function of
-(run.seed, e, i) alone. Each sample is transformed under RNG states seeded from that triple and
-the caller's RNG states are restored afterwards, so the view does not depend on the loader
-worker, the process, the batch it lands in, or what ran before (e.g. a resumed run). Runs that
-differ only in the loss see identical batches, and teacher outputs could be cached by key.
+No loaders here (pipeline.py builds them). The data contract (PRODUCT.md): the augmented view of
+image i in epoch e is a function of (data seed, e, i) alone; ``sample_seed`` is that function's
+one seed and ``seeded`` runs a transform under it. Runs that differ only in the loss therefore
+see identical batches, and teacher outputs can be cached by position in the stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from distill.config import AugmentConfig, DataConfig
+from distill.config import DataConfig
 from distill.errors import DataError
+from distill.keys import SPLIT, data_fields
 
 # ---------------------------------------------------------------------------------------------
 # Sources
@@ -280,13 +280,12 @@ def _subset(ds: Any, n: int | None, seed: int) -> Any:
 # Splits already resolved in this process, by the data settings that define them: a study runs
 # its 9+ runs in one process, and listing + splitting CIFAR-10 costs 3-7 s per run (measured).
 _SPLITS: dict[str, SplitData] = {}
-_SPLIT_FREE_KEYS = {"num_workers", "augment", "seed", "store"}  # how data is read, not which
 
 
 def load_source(cfg: DataConfig) -> SplitData:
     """Resolve ``cfg`` into train/val datasets (stratified, seeded held-out val if none); the
     same settings again in this process return the same (immutable) splits."""
-    key = cfg.model_dump_json(exclude=_SPLIT_FREE_KEYS)
+    key = json.dumps(data_fields(cfg, SPLIT), sort_keys=True)
     if key not in _SPLITS:
         _SPLITS.clear()  # one at a time: a split may hold a decoded source in memory
         _SPLITS[key] = _load_source(cfg)
@@ -337,73 +336,7 @@ def _load_source(cfg: DataConfig) -> SplitData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms and deterministic augmentation
-
-
-def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
-    """timm's posterize, valid for 0 bits again.
-
-    DeiT's RandAugment (m9, mstd0.5) clamps about 2.3% of magnitudes to 10, which
-    PosterizeIncreasing maps to 0 bits; Pillow >= 13 rejects 0 ("bits must be between or equal
-    to 1 and 8"), which killed about 1 training image in 700 (found by tests/test_data.py).
-    Pillow < 13 returned a black image for 0 bits; we keep that behaviour.
-    """
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _patch_timm_posterize() -> None:
-    from timm.data import auto_augment
-
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        auto_augment.NAME_TO_OP[name] = _posterize
-
-
-def build_transforms(aug: AugmentConfig, data_config: dict[str, Any]) -> tuple[Any, Any]:
-    """timm train/eval transforms for the student's resolved data config."""
-    from timm.data import create_transform
-
-    _patch_timm_posterize()
-
-    interpolation = aug.interpolation or data_config.get("interpolation", "bicubic")
-    crop_pct = aug.crop_pct or data_config.get("crop_pct", 0.875)
-    common = dict(
-        input_size=data_config["input_size"],
-        interpolation=interpolation,
-        mean=data_config["mean"],
-        std=data_config["std"],
-    )
-    train_tf = create_transform(
-        **common,
-        is_training=True,
-        scale=aug.scale,
-        ratio=aug.ratio,
-        hflip=aug.hflip,
-        color_jitter=aug.color_jitter,
-        auto_augment=aug.auto_augment,
-        re_prob=aug.re_prob,
-        re_mode="pixel",
-    )
-    return train_tf, eval_transform({**data_config, "interpolation": interpolation, "crop_pct": crop_pct})
-
-
-def eval_transform(data_config: dict[str, Any]) -> Any:
-    """timm's deterministic eval transform (resize, centre crop, normalise) for a data config."""
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=data_config["input_size"],
-        interpolation=data_config.get("interpolation", "bicubic"),
-        mean=data_config["mean"],
-        std=data_config["std"],
-        crop_pct=data_config.get("crop_pct", 0.875),
-        is_training=False,
-    )
+# The seeds behind deterministic augmentation, and decoding
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -440,174 +373,3 @@ def decode_rgb(cell: dict[str, Any], index: int) -> Any:
             f"cannot decode image {describe(cell, index)}: {type(exc).__name__}: {exc}. Remove or replace it, "
             "set data.on_bad_image=skip to drop such images, or list them all with python -m distill.scan RECIPE"
         ) from None
-
-
-class AugmentedDataset(Dataset):
-    """An HF dataset seen through a transform keyed by (seed, epoch, index).
-
-    Yields ``(image_tensor, label, index)``; the index lets callers key cached teacher outputs.
-    """
-
-    def __init__(self, ds: Any, transform: Any, seed: int, train: bool) -> None:
-        import datasets
-
-        # Decode here rather than in datasets, so that a corrupt file is named in the error.
-        self.ds = ds.cast_column("image", datasets.Image(decode=False))
-        self.transform = transform
-        self.seed = seed
-        self.train = train
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def _view(self, cell: dict[str, Any], index: int) -> torch.Tensor:
-        image = decode_rgb(cell, index)
-        if not self.train:
-            return self.transform(image)
-        with seeded(sample_seed(self.seed, self.epoch, index)):
-            return self.transform(image)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        row = self.ds[int(index)]
-        return self._view(row["image"], int(index)), int(row["label"]), int(index)
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
-        rows = self.ds[[int(i) for i in indices]]  # one Arrow read per batch
-        return [
-            (self._view(img, int(i)), int(lbl), int(i))
-            for img, lbl, i in zip(rows["image"], rows["label"], indices, strict=True)
-        ]
-
-
-ORDER_KEY = 2**32 - 1  # the "index" that keys an epoch's order, apart from every image's view
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation that depends on (seed, epoch) only; train order truncated to whole steps.
-
-    Truncating to a multiple of the global micro-batch means every process count that divides
-    the batch sees the same global batches: Accelerate hands process p the batches p, p+W, ...
-    of size B/W, whose union at each step is the one-process batch of size B.
-    """
-
-    def __init__(self, n: int, seed: int, shuffle: bool, multiple: int = 1) -> None:
-        self.n, self.seed, self.shuffle, self.multiple = n, seed, shuffle, multiple
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n - self.n % self.multiple
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, ORDER_KEY))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        return iter(order[: len(self)])
-
-
-def collate(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
-    images, labels, indices = zip(*batch, strict=True)
-    return {
-        "image": torch.stack(images),
-        "label": torch.tensor(labels, dtype=torch.long),
-        "index": torch.tensor(indices, dtype=torch.long),
-    }
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    train: bool,
-    num_workers: int,
-    global_multiple: int = 1,
-    collate_fn: Any = collate,
-) -> DataLoader:
-    """A plain DataLoader (per-process batch) ready for ``accelerator.prepare``.
-
-    ``persistent_workers`` stays off: workers must be re-created each epoch to see set_epoch.
-    """
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, multiple=global_multiple)
-    if train and len(sampler) == 0:
-        raise DataError(
-            f"the training split has {len(dataset)} images, fewer than one global batch "
-            f"({global_multiple}); lower train.batch_size"
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=train,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def build_mixup(aug: AugmentConfig, label_smoothing: float, num_classes: int, per_process_batch: int) -> Any:
-    """timm's Mixup/CutMix (None when both are off). It draws from numpy's global RNG, which
-    the engine re-seeds per step. Targets come back dense with label smoothing folded in."""
-    if (aug.mixup <= 0 and aug.cutmix <= 0) or aug.mixup_prob <= 0:
-        return None
-    if per_process_batch % 2:
-        raise DataError(
-            f"mixup/cutmix needs an even batch per process, got {per_process_batch}; change "
-            "train.batch_size or set data.augment.mixup=0 and data.augment.cutmix=0"
-        )
-    from timm.data import Mixup
-
-    return Mixup(
-        mixup_alpha=aug.mixup,
-        cutmix_alpha=aug.cutmix,
-        prob=aug.mixup_prob,
-        switch_prob=aug.mixup_switch_prob,
-        label_smoothing=label_smoothing,
-        num_classes=num_classes,
-    )
-
-
-def train_eval_loaders(
-    split: SplitData,
-    transforms: tuple[Any, Any],
-    seed: int,
-    train_batch: int,
-    train_multiple: int,
-    eval_batch: int,
-    num_workers: int,
-    store: str = "decode",
-) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders with per-process batch sizes, before ``accelerator.prepare``.
-
-    ``store='tensor'``: the train loader yields uint8 batches decoded once (tensor_store.py); the
-    caller augments them with BatchAugment. Validation always decodes (the export's path)."""
-    train_tf, eval_tf = transforms
-    if store == "tensor":
-        from distill.tensor_store import StoredImages, collate_stored, decode_all
-
-        stored = StoredImages(decode_all(split.train), split.train["label"])
-        train = make_loader(stored, train_batch, seed, True, 0, train_multiple, collate_stored)
-    else:
-        train = make_loader(
-            AugmentedDataset(split.train, train_tf, seed, train=True),
-            train_batch,
-            seed,
-            train=True,
-            num_workers=num_workers,
-            global_multiple=train_multiple,
-        )
-    val = make_loader(
-        AugmentedDataset(split.val, eval_tf, seed, train=False),
-        eval_batch,
-        seed,
-        train=False,
-        num_workers=num_workers,
-    )
-    return train, val

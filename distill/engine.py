@@ -1,4 +1,5 @@
-"""train_one_epoch and evaluate: the loop itself, no parsing and no file formats.
+"""train_one_epoch and evaluate (and the teacher's and student's val passes): the loops, no
+parsing and no file formats.
 
 Randomness inside a step (drop-path, mixup) is re-seeded from (seed, epoch, step, rank) at every
 micro-step rather than carried in RNG history, so a resumed run replays exactly what an
@@ -22,6 +23,8 @@ from accelerate import Accelerator
 
 from distill.errors import DistillError, TrainingError
 from distill.losses import LossParts
+from distill.metrics import student_sample_stats
+from distill.models import student_heads
 
 
 @dataclass
@@ -128,7 +131,7 @@ def train_one_epoch(
     loader: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    step_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossParts],
+    step: Callable[[torch.nn.Module, dict[str, Any], int, int], LossParts],
     progress: Progress,
     *,
     epoch: int,
@@ -142,13 +145,16 @@ def train_one_epoch(
     ema: Any = None,
     pbar: Any = None,
 ) -> None:
-    """One epoch (or its remainder after a resume) of ``step_loss`` minimisation."""
+    """One epoch (or its remainder after a resume) of minimising ``step(model, batch, epoch,
+    micro_step)`` (step.Step)."""
     model.train()
     loader.set_epoch(epoch)  # reaches our EpochSampler (order)...
     # ...but Accelerate forwards set_epoch to the dataset only when the sampler is not wrapped
-    # for sharding (data_loader.py: an `elif`), i.e. never with 2+ processes; the augmentation
-    # seed lives in the dataset, so set it ourselves.
-    loader.dataset.set_epoch(epoch)
+    # for sharding (data_loader.py: an `elif`), i.e. never with 2+ processes; the PIL path's
+    # augmentation seed lives in the dataset, so set it ourselves (the tensor path's dataset has
+    # no epoch: its views are drawn in the step).
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
     batches = loader
     if progress.step_in_epoch:
         batches = accelerator.skip_first_batches(loader, progress.step_in_epoch)
@@ -185,7 +191,7 @@ def train_one_epoch(
     for batch in batches:
         set_step_seed(seed, epoch, progress.step_in_epoch, rank, data_seed)
         with accelerator.accumulate(model):
-            parts = step_loss(model, batch)
+            parts = step(model, batch, epoch, progress.step_in_epoch)
             accelerator.backward(parts.total)
             if accelerator.sync_gradients and clip_grad is not None:
                 accelerator.clip_grad_norm_(model.parameters(), clip_grad)
@@ -249,3 +255,43 @@ def evaluate(
     if count == 0:
         return {k: math.nan for k in sums}
     return {k: v / count for k, v in sums.items()}
+
+
+def evaluate_teacher(
+    accelerator: Accelerator, teacher: Any, loader: Any, outputs: Any = None
+) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
+    """One teacher pass over the val split: its accuracy, and its logits by image index, kept for
+    every epoch's agreement and KL (the val transform is deterministic, so they never change).
+    ``outputs``: the teacher-output cache, whose val table replays them."""
+    logits_by_index: dict[int, torch.Tensor] = {}
+    first = [True]
+    if outputs is not None:
+        outputs.open_val()
+
+    def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if outputs is not None:
+            logits = outputs.val_logits(batch["index"], batch["image"], teacher, first[0])
+            first[0] = False
+        else:
+            logits = teacher(batch["image"])
+        for i, row in zip(batch["index"].tolist(), logits, strict=True):
+            logits_by_index[i] = row
+        return {"top1": (logits.argmax(-1) == batch["label"]).float()}
+
+    return evaluate(accelerator, loader, forward), logits_by_index
+
+
+def evaluate_student(
+    accelerator: Accelerator, model: torch.nn.Module, loader: Any, teacher_logits: dict[int, torch.Tensor] | None
+) -> dict[str, float]:
+    """Per-head accuracy, and agreement/KL with the teacher's stored val logits when given."""
+    model.eval()
+
+    def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cls, dist = student_heads(model, batch["image"])
+        t = None
+        if teacher_logits is not None:
+            t = torch.stack([teacher_logits[i] for i in batch["index"].tolist()])
+        return student_sample_stats(cls.float(), dist.float(), batch["label"], t)
+
+    return evaluate(accelerator, loader, forward)

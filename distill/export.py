@@ -171,8 +171,23 @@ def reload_max_diff(model: nn.Module, export_dir: Path, images: torch.Tensor) ->
     return diff
 
 
-def read_export_config(export_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(export_dir) / "config.json").read_text())
+def export_run_student(
+    student: nn.Module, out: Path, recipe: Any, split: Any, summary: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """A finished run's export: the timm folder with its card, reloaded through timm alone on a
+    few real validation images (a broken export fails the run here)."""
+    from distill.models import student_model_args
+    from distill.pipeline import InputSpec, eval_transform
+
+    card = card_info(
+        recipe.run.name, student, recipe, split.num_classes, summary, summary["data"], summary["epochs"], "last"
+    )
+    export_timm(student, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
+    eval_tf = eval_transform(InputSpec.from_timm(student.pretrained_cfg))
+    probe = torch.stack([eval_tf(split.val[i]["image"].convert("RGB")) for i in range(min(8, len(split.val)))])
+    diff = reload_max_diff(student.cpu(), out, probe)
+    student.to(device)
+    return {"path": str(out), "reload_max_abs_diff": diff}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,26 +258,16 @@ def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> di
     return {"file": path.name, "max_abs_diff": diff, "ok": diff <= PARITY_TOL, "checked_images": len(images)}
 
 
-def _checkpoint_row(loaded: Any) -> dict[str, Any] | None:
-    """The metrics.jsonl row the run logged at this checkpoint's step, if it evaluated there."""
-    from distill.tracking import read_metrics
-
-    if loaded.progress is None or not (loaded.run_dir / "metrics.jsonl").is_file():
-        return None
-    at = (loaded.progress["epoch"], loaded.progress["global_step"])
-    return next((row for row in read_metrics(loaded.run_dir) if (row.get("epoch"), row.get("step")) == at), None)
-
-
 def _run_metric(loaded: Any, head: str, ema: bool) -> float | None:
     """What the run itself logged for this checkpoint's epoch and head, if it evaluated it."""
-    row = _checkpoint_row(loaded)
+    row = loaded.logged_row()
     return None if row is None else row.get(f"{'val_ema' if ema else 'val'}/top1_{head}")
 
 
 def _card_results(loaded: Any, summary: dict[str, Any], ema: bool) -> dict[str, Any]:
     """The validation results of the exported weights: the row logged at their checkpoint (the
     EMA's under val/* names for an EMA export), else the run's final ones."""
-    row = _checkpoint_row(loaded)
+    row = loaded.logged_row()
     if row is None:
         return summary.get("final", {})
     prefix = "val_ema/" if ema else "val/"
@@ -271,17 +276,17 @@ def _card_results(loaded: Any, summary: dict[str, Any], ema: bool) -> dict[str, 
 
 def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: list[str], out: Path) -> dict[str, Any]:
     """Export one checkpoint of a run and prove the export: parity and re-validation."""
+    from distill.artifacts import load_checkpoint_student, load_export, resolve_checkpoint, score
     from distill.data import load_source
-    from distill.evaluate import evaluate_model, load_checkpoint_student
-    from distill.evaluate import resolve_checkpoint as resolve
     from distill.models import student_model_args
+    from distill.pipeline import eval_transform
+    from distill.rundir import RunDir
 
-    loaded = load_checkpoint_student(run_dir, resolve(run_dir, checkpoint), ema)
+    loaded = load_checkpoint_student(run_dir, resolve_checkpoint(run_dir, checkpoint), ema)
     recipe = loaded.recipe
     split = load_source(recipe.data)
     model = select_head(loaded.model, head)
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = RunDir(run_dir).summary()
     data = summary.get("data") or {
         "source": recipe.data.source, "path": recipe.data.path, "train_size": len(split.train),
         "val_size": len(split.val), "val_origin": split.val_origin,
@@ -292,9 +297,7 @@ def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: li
     card = card_info(out.name, model, recipe, split.num_classes, shown, data, loaded.progress["epoch"], weights)
     export_timm(model, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
 
-    from distill.data import eval_transform
-
-    tf = eval_transform(loaded.data_config)
+    tf = eval_transform(loaded.spec)
     images = torch.stack([tf(split.val[i]["image"].convert("RGB")) for i in range(min(16, len(split.val)))])
     check: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "ema": ema, "head": head, "formats": {}}
     check["formats"]["timm"] = {"max_abs_diff": reload_max_diff(model, out, images), "checked_images": len(images)}
@@ -306,11 +309,9 @@ def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: li
 
     # Re-validation: the export, loaded by timm alone, must score exactly what the run's student
     # scores on the same split with the same preprocessing and batch size.
-    from distill.evaluate import load_export
-
     batch = recipe.eval.batch_size
-    ours = evaluate_model(loaded, split.val, batch, device=torch.device("cpu"))
-    theirs = evaluate_model(load_export(out), split.val, batch, device=torch.device("cpu"))
+    ours = score(loaded, split.val, batch, device=torch.device("cpu"))
+    theirs = score(load_export(out), split.val, batch, device=torch.device("cpu"))
     logged = _run_metric(loaded, head, ema)
     check["revalidation"] = {
         "split": f"val ({split.val_origin}, {len(split.val)} images)",

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from distill.config import PROVENANCE_KEY, Recipe
+from distill.config import PROVENANCE_KEY, DataConfig, Recipe
 
 
 class Effect(str, Enum):
@@ -52,7 +52,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     # -- run ------------------------------------------------------------------------------------
     "run.name": RESULT_ONLY,  # where the run lives; kept in the resume check as before
     "run.output_dir": RESULT_ONLY,  # likewise (the caches under it are found by key, not by place)
-    # The data stream's seed when data.seed is None (trainer.data_seed); the teacher stage seeds
+    # The data stream's seed when data.seed is None (pipeline.data_seed); the teacher stage seeds
     # from teacher.train.seed, so a trained teacher does not depend on it.
     "run.seed": IN_OUTPUTS,
     "run.resume": NO_EFFECT,  # whether to continue, not what the continuation computes
@@ -96,7 +96,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "data.augment.cutmix": IN_TEACHER,
     "data.augment.mixup_prob": IN_TEACHER,
     "data.augment.mixup_switch_prob": IN_TEACHER,
-    "data.augment.crop_pct": IN_TEACHER,  # part of the input spec (trainer.input_config)
+    "data.augment.crop_pct": IN_TEACHER,  # part of the input spec (pipeline.student_input_spec)
     "data.augment.interpolation": IN_TEACHER,  # likewise
     # -- teacher ---------------------------------------------------------------------------------
     "teacher.model": IN_TEACHER,
@@ -141,7 +141,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "teacher.train.drop_path": IN_TEACHER,
     "teacher.train.seed": IN_TEACHER,  # init, order, views and mixup of the teacher stage
     # -- student ---------------------------------------------------------------------------------
-    # The input spec comes from a probe of the student (trainer.input_config): its registry
+    # The input spec comes from a probe of the student (pipeline.student_input_spec): its registry
     # config's mean/std, crop_pct and interpolation, and its image size. The teacher is trained
     # on it and fed it (distillation.token, below, picks the probed model too).
     "student.model": IN_TEACHER,
@@ -159,9 +159,9 @@ TABLE: dict[str, frozenset[Effect]] = {
     "distillation.alpha": RESULT_ONLY,
     "distillation.tau": RESULT_ONLY,  # applied to logits after the teacher, not inside it
     "distillation.kl_norm": RESULT_ONLY,
-    # Picks the model whose registry config gives the input spec: the plain twin when False
-    # (pipeline.student_input_spec probes it; trainer.input_config probed the distilled one).
-    "distillation.token": IN_TEACHER,
+    # The input spec is read from the distilled model's registry config either way
+    # (pipeline.student_input_spec), so the token changes the student only.
+    "distillation.token": RESULT_ONLY,
     # -- train (the student's; the teacher stage reads teacher.train) --------------------------
     "train.epochs": RESULT_ONLY,  # epoch e's stream is a function of (data seed, e), not of the total
     # The global batch and its split into micro-batches fix the rows of each micro-step (and so
@@ -268,3 +268,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def data_fields(data: DataConfig, effect: Effect) -> dict[str, Any]:
+    """Like ``fields`` for the data section alone (``data.load_source`` has no whole recipe)."""
+    tree = {"data": data.model_dump(mode="json")}
+    return {p: _lookup(tree, p) for p in sorted(TABLE) if p.startswith("data.") and effect in TABLE[p]}

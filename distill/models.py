@@ -1,21 +1,16 @@
-"""Students (timm's distilled ViT) and frozen CNN teachers.
-
-The teacher is never passed to ``accelerator.prepare``: prepared models are DDP-wrapped and
-written into every ``save_state`` checkpoint (measured: model_1/model_2.safetensors appeared).
-It is moved to the device, put in eval mode with gradients off, and called under autocast.
-"""
+"""The student (timm's distilled ViT): build, initialise from weights, call its heads; and the
+safe weights reader that students and teachers share (teacher.py has the teacher)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.config import StudentConfig, TeacherConfig
+from distill.config import StudentConfig
 from distill.errors import RecipeError, TeacherError
 
 REGISTRY_PROVENANCE_KEYS = (
@@ -33,7 +28,7 @@ REGISTRY_PROVENANCE_KEYS = (
 STUDENT_SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
-def _create(name: str, where: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, where: str, **kwargs: Any) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -71,7 +66,7 @@ def build_student(cfg: StudentConfig, num_classes: int, token: bool = True) -> n
     from timm.models.deit import VisionTransformerDistilled
 
     name = cfg.model if token else plain_counterpart(cfg.model)
-    model = _create(name, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes))
+    model = create_model(name, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes))
     if token and not isinstance(model, VisionTransformerDistilled):
         raise RecipeError(
             f"student.model '{cfg.model}' is a {type(model).__name__}, not a distilled ViT; use a "
@@ -100,7 +95,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise RecipeError(f"student.init {path} does not exist")
     try:
-        return _read_state_dict(path)
+        return read_state_dict(path)
     except TeacherError as exc:
         raise RecipeError(str(exc).replace("teacher checkpoint", "student.init")) from None
 
@@ -151,12 +146,6 @@ def init_student(model: nn.Module, path: Path) -> dict[str, list[str]]:
     return report
 
 
-def student_data_config(model: nn.Module) -> dict[str, Any]:
-    from timm.data import resolve_model_data_config
-
-    return resolve_model_data_config(model)
-
-
 def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cls logits, dist logits) in any mode, without timm's train/eval output switch. A plain
     ViT has one head, which then plays both parts."""
@@ -173,7 +162,7 @@ def as_heads(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher
+# Weights files
 
 
 def file_sha256(path: Path) -> str:
@@ -184,7 +173,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from safetensors, or torch files under ``weights_only=True`` (no pickle code)."""
     try:
         if path.suffix == ".safetensors":
@@ -204,126 +193,3 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TeacherError(f"teacher checkpoint {path} does not hold a state dict of tensors")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-
-
-def _resolve_checkpoint(cfg: TeacherConfig) -> tuple[str, Path, dict[str, Any]]:
-    """(architecture, weights file, extra model args); a timm Hub folder brings its own arch."""
-    path = Path(str(cfg.checkpoint)).expanduser()
-    if not path.exists():
-        raise TeacherError(
-            f"teacher.checkpoint {path} does not exist; give a weights file, or remove "
-            "teacher.checkpoint and add a teacher.train section to train one"
-        )
-    if path.is_dir():
-        config_file, weights = path / "config.json", path / "model.safetensors"
-        if not config_file.is_file() or not weights.is_file():
-            raise TeacherError(f"teacher folder {path} lacks config.json and model.safetensors")
-        meta = json.loads(config_file.read_text())
-        return meta["architecture"], weights, dict(meta.get("model_args", {}))
-    return cfg.model, path, {}
-
-
-def load_teacher_weights(model: nn.Module, path: Path, arch: str, num_classes: int) -> None:
-    sd = _read_state_dict(path)
-    own = model.state_dict()
-    head = model.get_classifier()
-    prefix = next(name for name, module in model.named_modules() if module is head)
-    head_keys = [f"{prefix}.{name}" for name, _ in head.named_parameters()]  # weight first
-    for key in head_keys:
-        if key in sd and sd[key].shape != own[key].shape:
-            raise TeacherError(
-                f"teacher checkpoint {path} has a {sd[key].shape[0]}-class head ('{key}') but the "
-                f"data has {num_classes} classes; use a teacher trained on these classes"
-            )
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or mismatched:
-        sample = (missing + unexpected + mismatched)[:4]
-        raise TeacherError(
-            f"teacher checkpoint {path} does not fit teacher.model '{arch}': {len(missing)} "
-            f"missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys (e.g. "
-            f"{', '.join(sample)}); check teacher.model and teacher.model_args"
-        )
-    model.load_state_dict(sd, strict=True)
-
-
-class FrozenTeacher(nn.Module):
-    """A frozen teacher fed the student's input, re-normalised to the teacher's statistics.
-
-    DeiT feeds the teacher the very tensor the student gets (after mixup); timm's
-    DistillationTeacher re-normalises when the two normalisations differ. We do the same.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        student_mean: tuple[float, ...],
-        student_std: tuple[float, ...],
-        teacher_mean: tuple[float, ...],
-        teacher_std: tuple[float, ...],
-        inference_mode: bool = True,
-        channels_last: bool = True,
-        compile: bool = False,
-    ) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        # inference_mode + channels_last: resnet10t at 16 px, batch 64, on 2 CPU cores went
-        # from 20.2 ms to 15.0 ms (measured); channels-last is also the fast conv layout on GPUs.
-        self.inference_mode, self.channels_last = inference_mode, channels_last
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward_model: Any = torch.compile(self.model) if compile else self.model
-        self.renormalise = tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(teacher_std)
-
-        def col(v: tuple[float, ...]) -> torch.Tensor:
-            return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
-
-        self.register_buffer("s_mean", col(student_mean), persistent=False)
-        self.register_buffer("s_std", col(student_std), persistent=False)
-        self.register_buffer("t_mean", col(teacher_mean), persistent=False)
-        self.register_buffer("t_std", col(teacher_std), persistent=False)
-
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        return super().train(False)  # frozen: BatchNorm statistics never move
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode() if self.inference_mode else torch.no_grad():
-            if self.renormalise:
-                images = (images * self.s_std + self.s_mean - self.t_mean) / self.t_std
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            logits = self.forward_model(images)
-        return logits.float().clone()  # a normal tensor again: losses may save it for backward
-
-
-def build_teacher_model(arch: str, num_classes: int, model_args: dict[str, Any], drop_path: float = 0.0) -> nn.Module:
-    kwargs = {**model_args, "num_classes": num_classes}
-    if drop_path:
-        kwargs["drop_path_rate"] = drop_path
-    return _create(arch, "teacher.model", **kwargs)
-
-
-def load_teacher(cfg: TeacherConfig, num_classes: int, path: Path | None = None) -> tuple[nn.Module, str, Path]:
-    """A teacher with weights from ``path`` (or teacher.checkpoint): (model, arch, weights file)."""
-    if path is None:
-        arch, weights, extra = _resolve_checkpoint(cfg)
-    else:
-        arch, weights, extra = cfg.model, path, {}
-    model = build_teacher_model(arch, num_classes, {**extra, **cfg.model_args})
-    load_teacher_weights(model, weights, arch, num_classes)
-    return model, arch, weights
-
-
-def teacher_normalisation(
-    cfg: TeacherConfig, model: nn.Module, fallback: dict[str, Any] | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The teacher's input mean/std: the recipe's, else what it was trained with, else timm's."""
-    if cfg.mean is not None and cfg.std is not None:
-        return tuple(cfg.mean), tuple(cfg.std)
-    if fallback is not None:
-        return tuple(fallback["mean"]), tuple(fallback["std"])
-    from timm.data import resolve_model_data_config
-
-    dc = resolve_model_data_config(model)
-    return tuple(dc["mean"]), tuple(dc["std"])

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
+from distill.tracking import read_metrics
 
 VARIANT_ORDER = ("hard", "soft", "none", "hard-notoken", "soft-notoken", "none-notoken")
 HEADS = ("cls", "dist", "fused")
@@ -54,7 +55,7 @@ def load_run(path: Path) -> RunRecord:
         if not (path / name).is_file():
             raise DistillError(f"{path} is not a finished run: {name} is missing")
     recipe = yaml.safe_load((path / "recipe.yaml").read_text())
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(path)
     if not metrics:
         raise DistillError(f"{path}/metrics.jsonl holds no evaluation")
     d = recipe["distillation"]

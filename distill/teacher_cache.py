@@ -40,7 +40,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from distill import __version__
+from distill.config import Recipe
+from distill.data import SplitData
 from distill.errors import TrainingError
+from distill.keys import TEACHER_OUTPUTS, fields
+from distill.optim import BatchPlan
+from distill.pipeline import InputPipeline
 
 KEY_FILE = "key.json"
 
@@ -231,3 +237,45 @@ class TeacherOutputCache:
         for t in self._tables.values():
             t.flush()
         self._tables.clear()
+
+
+def open_output_cache(
+    accelerator: Accelerator, recipe: Recipe, teacher: Any, split: SplitData, pipeline: InputPipeline, plan: BatchPlan
+) -> TeacherOutputCache | None:
+    """The run's teacher-output cache when it is enabled and there is a teacher, else None.
+
+    The folder is named by the hash of everything the outputs depend on: the recipe fields that
+    keys.py marks TEACHER_OUTPUTS (the global batch and accumulation among them: they fix how
+    many rows an epoch has and which images share a batch), the teacher's own fingerprint, the
+    splits' identity, and what the recipe does not say (world size, resolved data path, device,
+    versions)."""
+    cfg = recipe.teacher.output_cache
+    if not cfg.enabled or teacher is None:
+        return None
+    acc = accelerator
+    key = {
+        "fields": fields(recipe, TEACHER_OUTPUTS),
+        "teacher": teacher.fingerprint(),
+        "train_split": [len(split.train), labels_digest(list(split.train["label"]))],
+        "val_split": [len(split.val), labels_digest(list(split.val["label"]))],
+        "world_size": acc.num_processes,
+        "per_process_batch": plan.per_process,
+        "torch": torch.__version__,
+        "distill": __version__,  # how views are drawn and resampled may change between versions
+        "store": pipeline.store,  # the resolved data path: its views differ from the other's
+        "device": acc.device.type,
+    }
+    cache = TeacherOutputCache(
+        acc,
+        cfg.dir or recipe.run.output_dir / "teacher_outputs",
+        key,
+        split.num_classes,
+        rows_per_epoch=len(pipeline.train_loader) * acc.num_processes * plan.per_process,
+        per_process_batch=plan.per_process,
+        val_rows=len(split.val),
+        budget_mb=cfg.budget_mb,
+        topk=cfg.topk,
+        verify_every=cfg.verify_every,
+    )
+    acc.print(f"teacher outputs: cache {cache.dir} ({cache.mode if cache.mode == 'full' else f'top-{cache.k}'})")
+    return cache

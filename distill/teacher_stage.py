@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,87 +22,61 @@ from accelerate import Accelerator
 
 from distill import __version__
 from distill.config import Recipe
-from distill.data import SplitData, build_mixup, seeded, train_eval_loaders
+from distill.data import SplitData, seeded
 from distill.engine import Progress, evaluate, train_one_epoch
 from distill.errors import RecipeError, TeacherError
-from distill.losses import classification_loss
+from distill.keys import TEACHER, fields
 from distill.metrics import classifier_sample_stats
-from distill.models import (
-    FrozenTeacher,
-    build_teacher_model,
-    file_sha256,
-    load_teacher,
-    teacher_normalisation,
-)
 from distill.optim import batch_plan, build_optimizer, build_scheduler
-from distill.tensor_store import batch_pipeline
+from distill.pipeline import InputSpec, build_pipeline
+from distill.step import Step
+from distill.teacher import ConvnetTeacher, FrozenTeacher, build_teacher_model, load_teacher, teacher_normalisation
 
 TEACHER_INFO = "teacher.json"
 
 
-@dataclass
-class Teacher:
-    module: FrozenTeacher
-    architecture: str
-    weights: Path
-    sha256: str
-    trained_here: bool  # trained by this command (False: loaded from a file or the cache)
-    val_top1: float = math.nan
-
-
-def teacher_key(recipe: Recipe, data_config: dict[str, Any], num_classes: int) -> str:
+def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
+    """The trained-teacher cache key: every field that changes a trained teacher (keys.py), its
+    input and the package version (how data is split and augmented may change between them)."""
     material = {
-        "model": recipe.teacher.model,
-        "model_args": recipe.teacher.model_args,
-        "train": recipe.teacher.train.model_dump(mode="json") if recipe.teacher.train else None,
-        "data": recipe.data.model_dump(mode="json", exclude={"num_workers"}),
-        "input": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "fields": fields(recipe, TEACHER),
+        "input": spec.timm_config(),
         "num_classes": num_classes,
-        "precision": recipe.train.precision,
-        "distill": __version__,  # how the data is split and augmented may change between versions
+        "distill": __version__,
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def cache_dir(recipe: Recipe) -> Path:
     return Path(recipe.teacher.cache_dir or Path(recipe.run.output_dir) / "teachers")
 
 
-def train_teacher(
-    accelerator: Accelerator,
-    recipe: Recipe,
-    split: SplitData,
-    transforms: tuple[Any, Any],
-    data_config: dict[str, Any],
-    out: Path,
-) -> None:
-    """Train the teacher with cross-entropy on the student's data pipeline; save it to ``out``."""
+def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec, out: Path) -> None:
+    """Train the teacher with cross-entropy on the student's input pipeline; save it to ``out``."""
     cfg = recipe.teacher.train
     assert cfg is not None
     arch = recipe.teacher.model
     plan = batch_plan(cfg, accelerator.num_processes, "teacher.train")
     with seeded(cfg.seed):
         model = build_teacher_model(arch, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
-    eval_batch = math.ceil(recipe.eval.batch_size / accelerator.num_processes)
-    store, augment = batch_pipeline(recipe.data, split.train, data_config, cfg.seed)  # as the student's stage
-    train_loader, val_loader = train_eval_loaders(
-        split, transforms, cfg.seed, plan.per_process, plan.global_batch, eval_batch, recipe.data.num_workers, store
+    pipeline = build_pipeline(
+        recipe.data,
+        split,
+        spec,
+        cfg.seed,  # its own data stream: one teacher serves every seed of a study
+        per_process_batch=plan.per_process,
+        global_batch=plan.global_batch,
+        eval_batch=math.ceil(recipe.eval.batch_size / accelerator.num_processes),
+        label_smoothing=cfg.label_smoothing,
     )
     optimizer = build_optimizer(model, cfg)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, pipeline.train_loader, pipeline.val_loader
+    )
     accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    mixup = build_mixup(recipe.data.augment, cfg.label_smoothing, split.num_classes, plan.per_process)
-
-    def step_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-        images, targets = batch["image"], batch["label"]
-        if augment is not None:  # data.store=tensor: uint8 in, the (seed, epoch, index) view out
-            images = augment(images, batch["index_host"], progress.epoch)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        return classification_loss(m(images), targets, cfg.label_smoothing)
-
+    step = Step(pipeline.prepare, label_smoothing=cfg.label_smoothing)
     progress = Progress()
     last: dict[str, float] = {}
     start = time.perf_counter()
@@ -115,7 +88,7 @@ def train_teacher(
             train_loader,
             optimizer,
             scheduler,
-            step_loss,
+            step,
             progress,
             epoch=epoch,
             seed=cfg.seed,
@@ -129,7 +102,7 @@ def train_teacher(
     stats = evaluate(accelerator, val_loader, lambda b: classifier_sample_stats(unwrapped(b["image"]), b["label"]))
     accelerator.print(f"teacher: val top-1 {100 * stats['top1']:.2f}% after {time.perf_counter() - start:.0f}s")
     if accelerator.is_main_process:
-        _save_teacher(unwrapped, out, recipe, split, data_config, stats)
+        _save_teacher(unwrapped, out, recipe, split, spec, stats)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the next stage prepares the student; nothing of this may linger
 
@@ -139,7 +112,7 @@ def _save_teacher(
     out: Path,
     recipe: Recipe,
     split: SplitData,
-    data_config: dict[str, Any],
+    spec: InputSpec,
     stats: dict[str, float],
 ) -> None:
     from timm.models import save_for_hf
@@ -148,7 +121,8 @@ def _save_teacher(
     shutil.rmtree(tmp, ignore_errors=True)
     # The teacher learnt on the student's preprocessing; record it so a later load re-normalises
     # correctly (pretrained_cfg mean/std are what FrozenTeacher compares).
-    model.pretrained_cfg = {**model.pretrained_cfg, **{k: data_config[k] for k in ("input_size", "mean", "std")}}
+    dc = spec.timm_config()
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: dc[k] for k in ("input_size", "mean", "std")}}
     save_for_hf(
         model,
         str(tmp),
@@ -180,13 +154,10 @@ def _folder_normalisation(folder: Path) -> dict[str, Any] | None:
 
 
 def obtain_teacher(
-    accelerator: Accelerator,
-    recipe: Recipe,
-    split: SplitData,
-    transforms: tuple[Any, Any],
-    data_config: dict[str, Any],
-) -> Teacher | None:
-    """The frozen teacher on the device, or None when the recipe has none and needs none."""
+    accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec
+) -> ConvnetTeacher | None:
+    """The frozen teacher on the device, fed student-space batches of ``spec``, or None when the
+    recipe has none and needs none."""
     cfg = recipe.teacher
     trained_here = False
     if cfg.checkpoint is not None:
@@ -194,9 +165,9 @@ def obtain_teacher(
         folder = Path(str(cfg.checkpoint)).expanduser()
         stored = _folder_normalisation(folder) if folder.is_dir() else None
     elif cfg.train is not None:
-        folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, data_config, split.num_classes)}"
+        folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, spec, split.num_classes)}"
         if not (folder / TEACHER_INFO).is_file():
-            train_teacher(accelerator, recipe, split, transforms, data_config, folder)
+            train_teacher(accelerator, recipe, split, spec, folder)
             trained_here = True
         else:
             accelerator.print(f"teacher: reusing {folder} (same teacher settings)")
@@ -210,14 +181,14 @@ def obtain_teacher(
     else:
         return None
     mean, std = teacher_normalisation(cfg, model, stored)
-    module = FrozenTeacher(
-        model, data_config["mean"], data_config["std"], mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile
-    )
+    module = FrozenTeacher(model, spec.mean, spec.std, mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile)
     module.to(accelerator.device)
-    return Teacher(module, arch, weights, file_sha256(weights), trained_here)
+    # Today it sees the student's size and crop; its own normalisation.
+    own = InputSpec(spec.size, mean, std, spec.crop_pct, spec.interpolation)  # type: ignore[arg-type]
+    return ConvnetTeacher(module, own, arch, weights, trained_here, accelerator.autocast)
 
 
-def check_teacher(teacher: Teacher, top1: float, num_classes: int, min_top1: float | None) -> None:
+def check_teacher(teacher: ConvnetTeacher, top1: float, num_classes: int, min_top1: float | None) -> None:
     """Refuse a teacher at (near) chance accuracy: distilling from it only adds noise."""
     teacher.val_top1 = top1
     threshold = min_top1 if min_top1 is not None else 1.5 / num_classes

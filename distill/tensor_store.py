@@ -25,27 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distill.config import AugmentConfig, DataConfig
-from distill.errors import DataError, RecipeError
+from distill.config import AugmentConfig
+from distill.data import decode_rgb, describe, open_image
+from distill.errors import DataError
 
 # Beyond this the batched resample stops paying for itself against decoding (and the store's
 # memory grows: 50,000 CIFAR images are 150 MB; 1.28 M ImageNet ones at 224 px would be 190 GB).
 MAX_STORE_SIDE = 64
-
-
-def tensor_path_problem(aug: AugmentConfig, interpolation: str | None = None) -> str | None:
-    """Why the tensor path cannot reproduce this augmentation, or None when it can
-    (``interpolation``: the resolved one, the student's own when the recipe sets none)."""
-    if aug.auto_augment:
-        return f"data.augment.auto_augment={aug.auto_augment}"
-    if aug.color_jitter > 0:
-        return f"data.augment.color_jitter={aug.color_jitter}"
-    if aug.re_prob > 0:
-        return f"data.augment.re_prob={aug.re_prob}"
-    chosen = aug.interpolation or interpolation
-    if chosen is not None and chosen not in FILTERS:
-        return f"interpolation {chosen!r} (it resamples with {', '.join(FILTERS)})"
-    return None
 
 
 _DECODED: dict[str, torch.Tensor] = {}
@@ -69,8 +55,6 @@ def decode_all(ds: Any) -> torch.Tensor:
 def _decode_all(ds: Any) -> torch.Tensor:
     import datasets
 
-    from distill.data import decode_rgb, describe
-
     raw = ds.cast_column("image", datasets.Image(decode=False))["image"]
     first = None
     out: torch.Tensor | None = None
@@ -93,46 +77,17 @@ def store_fits(ds: Any) -> bool:
     """'auto': the first image is small enough for the store (sizes are checked while decoding)."""
     import datasets
 
-    from distill.data import open_image
-
     cell = ds.cast_column("image", datasets.Image(decode=False))[0]["image"]
     w, h = open_image(cell).size
     return max(w, h) <= MAX_STORE_SIDE
-
-
-def resolve_store(cfg: DataConfig, train: Any, interpolation: str | None = None) -> str:
-    """data.store for this run: 'tensor' or 'decode' ('auto': tensor when it can do the job)."""
-    if cfg.store == "decode":
-        return "decode"
-    problem = tensor_path_problem(cfg.augment, interpolation)
-    if cfg.store == "tensor":
-        if problem is not None:
-            raise RecipeError(
-                f"data.store=tensor augments with crop and flip only and cannot apply {problem}; "
-                "set data.store=decode (or auto), or switch that augmentation off"
-            )
-        return "tensor"
-    return "tensor" if problem is None and store_fits(train) else "decode"
-
-
-def batch_pipeline(
-    cfg: DataConfig, train: Any, data_config: dict[str, Any], seed: int
-) -> tuple[str, BatchAugment | None]:
-    """``data.store`` resolved for this data and input, with the batch augmentation the tensor
-    path applies (None when decoding): the teacher stage, the student's and the bench share it."""
-    store = resolve_store(cfg, train, data_config["interpolation"])
-    return store, BatchAugment(cfg.augment, data_config, seed) if store == "tensor" else None
 
 
 class StoredImages(Dataset):
     """Decoded uint8 images by index: ``(image_uint8, label, index)`` like AugmentedDataset."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int]) -> None:
+        # No epoch here: the view is drawn on the device by BatchAugment, keyed by epoch there.
         self.images, self.labels = images, torch.as_tensor(list(labels), dtype=torch.long)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # the view is drawn on the device (BatchAugment), keyed by epoch there
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -226,19 +181,27 @@ class BatchAugment:
     against the PIL path's 98.9% on the quickstart; this one 98.1%, 97.8%, 97.2% for seeds 0-2
     against 98.9%, 96.9%, 96.7%)."""
 
-    def __init__(self, aug: AugmentConfig, data_config: dict[str, Any], seed: int) -> None:
+    def __init__(
+        self,
+        aug: AugmentConfig,
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str,
+        seed: int,
+    ) -> None:
         self.scale, self.log_ratio = aug.scale, (math.log(aug.ratio[0]), math.log(aug.ratio[1]))
         self.ratio = aug.ratio
         self.hflip, self.seed = aug.hflip, seed
-        self.interpolation = data_config.get("interpolation", "bicubic")
+        self.interpolation = interpolation
         if self.interpolation not in FILTERS:
             raise DataError(
                 f"data.store=tensor resamples with {sorted(FILTERS)}, not {self.interpolation!r}; "
                 "set data.augment.interpolation or data.store=decode"
             )
-        self.size = tuple(data_config["input_size"][-2:])
-        self.mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+        self.size = tuple(size)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def boxes(self, epoch: int, index: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``[B, 5]`` int64 (top, left, height, width, flip) of each image's view, drawn from

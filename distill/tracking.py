@@ -100,12 +100,8 @@ class RunLog:
         """Keep the evaluations of epochs the resumed checkpoint had completed."""
         if not self.metrics_path.exists():
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= resume_epoch
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_metrics(self.metrics_path.parent) if row.get("epoch", 0) <= resume_epoch]
+        self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -138,5 +134,6 @@ class RunLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, one dict per evaluation: the one reader of that file."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -46,23 +46,18 @@ def disk_full(nth: int) -> None:
 def nan_rank(rank: int, nth: int) -> None:
     import torch
 
-    from distill.trainer import DistillRun
+    from distill.step import Step
 
-    real_step_loss, calls = DistillRun._step_loss, [0]
+    real_call, calls = Step.__call__, [0]
 
-    def _step_loss(self: DistillRun, *args: Any) -> Any:
-        inner = real_step_loss(self, *args)
+    def call(self: Step, *args: Any) -> Any:
+        parts = real_call(self, *args)
+        calls[0] += 1
+        if int(os.environ.get("RANK", "0")) == rank and calls[0] == nth:
+            return parts._replace(total=parts.total * torch.nan)
+        return parts
 
-        def step_loss(model: Any, batch: Any) -> Any:
-            parts = inner(model, batch)
-            calls[0] += 1
-            if self.accelerator.process_index == rank and calls[0] == nth:
-                return parts._replace(total=parts.total * torch.nan)
-            return parts
-
-        return step_loss
-
-    DistillRun._step_loss = _step_loss
+    Step.__call__ = call  # type: ignore[method-assign]
 
 
 def main() -> int:

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from distill.config import load_recipe
-from distill.data import AugmentedDataset, bad_images, build_transforms, load_source, make_loader
+from distill.data import bad_images, load_source
 from distill.errors import DataError
+from distill.pipeline import AugmentedDataset, InputSpec, build_transforms, make_loader
 from tests.conftest import SMOKE, run_train
 
 
@@ -40,8 +41,7 @@ def folder_recipe(root: Path, *extra: str) -> Any:
 
 
 def transforms(recipe: Any) -> tuple[Any, Any]:
-    dc = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0, "interpolation": "bicubic"}
-    return build_transforms(recipe.data.augment, dc)
+    return build_transforms(recipe.data.augment, InputSpec((16, 16), (0.5,) * 3, (0.5,) * 3, 1.0, "bicubic"))
 
 
 def test_bad_images_lists_non_images_and_truncated_files(bad_folder: Path) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from distill import bench
 from distill.config import load_recipe
-from distill.models import FrozenTeacher
+from distill.teacher import ConvnetTeacher, FrozenTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
@@ -140,7 +140,8 @@ def test_ours_and_reference_compute_the_same_loss(kd: str) -> None:
     recipe = load_recipe(SMOKE)
     problem = bench.build_problem(recipe, 4, kd, torch.device("cpu"))
     p = problem
-    teacher = FrozenTeacher(copy.deepcopy(p.teacher), p.student_mean, p.student_std, p.teacher_mean, p.teacher_std)
+    module = FrozenTeacher(copy.deepcopy(p.teacher), p.student_mean, p.student_std, p.teacher_mean, p.teacher_std)
+    teacher = ConvnetTeacher(module, p.teacher_spec(), "resnet10t", None, False)
     ours = bench.OursStep(problem, bench.Settings("fp32"), kd, teacher)
     reference = bench.ReferenceStep(problem)
     ours_loss, ref_loss = ours.loss().total, reference.loss()

@@ -10,8 +10,9 @@ import torch
 
 from distill.compare import Variant, study_plan
 from distill.config import load_recipe
-from distill.data import build_transforms, load_source, train_eval_loaders
+from distill.data import load_source
 from distill.errors import RecipeError
+from distill.pipeline import build_pipeline, data_seed, student_input_spec
 from tests.conftest import SMOKE, check_ok, subprocess_env
 
 SMOKE_BASE = ["data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25"]
@@ -40,13 +41,13 @@ def test_study_plan_names_and_overrides(tmp_path: Path) -> None:
 
 def first_batches(overrides: list[str], n: int = 3) -> list[dict[str, torch.Tensor]]:
     """The first training batches of epoch 1 exactly as the trainer builds its loader."""
-    from distill.models import build_student, student_data_config
-
     r = load_recipe(SMOKE, overrides)
     split = load_source(r.data)
-    dc = student_data_config(build_student(r.student, split.num_classes, r.distillation.token))
-    dc["crop_pct"] = r.data.augment.crop_pct or dc["crop_pct"]
-    train, _ = train_eval_loaders(split, build_transforms(r.data.augment, dc), r.run.seed, 16, 16, 32, 0)
+    pipeline = build_pipeline(
+        r.data, split, student_input_spec(r), data_seed(r),
+        per_process_batch=16, global_batch=16, eval_batch=32, label_smoothing=0.0,
+    )  # fmt: skip
+    train = pipeline.train_loader
     train.dataset.set_epoch(1)
     train.sampler.set_epoch(1)
     return [b for b, _ in zip(train, range(n), strict=False)]

@@ -11,26 +11,19 @@ import pytest
 import torch
 
 from distill.config import AugmentConfig, DataConfig, load_recipe
-from distill.data import (
+from distill.data import SplitData, load_source, sample_seed
+from distill.errors import DataError
+from distill.pipeline import (
     ORDER_KEY,
     AugmentedDataset,
     EpochSampler,
-    SplitData,
+    InputSpec,
     build_mixup,
     build_transforms,
-    load_source,
     make_loader,
-    sample_seed,
 )
-from distill.errors import DataError
 
-DATA_CONFIG: dict[str, Any] = {
-    "input_size": (3, 16, 16),
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "crop_pct": 1.0,
-    "interpolation": "bicubic",
-}
+DATA_CONFIG = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bicubic")
 
 
 def synthetic_cfg(*overrides: str) -> DataConfig:

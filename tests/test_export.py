@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill.artifacts import load_artifact
 from distill.errors import DistillError
-from distill.evaluate import load_model
 from distill.export import main as export_main
 from distill.export import run_export
 from distill.models import student_heads
@@ -74,7 +74,7 @@ def test_single_head_exports_give_that_heads_predictions(smoke_run: Path, tmp_pa
 
     check = run_export(smoke_run, "best", False, head, ["timm"], tmp_path / head)
     exported = timm.create_model(f"local-dir:{tmp_path / head}", pretrained=True).eval()
-    student = load_model(smoke_run, "best").model
+    student = load_artifact(smoke_run, "best").model
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cls, dist = student_heads(student, x)

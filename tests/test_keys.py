@@ -120,7 +120,6 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
     )
     assert rest == [
         "data.store",
-        "distillation.token",
         "student.img_size",
         "student.model",
         "teacher.model",

@@ -12,10 +12,15 @@ import torch
 from distill.config import AugmentConfig, load_recipe
 from distill.data import load_source
 from distill.errors import RecipeError
-from distill.tensor_store import BatchAugment, StoredImages, decode_all, resolve_store, uniforms
+from distill.pipeline import InputSpec, resolve_store
+from distill.tensor_store import BatchAugment, StoredImages, decode_all, uniforms
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
-CFG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+CFG = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0, "bicubic")
+
+
+def batch_augment(aug: AugmentConfig, spec: InputSpec, seed: int) -> BatchAugment:
+    return BatchAugment(aug, spec.size, spec.mean, spec.std, spec.interpolation, seed)
 
 
 def images(n: int = 6, side: int = 16) -> torch.Tensor:
@@ -34,9 +39,9 @@ def test_uniforms_are_a_function_of_seed_epoch_index_and_draw() -> None:
 def test_a_full_crop_is_the_image_and_hflip_mirrors_it() -> None:
     x = images()
     normalised = (x.float() / 255 - 0.5) / 0.25
-    keep = BatchAugment(AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0), CFG, seed=0)
+    keep = batch_augment(AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0), CFG, seed=0)
     assert torch.allclose(keep(x, torch.arange(6), 0), normalised, atol=1e-5)
-    mirror = BatchAugment(AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0), CFG, seed=0)
+    mirror = batch_augment(AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0), CFG, seed=0)
     assert torch.allclose(mirror(x, torch.arange(6), 0), normalised.flip(-1), atol=1e-5)
 
 
@@ -61,8 +66,8 @@ def test_views_are_pillows_resize_of_timms_crop(interpolation: str, side: int, o
     # Upscaling crops, as CIFAR (32 px) and digits (8 px -> 16) make: the tensor path must give the
     # pixels the PIL path gives for the same box, so the student trains on what it is tested on.
     x = images(64, side)
-    cfg = {"input_size": (3, out, out), "mean": (0, 0, 0), "std": (1, 1, 1), "interpolation": interpolation}
-    aug = BatchAugment(AugmentConfig(scale=(0.08, 1.0), hflip=0.5), cfg, seed=1)
+    cfg = InputSpec((out, out), (0, 0, 0), (1, 1, 1), 1.0, interpolation)
+    aug = batch_augment(AugmentConfig(scale=(0.08, 1.0), hflip=0.5), cfg, seed=1)
     ours = aug(x, np.arange(64), 0) * 255
     boxes = aug.boxes(0, np.arange(64), side, side)
     pil = torch.stack([pil_view(x[i], boxes[i].tolist(), out, interpolation) for i in range(64)])
@@ -78,8 +83,8 @@ def test_downscaled_views_stay_close_to_pillows() -> None:
     # Shrinking widens the filter (antialiasing) as Pillow does. Pillow 13 may run the vertical
     # pass first, which moves a clipped ringing pixel here and there: close, not identical.
     x = images(64, 40)
-    cfg = {"input_size": (3, 24, 24), "mean": (0, 0, 0), "std": (1, 1, 1), "interpolation": "bilinear"}
-    aug = BatchAugment(AugmentConfig(scale=(0.5, 1.0)), cfg, seed=2)
+    cfg = InputSpec((24, 24), (0, 0, 0), (1, 1, 1), 1.0, "bilinear")
+    aug = batch_augment(AugmentConfig(scale=(0.5, 1.0)), cfg, seed=2)
     ours = aug(x, np.arange(64), 0) * 255
     boxes = aug.boxes(0, np.arange(64), 40, 40)
     pil = torch.stack([pil_view(x[i], boxes[i].tolist(), 24, "bilinear") for i in range(64)])
@@ -99,7 +104,7 @@ def test_crops_follow_timms_distribution() -> None:
     timm_boxes = torch.tensor(
         [RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (0.75, 4 / 3)) for _ in range(20000)]
     ).float()
-    aug = BatchAugment(AugmentConfig(scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5), CFG, seed=5)
+    aug = batch_augment(AugmentConfig(scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5), CFG, seed=5)
     ours = aug.boxes(0, np.arange(20000), 24, 32)
     top, left, h, w, flip = ours.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 24).all() and (left + w <= 32).all()
@@ -109,12 +114,12 @@ def test_crops_follow_timms_distribution() -> None:
     area = (h * w).float()
     assert abs(area.mean() - (timm_boxes[:, 2] * timm_boxes[:, 3]).mean()) < 5
     assert abs(flip.float().mean().item() - 0.5) < 0.02
-    full = BatchAugment(AugmentConfig(scale=(1.0, 1.0), ratio=(2.0, 2.0)), CFG, seed=5)
+    full = batch_augment(AugmentConfig(scale=(1.0, 1.0), ratio=(2.0, 2.0)), CFG, seed=5)
     assert full.boxes(0, np.arange(3), 32, 32).tolist() == [[8, 0, 16, 32, 0]] * 3  # timm's fallback
 
 
 def test_views_do_not_depend_on_the_batch_they_are_in() -> None:
-    x, aug = images(), BatchAugment(AugmentConfig(scale=(0.3, 1.0), hflip=0.5), CFG, seed=3)
+    x, aug = images(), batch_augment(AugmentConfig(scale=(0.3, 1.0), hflip=0.5), CFG, seed=3)
     whole = aug(x, torch.arange(6), 4)
     assert torch.equal(aug(x[[4, 1]], torch.tensor([4, 1]), 4), whole[[4, 1]])
     assert not torch.equal(aug(x, torch.arange(6), 5), whole)  # another epoch, other views
@@ -145,6 +150,7 @@ def test_auto_picks_the_tensor_path_only_when_it_can_do_the_augmentation() -> No
         resolve_store(load_recipe(SMOKE, ["data.store=tensor"]).data, split.train, "nearest")
 
 
+@pytest.mark.slow
 def test_the_tensor_path_resumes_exactly_after_sigkill(tmp_path: Path, teacher_cache: Path) -> None:
     args = [str(SMOKE), f"teacher.cache_dir={teacher_cache}", "data.store=tensor", "run.export=false"]
     check_ok(run_train(*args, f"run.output_dir={tmp_path / 'ref'}"))

@@ -83,6 +83,11 @@ def assert_pinned(rows: list[dict], pinned: list[dict]) -> None:
                 assert got[key] == value, key
             elif key.startswith("val/top") or key in ("val/agreement", "val/teacher_top1"):
                 assert got[key] == pytest.approx(value, abs=1 / 40 + 1e-9), key
+            elif key == "val/kl":
+                # A mean of small KLs over 40 images moves more across CPU kinds than the losses:
+                # the same commit (027baf9) logs 0.595396 on an AMD EPYC with avx512_bf16 against
+                # 0.595228 pinned elsewhere (2.8e-4 relative) while its losses agree to 1e-8.
+                assert got[key] == pytest.approx(value, rel=1e-3), key
             else:
                 assert got[key] == pytest.approx(value, rel=1e-4), key
 

@@ -1,0 +1,402 @@
+"""The input pipeline: what a model is fed (``InputSpec``), and the one object that turns a split
+into training batches (``build_pipeline`` -> ``InputPipeline``).
+
+Two data paths deliver the same contract (the view of image i in epoch e is a function of
+(data seed, e, i) alone; data.py and tensor_store.py say how): ``decode``, timm's PIL transforms
+per image in the loader, and ``tensor``, images decoded once and augmented as whole batches on
+the device. Which one a run uses is decided here, once, and only ``InputPipeline.prepare`` knows
+it: every caller (the student's run, the teacher stage, the bench) gets ``(images, targets)``
+from ``prepare(batch, epoch)`` and never looks at the path. Validation always decodes, so logged
+accuracies and export re-validation see the same pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from distill.config import AugmentConfig, DataConfig, Recipe
+from distill.data import SplitData, decode_rgb, sample_seed, seeded
+from distill.errors import DataError, RecipeError
+from distill.tensor_store import FILTERS, BatchAugment, StoredImages, collate_stored, decode_all, store_fits
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: replaces timm's untyped ``data_config`` dict inside distill."""
+
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float  # eval: resize to size / crop_pct, then centre-crop
+    interpolation: str
+
+    @classmethod
+    def from_timm(cls, data_config: dict[str, Any]) -> InputSpec:
+        _, h, w = data_config["input_size"]
+        return cls(
+            (int(h), int(w)),
+            tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type]
+            float(data_config.get("crop_pct", 0.875)),
+            str(data_config.get("interpolation", "bicubic")),
+        )
+
+    def timm_config(self) -> dict[str, Any]:
+        """timm's form: for ``create_transform`` and a model's ``pretrained_cfg`` (exports)."""
+        return {
+            "input_size": (3, *self.size),
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+        }
+
+
+def data_seed(recipe: Recipe) -> int:
+    """The seed of the data stream (order, augmentation, mixup): data.seed, else run.seed."""
+    return recipe.run.seed if recipe.data.seed is None else recipe.data.seed
+
+
+def student_input_spec(recipe: Recipe) -> InputSpec:
+    """The student's input: size and normalisation from its timm config, eval crop and
+    interpolation from the recipe where it sets them.
+
+    The distilled student is built on the meta device (no memory, no weights, no RNG draws): the
+    same code path as training (sizes, divisibility checks, timm's config) without a full-size
+    probe. Its registry config gives the spec whether or not the run keeps the token."""
+    from timm.data import resolve_model_data_config
+
+    from distill.models import build_student
+
+    with torch.device("meta"):
+        probe = build_student(recipe.student, 2)
+    spec = InputSpec.from_timm(resolve_model_data_config(probe))
+    aug = recipe.data.augment
+    return InputSpec(
+        spec.size,
+        spec.mean,
+        spec.std,
+        aug.crop_pct or spec.crop_pct,
+        aug.interpolation or spec.interpolation,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, valid for 0 bits again.
+
+    DeiT's RandAugment (m9, mstd0.5) clamps about 2.3% of magnitudes to 10, which
+    PosterizeIncreasing maps to 0 bits; Pillow >= 13 rejects 0 ("bits must be between or equal
+    to 1 and 8"), which killed about 1 training image in 700 (found by tests/test_data.py).
+    Pillow < 13 returned a black image for 0 bits; we keep that behaviour.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+
+
+def build_transforms(aug: AugmentConfig, spec: InputSpec) -> tuple[Any, Any]:
+    """timm train/eval transforms for a resolved input spec."""
+    from timm.data import create_transform
+
+    _patch_timm_posterize()
+    train_tf = create_transform(
+        input_size=(3, *spec.size),
+        interpolation=spec.interpolation,
+        mean=spec.mean,
+        std=spec.std,
+        is_training=True,
+        scale=aug.scale,
+        ratio=aug.ratio,
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter,
+        auto_augment=aug.auto_augment,
+        re_prob=aug.re_prob,
+        re_mode="pixel",
+    )
+    return train_tf, eval_transform(spec)
+
+
+def eval_transform(spec: InputSpec) -> Any:
+    """timm's deterministic eval transform (resize, centre crop, normalise)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=(3, *spec.size),
+        interpolation=spec.interpolation,
+        mean=spec.mean,
+        std=spec.std,
+        crop_pct=spec.crop_pct,
+        is_training=False,
+    )
+
+
+def build_mixup(aug: AugmentConfig, label_smoothing: float, num_classes: int, per_process_batch: int) -> Any:
+    """timm's Mixup/CutMix (None when both are off). It draws from numpy's global RNG, which
+    the engine re-seeds per step. Targets come back dense with label smoothing folded in."""
+    if (aug.mixup <= 0 and aug.cutmix <= 0) or aug.mixup_prob <= 0:
+        return None
+    if per_process_batch % 2:
+        raise DataError(
+            f"mixup/cutmix needs an even batch per process, got {per_process_batch}; change "
+            "train.batch_size or set data.augment.mixup=0 and data.augment.cutmix=0"
+        )
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=aug.mixup,
+        cutmix_alpha=aug.cutmix,
+        prob=aug.mixup_prob,
+        switch_prob=aug.mixup_switch_prob,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets, order and loaders
+
+
+class AugmentedDataset(Dataset):
+    """An HF dataset seen through a transform keyed by (seed, epoch, index).
+
+    Yields ``(image_tensor, label, index)``; the index lets callers key cached teacher outputs.
+    Each sample is transformed under RNG states seeded from (seed, epoch, index) and the
+    caller's states are restored afterwards, so the view does not depend on the loader worker,
+    the process, the batch it lands in, or what ran before (a resumed run).
+    """
+
+    def __init__(self, ds: Any, transform: Any, seed: int, train: bool) -> None:
+        import datasets
+
+        # Decode here rather than in datasets, so that a corrupt file is named in the error.
+        self.ds = ds.cast_column("image", datasets.Image(decode=False))
+        self.transform = transform
+        self.seed = seed
+        self.train = train
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _view(self, cell: dict[str, Any], index: int) -> torch.Tensor:
+        image = decode_rgb(cell, index)
+        if not self.train:
+            return self.transform(image)
+        with seeded(sample_seed(self.seed, self.epoch, index)):
+            return self.transform(image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        row = self.ds[int(index)]
+        return self._view(row["image"], int(index)), int(row["label"]), int(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
+        rows = self.ds[[int(i) for i in indices]]  # one Arrow read per batch
+        return [
+            (self._view(img, int(i)), int(lbl), int(i))
+            for img, lbl, i in zip(rows["image"], rows["label"], indices, strict=True)
+        ]
+
+
+ORDER_KEY = 2**32 - 1  # the "index" that keys an epoch's order, apart from every image's view
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends on (seed, epoch) only; train order truncated to whole steps.
+
+    Truncating to a multiple of the global micro-batch means every process count that divides
+    the batch sees the same global batches: Accelerate hands process p the batches p, p+W, ...
+    of size B/W, whose union at each step is the one-process batch of size B.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool, multiple: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.multiple = n, seed, shuffle, multiple
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n - self.n % self.multiple
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, ORDER_KEY))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return iter(order[: len(self)])
+
+
+def collate(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
+    images, labels, indices = zip(*batch, strict=True)
+    return {
+        "image": torch.stack(images),
+        "label": torch.tensor(labels, dtype=torch.long),
+        "index": torch.tensor(indices, dtype=torch.long),
+    }
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    num_workers: int,
+    global_multiple: int = 1,
+    collate_fn: Any = collate,
+) -> DataLoader:
+    """A plain DataLoader (per-process batch) ready for ``accelerator.prepare``.
+
+    ``persistent_workers`` stays off: workers must be re-created each epoch to see set_epoch.
+    """
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, multiple=global_multiple)
+    if train and len(sampler) == 0:
+        raise DataError(
+            f"the training split has {len(dataset)} images, fewer than one global batch "
+            f"({global_multiple}); lower train.batch_size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def eval_loader(ds: Any, spec: InputSpec, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """A deterministic loader over ``ds`` with ``spec``'s eval transform (no augmentation)."""
+    return make_loader(AugmentedDataset(ds, eval_transform(spec), 0, train=False), batch_size, 0, False, num_workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# data.store and the pipeline
+
+
+def tensor_path_problem(aug: AugmentConfig, interpolation: str | None = None) -> str | None:
+    """Why the tensor path cannot reproduce this augmentation, or None when it can
+    (``interpolation``: the resolved one, the student's own when the recipe sets none)."""
+    if aug.auto_augment:
+        return f"data.augment.auto_augment={aug.auto_augment}"
+    if aug.color_jitter > 0:
+        return f"data.augment.color_jitter={aug.color_jitter}"
+    if aug.re_prob > 0:
+        return f"data.augment.re_prob={aug.re_prob}"
+    chosen = aug.interpolation or interpolation
+    if chosen is not None and chosen not in FILTERS:
+        return f"interpolation {chosen!r} (it resamples with {', '.join(FILTERS)})"
+    return None
+
+
+def resolve_store(cfg: DataConfig, train: Any, interpolation: str | None = None) -> str:
+    """data.store for this run: 'tensor' or 'decode' ('auto': tensor when it can do the job)."""
+    if cfg.store == "decode":
+        return "decode"
+    problem = tensor_path_problem(cfg.augment, interpolation)
+    if cfg.store == "tensor":
+        if problem is not None:
+            raise RecipeError(
+                f"data.store=tensor augments with crop and flip only and cannot apply {problem}; "
+                "set data.store=decode (or auto), or switch that augmentation off"
+            )
+        return "tensor"
+    return "tensor" if problem is None and store_fits(train) else "decode"
+
+
+class InputPipeline:
+    """The train and val loaders of one stage and the only code that knows the data path.
+
+    ``prepare(batch, epoch)`` turns a training batch into ``(images, targets)`` ready for the
+    model: the tensor path's on-device crop and flip (uint8 in, the (seed, epoch, index) view
+    out), then mixup/cutmix (DeiT: the teacher sees the mixed image), which draws from numpy's
+    RNG as re-seeded per micro-step by the engine.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        train_loader: Any,
+        val_loader: Any,
+        augment: BatchAugment | None,
+        mixup: Any,
+    ) -> None:
+        self.store = store  # 'tensor' or 'decode', as resolved
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self._augment, self._mixup = augment, mixup
+
+    def prepare(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = batch["image"], batch["label"]
+        if self._augment is not None:
+            images = self._augment(images, batch["index_host"], epoch)
+        if self._mixup is not None:
+            images, targets = self._mixup(images, targets)
+        return images, targets
+
+    def with_loaders(self, train_loader: Any, val_loader: Any) -> InputPipeline:
+        """The same pipeline over other loaders (``accelerator.prepare``'s wrapped ones)."""
+        return InputPipeline(self.store, train_loader, val_loader, self._augment, self._mixup)
+
+
+def build_pipeline(
+    data: DataConfig,
+    split: SplitData,
+    spec: InputSpec,
+    seed: int,
+    *,
+    per_process_batch: int,
+    global_batch: int,
+    eval_batch: int,
+    label_smoothing: float,
+) -> InputPipeline:
+    """Loaders (per-process batches, before ``accelerator.prepare``), the resolved data path and
+    mixup for one stage; ``seed`` is the data stream's (order, views, mixup)."""
+    store = resolve_store(data, split.train, spec.interpolation)
+    train_tf, eval_tf = build_transforms(data.augment, spec)
+    augment = None
+    if store == "tensor":
+        augment = BatchAugment(data.augment, spec.size, spec.mean, spec.std, spec.interpolation, seed)
+        stored = StoredImages(decode_all(split.train), split.train["label"])
+        train = make_loader(stored, per_process_batch, seed, True, 0, global_batch, collate_stored)
+    else:
+        train = make_loader(
+            AugmentedDataset(split.train, train_tf, seed, train=True),
+            per_process_batch,
+            seed,
+            train=True,
+            num_workers=data.num_workers,
+            global_multiple=global_batch,
+        )
+    val = make_loader(
+        AugmentedDataset(split.val, eval_tf, seed, train=False),
+        eval_batch,
+        seed,
+        train=False,
+        num_workers=data.num_workers,
+    )
+    mixup = build_mixup(data.augment, label_smoothing, split.num_classes, per_process_batch)
+    return InputPipeline(store, train, val, augment, mixup)
