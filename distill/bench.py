@@ -5,17 +5,21 @@
         --img-size 32 --patch-size 4 --num-classes 10 --batch-size 64 [--json PATH]
 
 What is measured, each on the same random batch already on the device (data loading, decoding and
-augmentation, mixup/cutmix included, are excluded, so that the figures describe the step alone):
+augmentation, mixup/cutmix included, are excluded, so that the figures describe the step alone),
+except ``ours_recipe_data``:
 
-* ours, with the teacher: ``FrozenTeacher`` forward + student forward/backward +
-  ``distillation_loss`` + optimizer step + ``zero_grad``, assembled from distill's own functions as
-  ``DistillRun._step_loss`` and ``engine.train_one_epoch`` assemble them (``build_optimizer``, the
-  student's forward wrapped in autocast and cast back to fp32 exactly as ``Accelerator.prepare``
-  wraps it, the teacher called under autocast, the per-step ``set_step_seed`` and on-device
-  ``LossMeter.add``). Accelerate itself is left out: its state is one mixed precision per
-  process, which would make it impossible to alternate fp32 and bf16 steps in one process; what
-  it adds per step on one process (the accumulate context, the optimizer wrapper) is bookkeeping
-  in microseconds;
+* ours, with the teacher: the trainer's own ``distill.step.Step`` (the object ``DistillRun`` and the
+  teacher stage train with: ``ConvnetTeacher`` forward under autocast, student forward,
+  ``distillation_loss``), then backward + optimizer step + ``zero_grad`` as
+  ``engine.train_one_epoch`` runs them (``build_optimizer``, the student's forward wrapped in
+  autocast and cast back to fp32 exactly as ``Accelerator.prepare`` wraps it, the per-step
+  ``set_step_seed`` and on-device ``LossMeter.add``). Accelerate itself is left out: its state
+  is one mixed precision per process, which would make it impossible to alternate fp32 and bf16
+  steps in one process; what it adds per step on one process (the accumulate context, the
+  optimizer wrapper) is bookkeeping in microseconds;
+* with a recipe, ``ours_recipe_data``: the same step at the recipe's settings on a real training
+  batch of the recipe's input pipeline, through ``InputPipeline.prepare`` at every step (the tensor
+  path's crop and flip on the device, mixup/cutmix), as training runs it;
 * ours, without the teacher (distillation ``none``: both heads learn the labels), the teacher's
   cost being the difference;
 * evaluation: the student's forward in eval mode under ``torch.no_grad`` (as engine.evaluate);

@@ -25,11 +25,6 @@ class BatchPlan:
     def per_process(self) -> int:
         return self.global_batch // (self.processes * self.accum_steps)
 
-    @property
-    def micro_global(self) -> int:
-        """Images per micro-step over all processes."""
-        return self.per_process * self.processes
-
 
 def batch_plan(cfg: OptimConfig, processes: int, where: str) -> BatchPlan:
     parts = processes * cfg.grad_accum_steps

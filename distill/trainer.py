@@ -111,10 +111,9 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     if r.train.ema_decay is not None:
         from timm.utils import ModelEmaV3
 
-        # After prepare, from the prepared student, on its device: a copy made before prepare
-        # stays where the student was built (the CPU) while the student moves to the GPU.
+        # After prepare, a copy of the prepared student, so on its device: a copy made before
+        # prepare stayed where the student was built (the CPU) while the student moved to the GPU.
         ema = ModelEmaV3(acc.unwrap_model(model, keep_torch_compile=False), decay=r.train.ema_decay)
-        ema.module.to(acc.device)
     return Student(model, optimizer, scheduler, pipeline.with_loaders(train_loader, val_loader), ema, steps, plan)
 
 

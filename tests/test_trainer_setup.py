@@ -1,0 +1,154 @@
+"""The run's set-up pieces, without training: the student's EMA, the trained-teacher key, the
+teacher-output cache key, the input pipeline's prepare and the shared step (issue 11's defects,
+each of which these tests reproduce on the code before the redesign)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from distill.config import load_recipe
+from distill.data import load_source
+from distill.optim import batch_plan
+from distill.pipeline import InputSpec, build_pipeline, data_seed, student_input_spec
+from distill.step import Step, as_prepared
+from distill.teacher_cache import open_output_cache
+from distill.teacher_stage import teacher_key
+from distill.trainer import setup_student
+from tests.conftest import SMOKE
+
+
+def smoke(*overrides: str) -> Any:
+    return load_recipe(SMOKE, list(overrides))
+
+
+def test_ema_is_a_copy_of_the_prepared_student(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare() moves the student to the accelerator's device; the EMA must follow it. A CPU
+    machine has no second device, so here prepare converts the student to float64 instead: an
+    EMA made before prepare (the defect) stays float32, one made from the prepared student
+    matches it in dtype and device (ModelEmaV3 cannot live on the meta device)."""
+    recipe = smoke("train.ema_decay=0.99")
+    split = load_source(recipe.data)
+    acc = Accelerator(cpu=True)
+    real_prepare = acc.prepare
+
+    def prepare(model: torch.nn.Module, *rest: Any) -> Any:
+        prepared = real_prepare(model, *rest)
+        return (prepared[0].to(torch.float64), *prepared[1:])
+
+    monkeypatch.setattr(acc, "prepare", prepare)
+    student = setup_student(acc, recipe, split, student_input_spec(recipe))
+    ema = {(t.device, t.dtype) for t in student.ema.module.state_dict().values() if t.is_floating_point()}
+    assert ema == {(torch.device("cpu"), torch.float64)}
+    assert {(p.device, p.dtype) for p in student.model.parameters()} == ema
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ema_is_on_the_gpu_with_the_student() -> None:
+    recipe = smoke("train.ema_decay=0.99")
+    split = load_source(recipe.data)
+    acc = Accelerator()
+    student = setup_student(acc, recipe, split, student_input_spec(recipe))
+    assert {t.device for t in student.ema.module.state_dict().values()} == {acc.device}
+    assert {p.device for p in student.model.parameters()} == {acc.device}
+
+
+def test_trained_teacher_key_ignores_the_data_seed_and_follows_the_teachers_settings() -> None:
+    """The teacher stage draws its data stream from teacher.train.seed: the student's data seed
+    (and run seed) must not retrain an identical teacher."""
+    spec = student_input_spec(smoke())
+    base = teacher_key(smoke(), spec, 4)
+    assert teacher_key(smoke("data.seed=7"), spec, 4) == base
+    assert teacher_key(smoke("run.seed=3"), spec, 4) == base
+    assert teacher_key(smoke("data.num_workers=2"), spec, 4) == base
+    assert teacher_key(smoke("teacher.train.lr=0.01"), spec, 4) != base
+    assert teacher_key(smoke("teacher.train.seed=1"), spec, 4) != base
+    assert teacher_key(smoke("data.augment.hflip=0.0"), spec, 4) != base
+
+
+class FakeTeacher:
+    def fingerprint(self) -> str:
+        return "f" * 20
+
+
+def output_cache_dir(tmp_path: Path, *overrides: str) -> tuple[Path, int]:
+    recipe = smoke("teacher.output_cache.enabled=true", f"teacher.output_cache.dir={tmp_path}", *overrides)
+    split = load_source(recipe.data)
+    acc = Accelerator(cpu=True)
+    plan = batch_plan(recipe.train, 1, "train")
+    pipeline = build_pipeline(
+        recipe.data, split, student_input_spec(recipe), data_seed(recipe),
+        per_process_batch=plan.per_process, global_batch=plan.global_batch, eval_batch=32, label_smoothing=0.0,
+    )  # fmt: skip
+    cache = open_output_cache(acc, recipe, FakeTeacher(), split, pipeline, plan)
+    assert cache is not None
+    return cache.dir, cache.rows_per_epoch
+
+
+def test_output_cache_key_holds_the_batch_layout(tmp_path: Path) -> None:
+    """Same per-process batch (16), global batch 16 or 48 (3 accumulation steps): an epoch is
+    truncated to a multiple of the global batch, so of the 128 smoke images 128 or 96 rows are
+    used. Before the fix both landed in one folder and a replay indexed past the smaller table."""
+    one, rows_one = output_cache_dir(tmp_path, "train.batch_size=16", "train.grad_accum_steps=1")
+    three, rows_three = output_cache_dir(tmp_path, "train.batch_size=48", "train.grad_accum_steps=3")
+    assert (rows_one, rows_three) == (128, 96)
+    assert one != three
+    again, _ = output_cache_dir(tmp_path, "train.batch_size=16", "train.grad_accum_steps=1", "data.num_workers=1")
+    assert again == one  # how the data is read is not part of the key
+
+
+def test_prepare_is_the_only_place_that_applies_the_tensor_paths_view() -> None:
+    recipe = smoke("data.store=tensor")
+    split = load_source(recipe.data)
+    spec = student_input_spec(recipe)
+    pipeline = build_pipeline(
+        recipe.data, split, spec, 0, per_process_batch=8, global_batch=8, eval_batch=8, label_smoothing=0.0
+    )
+    assert pipeline.store == "tensor"
+    batch = next(iter(pipeline.train_loader))
+    assert batch["image"].dtype == torch.uint8  # the loader hands over decoded pixels only
+    images, targets = pipeline.prepare(batch, epoch=1)
+    assert images.dtype == torch.float32 and images.shape == (8, 3, *spec.size)
+    assert torch.equal(targets, batch["label"])
+    again, _ = pipeline.prepare(batch, epoch=1)
+    other, _ = pipeline.prepare(batch, epoch=2)
+    assert torch.equal(images, again) and not torch.equal(images, other)  # a function of (seed, epoch, index)
+
+
+def test_input_spec_of_the_smoke_student() -> None:
+    spec = student_input_spec(smoke())
+    assert spec == InputSpec((16, 16), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0, "bicubic")
+    assert spec.timm_config()["input_size"] == (3, 16, 16)
+
+
+def test_step_without_distillation_is_the_teacher_stages_cross_entropy() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    batch = {"image": torch.zeros(2, 1), "label": torch.tensor([0, 0])}
+    parts = Step(as_prepared, label_smoothing=0.0)(lambda x: logits, batch, 0, 0)
+    expected = torch.nn.functional.cross_entropy(logits, batch["label"])
+    assert float(parts.total) == pytest.approx(float(expected), rel=1e-6)
+    assert float(parts.kd) == 0.0
+
+
+def test_step_feeds_the_teacher_the_prepared_images() -> None:
+    seen: list[torch.Tensor] = []
+
+    def teacher(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images)
+        return torch.tensor([[0.0, 5.0], [5.0, 0.0]])
+
+    def prepare(batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["image"] + epoch, batch["label"]
+
+    student = (torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 2.0]]))
+    d = smoke("distillation.type=hard", "distillation.alpha=0.5").distillation
+    step = Step(prepare, label_smoothing=0.0, distillation=d, teacher=teacher)  # type: ignore[arg-type]
+    parts = step(lambda x: student, {"image": torch.zeros(2, 1), "label": torch.tensor([0, 0])}, 3, 0)
+    assert torch.equal(seen[0], torch.full((2, 1), 3.0))
+    ce = torch.nn.functional.cross_entropy(student[0], torch.tensor([0, 0]))
+    kd = torch.nn.functional.cross_entropy(student[1], torch.tensor([1, 0]))
+    assert float(parts.total) == pytest.approx(0.5 * float(ce) + 0.5 * float(kd), rel=1e-6)
