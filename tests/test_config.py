@@ -38,8 +38,20 @@ def test_defaults_load() -> None:
     assert recipe.data.source == "digits"
 
 
-def test_recipe_error_is_a_distill_error() -> None:
-    assert issubclass(RecipeError, DistillError)
+def test_a_recipe_error_stops_the_entry_point_with_a_message_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What RecipeError being a DistillError is for: the real entry point prints `error: <message>`
+    # with no traceback and exits 2, before anything is built or written.
+    from distill.train import main
+
+    out = tmp_path / "runs"
+    code = main([str(write(tmp_path, "train:\n  epochs: 3\n")), "train.epocs=3", f"run.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == DistillError.exit_code == 2
+    assert err.startswith("error: invalid recipe ") and "did you mean 'train.epochs'" in err
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 def test_yaml_file_values_are_used(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ def inject(fault: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_the_run_resumes_exactly(
     smoke_run: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:
@@ -57,6 +58,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_the_run_resumes_ex
     assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
 
 
+@pytest.mark.slow
 def test_a_kill_right_after_an_epoch_is_evaluated_leaves_no_duplicate_points(
     smoke_run: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:
@@ -82,6 +84,7 @@ def test_a_kill_right_after_an_epoch_is_evaluated_leaves_no_duplicate_points(
     assert scalars(tmp_path / "smoke") == scalars(smoke_run)
 
 
+@pytest.mark.slow
 def test_a_kill_after_the_last_checkpoint_still_summarises_the_logged_epoch(
     smoke_run: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:
@@ -102,6 +105,7 @@ def test_a_kill_after_the_last_checkpoint_still_summarises_the_logged_epoch(
     assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_directory_is_named(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the output directory should be")
@@ -112,6 +116,7 @@ def test_an_unwritable_output_directory_is_named(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_both_ranks_at_the_same_step(tmp_path: Path, teacher_cache: Path) -> None:
     """Rank 1's second loss is NaN; rank 0's stays finite. The collective check at the step-2 log
     must stop both processes there, with the same message, before any checkpoint is written."""

@@ -28,6 +28,7 @@ def smoke(tmp_path: Path, teacher_cache: Path, name: str, *extra: str) -> dict:
     return json.loads((tmp_path / name / "summary.json").read_text())["teacher_cache"]
 
 
+@pytest.mark.slow
 def test_replayed_outputs_train_exactly_like_fresh_ones(smoke_run: Path, tmp_path: Path, teacher_cache: Path) -> None:
     """The first run fills the cache, the second replays every batch (each one re-checked); both
     log exactly what the uncached smoke run logged. A third with another run.seed but the same
@@ -48,6 +49,7 @@ def test_replayed_outputs_train_exactly_like_fresh_ones(smoke_run: Path, tmp_pat
     assert read_metrics(tmp_path / "seed1") != read_metrics(smoke_run)
 
 
+@pytest.mark.slow
 def test_a_changed_input_pipeline_or_data_stream_gets_its_own_outputs(tmp_path: Path, teacher_cache: Path) -> None:
     base = smoke(tmp_path, teacher_cache, "base", "train.epochs=1")
     flipped = smoke(tmp_path, teacher_cache, "noflip", "train.epochs=1", "data.augment.hflip=0.0")
@@ -57,6 +59,7 @@ def test_a_changed_input_pipeline_or_data_stream_gets_its_own_outputs(tmp_path: 
     assert all(run["train_replayed_images"] == 0 for run in (flipped, reseeded, decoded))
 
 
+@pytest.mark.slow
 def test_top_k_outputs_train_the_same_whether_filled_or_replayed(tmp_path: Path, teacher_cache: Path) -> None:
     budget = ("teacher.output_cache.budget_mb=0.000001", "teacher.output_cache.topk=2", "train.epochs=1")
     filled = smoke(tmp_path, teacher_cache, "a", *budget)
