@@ -182,9 +182,10 @@ TABLE: dict[str, frozenset[Effect]] = {
     "train.label_smoothing": RESULT_ONLY,  # labels only: the teacher sees images, never targets
     "train.precision": IN_TEACHER,  # one precision per launch: the teacher stage trains under it
     "train.ema_decay": RESULT_ONLY,
-    # Accelerate's dynamo_backend compiles every model passed to prepare(), the teacher the
-    # stage trains included; Inductor's kernels round differently.
-    "train.compile": IN_TEACHER,
+    # A speed switch: the student's compiled run is tested to train like the eager one. The
+    # teacher stage runs under it too (Accelerate compiles what it prepares), and a teacher
+    # trained either way is shared, as before the redesign (one teacher per study).
+    "train.compile": RESULT_ONLY,
     # -- eval ----------------------------------------------------------------------------------
     # Val batch composition (the last bits of batched kernels); the teacher stage evaluates
     # with it too, but only to report, never to choose weights.

@@ -46,7 +46,7 @@ from distill.data import SplitData
 from distill.errors import TrainingError
 from distill.keys import TEACHER_OUTPUTS, fields
 from distill.optim import BatchPlan
-from distill.pipeline import InputPipeline
+from distill.pipeline import InputPipeline, data_seed
 
 KEY_FILE = "key.json"
 
@@ -253,8 +253,13 @@ def open_output_cache(
     if not cfg.enabled or teacher is None:
         return None
     acc = accelerator
+    outputs = fields(recipe, TEACHER_OUTPUTS)
+    # run.seed and data.seed act only through the data seed they resolve to: runs of a study
+    # with data.seed fixed and different run.seed share their outputs.
+    outputs.pop("run.seed"), outputs.pop("data.seed")
     key = {
-        "fields": fields(recipe, TEACHER_OUTPUTS),
+        "fields": outputs,
+        "data_seed": data_seed(recipe),
         "teacher": teacher.fingerprint(),
         "train_split": [len(split.train), labels_digest(list(split.train["label"]))],
         "val_split": [len(split.val), labels_digest(list(split.val["label"]))],

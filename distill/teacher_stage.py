@@ -98,7 +98,9 @@ def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
         )
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         accelerator.print(f"teacher: epoch {epoch + 1}/{cfg.epochs} loss {last.get('train/loss', math.nan):.4f}")
-    unwrapped = accelerator.unwrap_model(model).eval()
+    # keep_torch_compile=False: under train.compile the prepared teacher is compiled, and timm's
+    # save_for_hf cannot read a compiled module's config.
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False).eval()
     stats = evaluate(accelerator, val_loader, lambda b: classifier_sample_stats(unwrapped(b["image"]), b["label"]))
     accelerator.print(f"teacher: val top-1 {100 * stats['top1']:.2f}% after {time.perf_counter() - start:.0f}s")
     if accelerator.is_main_process:

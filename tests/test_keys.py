@@ -124,7 +124,6 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
         "student.model",
         "teacher.model",
         "teacher.model_args",
-        "train.compile",
         "train.precision",
     ]
     assert all(TABLE[f"teacher.train.{k}"] == IN_TEACHER for k in TeacherTrainConfig.model_fields)
