@@ -37,6 +37,9 @@ class RunConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
     keep_checkpoints: int = Field(2, ge=1)  # newest K kept; 'best' is kept on top of these
     log_every_steps: int = Field(10, ge=1)  # TensorBoard train scalars and the finite-loss check
+    # Off a terminal (a log file), a progress line at least this often, and one per epoch; on a
+    # terminal, a progress bar.
+    progress_every_s: float = Field(30.0, gt=0.0)
     export: bool = True  # write export/ (timm Hub layout) at the end
     # Stop after the teacher stage: train (or find) and evaluate the teacher, copy it to
     # <run>/teacher/ (a timm Hub folder that teacher.checkpoint can point at), no student.

@@ -143,7 +143,7 @@ def train_one_epoch(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[], None] | None = None,
     ema: Any = None,
-    pbar: Any = None,
+    report: Any = None,
 ) -> None:
     """One epoch (or its remainder after a resume) of minimising ``step(model, batch, epoch,
     micro_step)`` (step.Step)."""
@@ -207,8 +207,8 @@ def train_one_epoch(
         scheduler.step_update(num_updates=progress.global_step)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=progress.global_step)
-        if pbar is not None:
-            pbar.update(1)
+        if report is not None:
+            report.step()  # progress.ProgressReport: the bar, or a line at its interval
         # Not on an epoch's last step: the end-of-epoch checkpoint follows at the same step, after
         # the evaluation is logged. A mid-loop one there would let a kill between the two resume
         # at that step with the evaluation already in TensorBoard, which the resume's purge (it

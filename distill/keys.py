@@ -58,6 +58,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "run.resume": NO_EFFECT,  # whether to continue, not what the continuation computes
     "run.overwrite": NO_EFFECT,  # likewise
     "run.checkpoint_every_steps": NO_EFFECT,  # a mid-epoch resume reproduces the uninterrupted run
+    "run.progress_every_s": NO_EFFECT,  # how often a progress line is printed
     "run.keep_checkpoints": NO_EFFECT,  # how many files stay on disk
     "run.log_every_steps": NO_EFFECT,  # TensorBoard scalars and the finite-loss check only
     "run.export": NO_EFFECT,  # written after training, from the same weights

@@ -29,6 +29,7 @@ from distill.keys import TEACHER, fields
 from distill.metrics import classifier_sample_stats
 from distill.optim import batch_plan, build_optimizer, build_scheduler
 from distill.pipeline import InputSpec, build_pipeline
+from distill.progress import ProgressReport
 from distill.step import Step
 from distill.teacher import ConvnetTeacher, FrozenTeacher, build_teacher_model, load_teacher, teacher_normalisation
 
@@ -78,10 +79,15 @@ def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     step = Step(pipeline.prepare, label_smoothing=cfg.label_smoothing)
     progress = Progress()
-    last: dict[str, float] = {}
     start = time.perf_counter()
     accelerator.print(f"teacher: training {arch} for {cfg.epochs} epochs ({steps_per_epoch} steps each)")
+    report = ProgressReport(
+        "teacher", cfg.epochs * steps_per_epoch, 0, cfg.epochs, accelerator.is_main_process, recipe.run.progress_every_s
+    )
+
     for epoch in range(cfg.epochs):
+        report.begin_epoch(epoch)
+        epoch_start, images = time.perf_counter(), progress.train_images
         train_one_epoch(
             accelerator,
             model,
@@ -92,12 +98,20 @@ def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
             progress,
             epoch=epoch,
             seed=cfg.seed,
-            log_every=max(steps_per_epoch, 1),
+            # Loss and speed for the progress lines every run.log_every_steps (a flush only reads
+            # the sums: the teacher trains the same whatever the interval).
+            log_every=max(min(recipe.run.log_every_steps, steps_per_epoch), 1),
             clip_grad=cfg.clip_grad,
-            on_log=last.update,
+            on_log=report.values,
+            report=report,
         )
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        accelerator.print(f"teacher: epoch {epoch + 1}/{cfg.epochs} loss {last.get('train/loss', math.nan):.4f}")
+        loss = progress.epoch_sums["loss"] / progress.epoch_sums["n"] if progress.epoch_sums.get("n") else math.nan
+        progress.epoch_sums = {}
+        report.epoch_end(
+            epoch + 1, time.perf_counter() - epoch_start, progress.train_images - images, f"loss {loss:.4f}"
+        )
+    report.close()
     # keep_torch_compile=False: under train.compile the prepared teacher is compiled, and timm's
     # save_for_hf cannot read a compiled module's config.
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False).eval()

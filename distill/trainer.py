@@ -27,6 +27,7 @@ from distill.export import export_run_student
 from distill.models import build_student, init_student
 from distill.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.pipeline import InputPipeline, InputSpec, build_pipeline, data_seed, student_input_spec
+from distill.progress import ProgressReport
 from distill.rundir import RunDir
 from distill.step import Step
 from distill.teacher import Teacher
@@ -179,13 +180,23 @@ class DistillRun:
     ) -> dict[str, Any]:
         """The epoch loop; returns the last evaluation's record."""
         r, acc = self.recipe, self.accelerator
-        pbar = self._progress_bar(student.steps_per_epoch * r.train.epochs, progress.global_step)
+        report = ProgressReport(
+            "student",
+            student.steps_per_epoch * r.train.epochs,
+            progress.global_step,
+            r.train.epochs,
+            acc.is_main_process,
+            r.run.progress_every_s,
+        )
         final: dict[str, Any] = {}
         try:
             for epoch in range(progress.epoch, r.train.epochs):
                 if outputs is not None:
                     outputs.begin_epoch(epoch)
-                self._train_epoch(student, step, progress, epoch, log, pbar)
+                report.begin_epoch(epoch)
+                start, images = time.perf_counter(), progress.train_images
+                self._train_epoch(student, step, progress, epoch, log, report)
+                report.epoch_end(epoch + 1, time.perf_counter() - start, progress.train_images - images)
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
                 sums, progress.epoch_sums = progress.epoch_sums, {}
                 if (epoch + 1) % r.eval.every_epochs == 0 or epoch + 1 == r.train.epochs:
@@ -196,8 +207,7 @@ class DistillRun:
                         ckpt.save_checkpoint(acc, self.rundir.checkpoints, ckpt.BEST, progress, student.ema)
                 self._save_step(student, progress)
         finally:
-            if pbar is not None:
-                pbar.close()
+            report.close()
         if not final:
             # Resumed after the last epoch's checkpoint (killed before summary.json): that epoch's
             # record is already in metrics.jsonl, training sums included; re-evaluating would lose
@@ -233,34 +243,19 @@ class DistillRun:
         acc.wait_for_everyone()
         return summary
 
-    def _progress_bar(self, total: int, done: int) -> Any:
-        if not self.accelerator.is_main_process:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=total, initial=done, desc="student", unit="step", dynamic_ncols=True, leave=False, disable=None
-        )  # None: off when stderr is not a terminal (CI logs)
-
     def _save_step(self, student: Student, progress: Progress) -> None:
         """Checkpoint ``step_<global step>`` atomically, keeping the newest run.keep_checkpoints."""
         root, name = self.rundir.checkpoints, ckpt.step_name(progress.global_step)
         ckpt.save_checkpoint(self.accelerator, root, name, progress, student.ema, keep=self.recipe.run.keep_checkpoints)
 
     def _train_epoch(
-        self, student: Student, step: Step, progress: Progress, epoch: int, log: RunLog, pbar: Any
+        self, student: Student, step: Step, progress: Progress, epoch: int, log: RunLog, report: ProgressReport
     ) -> None:
         r = self.recipe
 
         def on_log(values: dict[str, float]) -> None:
             log.scalars(values, progress.global_step)
-            if pbar is not None:
-                pbar.set_postfix(
-                    epoch=epoch + 1,
-                    loss=f"{values['train/loss']:.4f}",
-                    lr=f"{values['lr']:.2e}",
-                    img_s=f"{values['throughput/train_img_s']:.0f}",
-                )
+            report.values(values)
 
         train_one_epoch(
             self.accelerator,
@@ -279,7 +274,7 @@ class DistillRun:
             checkpoint_every=r.run.checkpoint_every_steps,
             on_checkpoint=lambda: self._save_step(student, progress),
             ema=student.ema,
-            pbar=pbar,
+            report=report,
         )
 
     def _epoch_record(

@@ -50,6 +50,7 @@ NO_EFFECT_FIELDS = [
     "run.keep_checkpoints",
     "run.log_every_steps",
     "run.overwrite",
+    "run.progress_every_s",
     "run.resume",
     "teacher.cache_dir",
     "teacher.output_cache.dir",

@@ -1,0 +1,75 @@
+"""Progress off a terminal: plain lines at an interval and per epoch, with an ETA (distill/progress.py)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from distill.progress import ProgressReport, duration
+from tests.conftest import SMOKE, check_ok, run_train
+
+VALUES = {"train/loss": 1.23456, "lr": 1e-3, "throughput/train_img_s": 512.4}
+
+
+def test_duration_is_compact() -> None:
+    assert [duration(s) for s in (0, 59.4, 60, 245, 3599, 3600, 7380, float("nan"))] == [
+        "0s", "59s", "1m00s", "4m05s", "59m59s", "1h00m", "2h03m", "?",
+    ]  # fmt: skip
+
+
+def test_lines_at_the_interval_with_loss_lr_speed_elapsed_and_eta() -> None:
+    out = io.StringIO()
+    report = ProgressReport("student", total=10, done=0, epochs=2, enabled=True, interval_s=0.0, stream=out)
+    report.begin_epoch(0)
+    report.values(VALUES)
+    report.step()
+    line = out.getvalue().strip()
+    assert re.fullmatch(
+        r"student: epoch 1/2  step 1/10  loss 1\.2346  lr 1\.00e-03  512 img/s  elapsed \d+s  eta \d+s", line
+    ), line
+    report.epoch_end(1, 2.0, 320)
+    assert out.getvalue().strip().splitlines()[-1].startswith("student: epoch 1/2 done in 2s (160 img/s)  eta ")
+
+
+def test_no_line_before_the_interval_and_none_off_the_main_process() -> None:
+    out = io.StringIO()
+    report = ProgressReport("teacher", total=10, done=0, epochs=1, enabled=True, interval_s=3600.0, stream=out)
+    for _ in range(5):
+        report.step()
+    assert out.getvalue() == ""
+    quiet = io.StringIO()
+    other = ProgressReport("teacher", total=10, done=0, epochs=1, enabled=False, interval_s=0.0, stream=quiet)
+    other.step()
+    other.epoch_end(1, 1.0, 10)
+    assert quiet.getvalue() == ""
+
+
+def test_eta_counts_this_sessions_pace_from_a_resumed_step() -> None:
+    report = ProgressReport("student", total=100, done=50, epochs=2, enabled=False)
+    assert report.eta_s() != report.eta_s()  # nan: no step done yet in this session
+    report.start -= 10.0  # 10 s spent on the next 10 steps
+    for _ in range(10):
+        report.step()
+    assert report.eta_s() == pytest.approx(40.0, rel=0.05)  # 40 steps left at 1 s each
+
+
+@pytest.mark.slow
+def test_a_run_logging_to_a_file_shows_teacher_and_student_progress(tmp_path: Path) -> None:
+    """stdout captured (not a terminal), as on a cluster: lines for both stages with an ETA."""
+    proc = run_train(
+        str(SMOKE),
+        f"run.output_dir={tmp_path}",
+        f"teacher.cache_dir={tmp_path / 'teachers'}",  # a fresh cache: the teacher trains here
+        "run.progress_every_s=0.01",
+        "run.export=false",
+    )
+    check_ok(proc)
+    lines = proc.stdout.splitlines()
+    for stage in ("teacher", "student"):
+        steps = [s for s in lines if re.match(rf"{stage}: epoch \d/2  step \d+/16  .*elapsed .*eta ", s)]
+        assert len(steps) >= 4, (stage, lines)
+        assert any(re.match(rf"{stage}: epoch 1/2 done in \d+s \(\d+ img/s\)", s) for s in lines), (stage, lines)
+    assert any("loss" in s and "lr" in s and "img/s" in s for s in lines if s.startswith("student: epoch"))
