@@ -3,7 +3,9 @@
 A recipe is a YAML file validated against the locked schema below (big_vision style): an unknown
 or misspelt key is an error naming its dotted path and the closest valid key, and values are
 converted by the schema, never guessed (PyYAML reads ``3e-4`` as a string; the schema makes it
-a float). Every default is declared once, here, with the reason for it.
+a float). Every default is declared once, here, with the reason for it: the ``#`` comment next
+to the field (the line above or the same line), which docs/recipe-reference.md shows; after
+changing a field or its comment, run ``python -m distill.recipe_doc > docs/recipe-reference.md``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     name: str = "run"  # the run directory is <output_dir>/<name>
-    output_dir: Path = Path("runs")
-    seed: int = 0  # drives data order, augmentation, init and drop-path (see data.sample_seed)
+    output_dir: Path = Path("runs")  # holds the run directories and, by default, the caches
+    seed: int = 0  # init and drop-path; also the data stream unless data.seed is set (pipeline.data_seed)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest complete checkpoint
     overwrite: bool = False  # a finished run is never replaced unless this is true
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
@@ -52,7 +54,7 @@ class SyntheticConfig(Section):
     num_classes: int = Field(4, ge=2)
     train_per_class: int = Field(32, ge=1)
     val_per_class: int = Field(8, ge=1)
-    image_size: int = Field(16, ge=4)
+    image_size: int = Field(16, ge=4)  # pixels per side
     noise: float = Field(25.0, ge=0.0)  # pixel noise std (0-255 scale): higher is harder
 
 
@@ -60,29 +62,30 @@ class AugmentConfig(Section):
     """Training augmentation (timm's create_transform + Mixup). Defaults are DeiT's (Table 9)."""
 
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)  # RandomResizedCrop aspect-ratio range
+    hflip: float = Field(0.5, ge=0.0, le=1.0)  # probability of a horizontal flip
     color_jitter: float = Field(0.3, ge=0.0)  # ignored by timm when auto_augment is set
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment 9/0.5
     re_prob: float = Field(0.25, ge=0.0, le=1.0)  # random erasing, 'pixel' mode
     mixup: float = Field(0.8, ge=0.0)  # Beta alpha; 0 disables
     cutmix: float = Field(1.0, ge=0.0)  # Beta alpha; 0 disables
-    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
-    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)  # probability that a batch is mixed at all
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0)  # both on: probability of cutmix, not mixup
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # eval crop; None: the student's cfg
     interpolation: str | None = None  # None: the student's cfg (bicubic for DeiT)
 
 
 class DataConfig(Section):
+    # digits: scikit-learn's bundled 8x8 digits; hub: a Hugging Face dataset; synthetic: below.
     source: Literal["digits", "imagefolder", "hub", "synthetic"] = "digits"
     path: str | None = None  # imagefolder: a directory; hub: a dataset name
     hub_config: str | None = None  # hub: the dataset's configuration name
-    train_split: str = "train"
+    train_split: str = "train"  # imagefolder: the sub-folder; hub: the split name
     val_split: str | None = None  # None: 'validation', 'val' or 'test' if present, else held out
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out share when the source has no val
     split_seed: int = 0  # fixed apart from run.seed so every seed is scored on the same images
     max_train_samples: int | None = Field(None, ge=1)  # a seeded stratified subset, for quick runs
-    max_val_samples: int | None = Field(None, ge=1)
+    max_val_samples: int | None = Field(None, ge=1)  # a seeded stratified subset of val
     num_workers: int = Field(0, ge=0)  # per process; augmentation stays a function of (seed,e,i)
     # The data stream's seed (order, augmentation, mixup/cutmix); None: run.seed. Fixing it makes
     # runs with different run.seed differ only in the model's randomness (init, drop-path), so
@@ -109,19 +112,19 @@ class OptimConfig(Section):
 
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(1024, ge=1)  # GLOBAL batch: all processes x accumulation steps
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step, within batch_size
     opt: Literal["adamw", "sgd", "lamb", "adam"] = "adamw"  # timm.optim.create_optimizer_v2
     # torch's fused Adam(W) kernel (CPU and GPU): the quickstart's optimizer step went from
     # 6.3 ms to 2.3 ms on 2 CPU cores (measured), 7.5% of the whole training step.
     fused: bool = True
-    lr: float = Field(5e-4, gt=0.0)
+    lr: float = Field(5e-4, gt=0.0)  # before lr_scale_batch
     lr_scale_batch: bool = True  # DeiT: lr x global_batch / 512
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     weight_decay: float = Field(0.05, ge=0.0)  # never on tokens, pos-embed, biases, norms (timm)
     sched: Literal["cosine", "step", "constant"] = "cosine"  # timm create_scheduler_v2
     warmup_epochs: float = Field(5.0, ge=0.0)
-    warmup_lr: float = Field(1e-6, ge=0.0)
-    min_lr: float = Field(1e-5, ge=0.0)
+    warmup_lr: float = Field(1e-6, ge=0.0)  # the lr warmup starts from
+    min_lr: float = Field(1e-5, ge=0.0)  # the schedule's floor
     clip_grad: float | None = Field(None, gt=0.0)  # DeiT: no clipping
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # labels only, never teacher targets
 
@@ -146,7 +149,7 @@ class TeacherTrainConfig(OptimConfig):
     lr: float = Field(1e-3, gt=0.0)
     lr_scale_batch: bool = False
     warmup_epochs: float = Field(1.0, ge=0.0)
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)  # the teacher's stochastic depth while it trains
     # Fixed apart from run.seed: runs with different seeds share one trained teacher.
     seed: int = 0
 
@@ -164,7 +167,7 @@ class OutputCacheConfig(Section):
     # Full fp32 logits while an epoch's fit this budget (CIFAR-10: 50,000 x 10 x 4 B = 2 MB);
     # otherwise the top-k log-probabilities in fp16 (ImageNet, k=10: 51 MB per epoch).
     budget_mb: float = Field(64.0, gt=0.0)
-    topk: int = Field(10, ge=1)
+    topk: int = Field(10, ge=1)  # k of the top-k encoding (see budget_mb)
     # Every N-th replayed step (and each epoch's first) is recomputed and compared: a cache that
     # no longer matches its key stops the run instead of silently training on stale targets.
     verify_every: int = Field(50, ge=0)
@@ -175,26 +178,26 @@ class TeacherConfig(Section):
     checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder
     model_args: dict[str, Any] = {}  # extra timm.create_model keyword arguments
     mean: tuple[float, float, float] | None = None  # teacher's input normalisation; None: timm cfg
-    std: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None  # with mean; None: timm cfg
     min_top1: float | None = Field(None, ge=0.0, le=1.0)  # None: stop below 1.5 x chance
     train: TeacherTrainConfig | None = None  # train the teacher when no checkpoint is given
     cache_dir: Path | None = None  # trained teachers; None: <run.output_dir>/teachers
     # Fast path (python -m distill.bench measures each): no autograd bookkeeping at all, the
     # channels-last layout convolutions prefer, and optionally torch.compile.
     inference_mode: bool = True
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = True  # the channels-last memory layout
+    compile: bool = False  # torch.compile the teacher's forward
     output_cache: OutputCacheConfig = OutputCacheConfig()
 
 
 class StudentConfig(Section):
     model: str = "deit_tiny_distilled_patch16_224"  # a timm registry name
     img_size: int | None = Field(None, ge=1)  # None keeps the registry default (224)
-    patch_size: int | None = Field(None, ge=1)
-    embed_dim: int | None = Field(None, ge=1)
-    depth: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    mlp_ratio: float | None = Field(None, gt=0.0)
+    patch_size: int | None = Field(None, ge=1)  # None: the registry model's
+    embed_dim: int | None = Field(None, ge=1)  # None: the registry model's
+    depth: int | None = Field(None, ge=1)  # None: the registry model's
+    num_heads: int | None = Field(None, ge=1)  # None: the registry model's
+    mlp_ratio: float | None = Field(None, gt=0.0)  # None: the registry model's
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)  # DeiT: stochastic depth 0.1
     # Initial weights: a plain (non-distilled) ViT or a distilled one, as safetensors, torch
     # weights or a timm Hub folder. A plain ViT gets a distillation token, a position row and a
@@ -376,6 +379,25 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe as plain YAML-able types (paths as strings, tuples as lists)."""
     return recipe.model_dump(mode="json")
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """SafeDumper that writes a list of plain values on one line (``scale: [0.08, 1.0]``), as the
+    recipes do."""
+
+    def represent_list(self, data: list[Any]) -> yaml.Node:
+        flow = all(not isinstance(v, (dict, list)) for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _RecipeDumper.represent_list)
+
+
+def resolved_recipe_yaml(recipe: Recipe) -> str:
+    """The recipe with every default filled in, as YAML in the schema's order, that load_recipe
+    reads back to an equal Recipe (``python -m distill.train RECIPE --print-recipe``). Absent
+    optional sections stay null (``teacher.train: null``)."""
+    return yaml.dump(recipe_to_dict(recipe), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
