@@ -82,6 +82,21 @@ class RunDir:
 
     # -- fresh / resume / refuse ------------------------------------------------------------
 
+    def discard_unstarted(self, accelerator: Accelerator) -> None:
+        """After a failure: a run with no checkpoint yet leaves nothing behind (a folder holding
+        only recipe.yaml looked like a run). Other files of a shared directory stay."""
+        # No collective here: the other processes may not reach this point.
+        if not accelerator.is_main_process or ckpt.latest_checkpoint(self.checkpoints) is not None:
+            return
+        for name in RUN_FILES:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            elif target.exists():
+                target.unlink()
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
     def prepare(self, accelerator: Accelerator, recipe: Recipe, argv: list[str]) -> Path | None:
         """Decide fresh start / resume / refusal; return the checkpoint to resume from, if any."""
         if self.finished() and not recipe.run.overwrite:

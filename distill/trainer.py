@@ -132,10 +132,21 @@ class DistillRun:
         STOP.install()  # SIGTERM / Ctrl-C: checkpoint at the next log step, then exit
         acc.free_memory()  # nothing prepared by an earlier run of this launch may linger
         wall_start = time.perf_counter()
-        resume_from = self.rundir.prepare(acc, r, self.argv)
+        # The recipe's inputs first: a bad data.path or student is reported before the run
+        # directory is looked at (a finished run's "already finished" hid them) or written to.
         with acc.main_process_first():
             split = load_source(r.data)
         spec = student_input_spec(r)
+        resume_from = self.rundir.prepare(acc, r, self.argv)
+        try:
+            return self._run(split, spec, resume_from, wall_start)
+        except BaseException:
+            if resume_from is None:  # a fresh run that failed before its first checkpoint
+                self.rundir.discard_unstarted(acc)
+            raise
+
+    def _run(self, split: SplitData, spec: InputSpec, resume_from: Any, wall_start: float) -> dict[str, Any]:
+        r, acc = self.recipe, self.accelerator
         if split.skipped:
             acc.print(f"data: skipped {len(split.skipped)} undecodable images: {', '.join(split.skipped[:10])}")
         acc.print(
