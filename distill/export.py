@@ -50,7 +50,9 @@ def model_card(info: dict[str, Any]) -> str:
         "# or, once pushed: timm.create_model('hf-hub:<user>/<repo>', pretrained=True)",
         "```",
         "",
-        "At inference the class and distillation heads are fused (mean of their logits).",
+        "At inference the class and distillation heads are fused (mean of their logits). Feed RGB "
+        'images (`Image.open(path).convert("RGB")`): the student takes 3 channels, grayscale data too, '
+        "and timm's transform does not convert them.",
         "",
         "## Distillation",
         "",
@@ -72,7 +74,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"| train / val images | {info['data']['train_size']} / {info['data']['val_size']} "
         f"(val from: {info['data']['val_origin']}) |",
         f"| classes | {info['num_classes']} |",
-        f"| epochs | {info['epochs']} |",
+        f"| epochs | {info['epochs']}{_epochs_note(info)} |",
         f"| weights exported | {info.get('weights', 'last')} |",
         "",
         "## Validation results",
@@ -102,6 +104,14 @@ def model_card(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _epochs_note(info: dict[str, Any]) -> str:
+    """Whose epoch count the card shows: the exported checkpoint's, when not the run's last."""
+    total = info.get("run_epochs")
+    if total is None or total == info["epochs"]:
+        return ""
+    return f" (the exported checkpoint's; the run trained {total})"
+
+
 def card_info(
     name: str,
     model: nn.Module,
@@ -124,6 +134,7 @@ def card_info(
         "distillation": recipe.distillation.model_dump(mode="json"),
         "data": data,
         "epochs": epochs,
+        "run_epochs": summary.get("epochs"),  # how far the run got (summary.json), if it finished
         "final": summary.get("final", {}),
         "packages": package_versions(),
         "recipe": recipe_to_dict(recipe),
@@ -345,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", choices=("fused", "cls", "dist"), default="fused")
     parser.add_argument("--format", default="timm", help="comma-separated: timm (always), onnx, torchscript")
     parser.add_argument("--out", required=True, help="export folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it already holds files")
     args = parser.parse_args(argv)
 
     def go() -> None:
@@ -352,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(formats) - set(FORMATS))
         if unknown:
             raise DistillError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            # The folder is replaced as a whole (atomically): other formats or files in it would go.
+            held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
+            raise DistillError(
+                f"--out {out} already holds files ({held}); choose an empty or new folder, or pass "
+                "--overwrite to replace it with this export"
+            )
         check = run_export(Path(args.run), args.checkpoint, args.ema, args.head, formats, Path(args.out))
         for name, c in check["formats"].items():
             print(f"{name:12s} max |diff| {c['max_abs_diff']:.2e}  {'ok' if c['ok'] else 'FAILED'}")

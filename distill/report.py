@@ -243,8 +243,10 @@ def plot_bars(groups: dict[str, list[RunRecord]], path: Path) -> None:
         lows += [m - s for m, s in stats]
         ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=3, label=head)
     ax.set_xticks(x, list(groups))
-    ax.set_ylabel("final val top-1 (%)")
-    ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    bottom = max(0.0, math.floor(min(lows) - 5))
+    # A cut axis exaggerates differences: say where it starts, on the axis itself.
+    ax.set_ylabel("final val top-1 (%)" + (f", axis from {bottom:.0f}%" if bottom > 0 else ""))
+    ax.set_ylim(bottom, 100)
     ax.legend(title="head")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("final top-1 per head (mean ± std over seeds)")
@@ -385,6 +387,29 @@ def _cache_note(runs: list[RunRecord]) -> str:
     )
 
 
+# A variant whose fused top-1 still rose this many points over the last quarter of its
+# evaluations is called unconverged: its ranking may change with more epochs.
+CONVERGED_POINTS = 1.0
+
+
+def convergence_notes(groups: dict[str, list[RunRecord]]) -> list[str]:
+    """A warning per variant whose runs were still improving when they stopped."""
+    notes = []
+    for variant, runs in groups.items():
+        rises = []
+        for r in runs:
+            curve = [100 * m["val/top1_fused"] for m in r.metrics if m.get("val/top1_fused") is not None]
+            if len(curve) >= 2:
+                rises.append(curve[-1] - curve[min(len(curve) - 2, (3 * len(curve)) // 4 - 1)])
+        if rises and sum(rises) / len(rises) > CONVERGED_POINTS:
+            notes.append(
+                f"**{variant} had not converged**: its fused top-1 still rose {sum(rises) / len(rises):+.1f} "
+                f"points (mean over seeds) over the last quarter of its evaluations; more epochs may "
+                "change the comparison"
+            )
+    return notes
+
+
 def build_report(run_dirs: list[Path], out: Path) -> Path:
     runs = [load_run(p) for p in run_dirs]
     if not runs:
@@ -407,6 +432,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         "## Findings (final fused top-1, paired over shared seeds)",
         "",
         *[f"- {verdict(a, b, p)}" for a, b, p in pairs],
+        *[f"- {note}" for note in convergence_notes(groups)],
         "",
         "## Results per variant",
         "",

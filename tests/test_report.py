@@ -198,3 +198,38 @@ def test_model_card_kl_row_names_the_direction_with_four_digits(kl: object, show
     final = {"val/top1_fused": 0.8} if kl is None else {"val/top1_fused": 0.8, "val/kl": kl}
     card = model_card(card_info_for(final))
     assert f"| KL(teacher ‖ fused student), τ=1 | {shown} |" in card
+
+
+def test_unconverged_variants_are_named_and_converged_ones_are_not(tmp_path: Path) -> None:
+    from distill.report import convergence_notes
+
+    rising = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]  # +10 points in the last epoch
+    notes = convergence_notes({"hard": rising})
+    assert len(notes) == 1 and notes[0].startswith("**hard had not converged**: its fused top-1 still rose +10.0")
+    flat = load_run(fake_run(tmp_path / "flat", "soft", 0))
+    rows = [json.loads(line) for line in (flat.path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["val/top1_fused"] = 0.9
+    (flat.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert convergence_notes({"soft": [load_run(flat.path)]}) == []
+
+
+def test_the_bar_chart_says_where_its_cut_axis_starts(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from distill.report import plot_bars
+
+    runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
+    captured = {}
+    real_close = plt.close
+    plt.close = lambda fig: captured.setdefault("fig", fig)  # type: ignore[assignment]
+    try:
+        plot_bars({"hard": runs}, tmp_path / "bars.png")
+    finally:
+        plt.close = real_close
+    ax = captured["fig"].axes[0]
+    bottom = ax.get_ylim()[0]
+    assert bottom > 0 and ax.get_ylabel() == f"final val top-1 (%), axis from {bottom:.0f}%"
