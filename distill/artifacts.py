@@ -1,6 +1,7 @@
-"""Path -> loaded model with its input spec: a run directory, a checkpoint folder or a timm Hub
-export. ``evaluate`` and ``export`` (and later analyses) load models here and nowhere else, and
-``score`` measures a loaded model on a split with its own eval preprocessing.
+"""Path -> loaded model with its input spec and class names: a run directory, a checkpoint folder
+or a timm Hub export. ``evaluate`` and ``export`` (and later analyses) load models here and
+nowhere else, and ``score`` measures a loaded model on a split with its own eval preprocessing,
+matching the split's classes to the model's outputs by name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from distill import checkpoint as ckpt
 from distill.config import Recipe, load_recipe
-from distill.errors import DistillError
+from distill.errors import DataError, DistillError
 from distill.pipeline import InputSpec, eval_loader, student_input_spec
 from distill.rundir import RunDir
 
@@ -31,12 +32,67 @@ class LoadedModel:
     run_dir: Path | None = None
     checkpoint: Path | None = None
     progress: dict[str, Any] | None = None  # the checkpoint's progress.json
+    class_names: list[str] | None = None  # output i is class class_names[i]; None: not recorded
 
     def logged_row(self) -> dict[str, Any] | None:
         """The evaluation the run logged at this checkpoint's step, if it evaluated there."""
         if self.run_dir is None or self.progress is None:
             return None
         return RunDir(self.run_dir).logged_at(self.progress["epoch"], self.progress["global_step"])
+
+
+def name_list(names: list[str], limit: int = 30) -> str:
+    """``'a', 'b', 'c'`` for messages; a long list shows its first ``limit`` and the count."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def read_label_names(
+    raw: Any, num_classes: int | None, where: str, error: type[DistillError] = DistillError
+) -> list[str] | None:
+    """The class names a model records in timm's ``label_names`` (a list, or an {index: name}
+    dict), one per output in output order; None when it records none."""
+    if not raw:
+        return None
+    if isinstance(raw, dict):
+        by_index = {int(k): str(v) for k, v in raw.items()}
+        if sorted(by_index) != list(range(len(by_index))):
+            raise error(f"{where}: label_names does not name every output 0..{max(by_index)}; give one name per output")
+        names = [by_index[i] for i in range(len(by_index))]
+    else:
+        names = [str(n) for n in raw]
+    if num_classes is not None and len(names) != num_classes:
+        raise error(f"{where} records {len(names)} label_names for a {num_classes}-class head")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise error(f"{where}: label_names repeats {name_list(twice)}; each output needs its own name")
+    return names
+
+
+def run_class_names(run_dir: Path, recipe: Recipe, num_classes: int) -> list[str] | None:
+    """The classes a run trained on, in output order: what the run recorded (summary.json, its
+    export's config.json), else its data's, which means loading the split (slow for big folders);
+    None when nothing recorded them and the data cannot be loaded any more."""
+    rundir = RunDir(run_dir)
+    recorded = (rundir.summary().get("data") or {}).get("class_names")
+    if not recorded and (rundir.export_dir / "config.json").is_file():
+        recorded = json.loads((rundir.export_dir / "config.json").read_text()).get("label_names")
+    if recorded:
+        names = read_label_names(recorded, num_classes, f"run {run_dir}")
+        assert names is not None
+        return names
+    from distill.data import load_source
+
+    try:
+        names = load_source(recipe.data).class_names
+    except DataError:  # the run's data is gone: names unknown, classes match by index (with equal counts)
+        return None
+    if len(names) != num_classes:
+        raise DistillError(
+            f"run {run_dir}: its data ({recipe.data.source} {recipe.data.path or ''}) now has {len(names)} "
+            f"classes but the checkpoint's head has {num_classes}; the data changed since training"
+        )
+    return list(names)
 
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
@@ -78,7 +134,8 @@ def load_checkpoint_student(run_dir: Path, checkpoint: Path, ema: bool = False) 
     model.pretrained_cfg = {**model.pretrained_cfg, **spec.timm_config()}
     progress = json.loads((checkpoint / ckpt.MARKER).read_text())
     what = f"{checkpoint}{' (EMA)' if ema else ''}, epoch {progress['epoch']}, step {progress['global_step']}"
-    return LoadedModel(model.eval(), spec, what, recipe, run_dir, checkpoint, progress)
+    names = run_class_names(run_dir, recipe, num_classes)
+    return LoadedModel(model.eval(), spec, what, recipe, run_dir, checkpoint, progress, names)
 
 
 def load_export(folder: Path) -> LoadedModel:
@@ -88,7 +145,10 @@ def load_export(folder: Path) -> LoadedModel:
 
     model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
     spec = InputSpec.from_timm(resolve_model_data_config(model))
-    return LoadedModel(model, spec, f"export {folder} ({model.pretrained_cfg.get('architecture')})")
+    # timm moves config.json's root-level label_names (save_for_hf writes them there) into pretrained_cfg.
+    names = read_label_names(model.pretrained_cfg.get("label_names"), model.num_classes, f"export {folder}")
+    what = f"export {folder} ({model.pretrained_cfg.get('architecture')})"
+    return LoadedModel(model, spec, what, class_names=names)
 
 
 def load_artifact(path: Path, checkpoint: str = "last", ema: bool = False) -> LoadedModel:
@@ -109,15 +169,64 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def dataset_class_names(dataset: Any) -> list[str] | None:
+    """The names of a datasets.Dataset's ClassLabel ``label`` column, if it has one."""
+    feature = getattr(dataset, "features", {}).get("label")
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def match_classes(
+    data_names: list[str] | None, model_names: list[str] | None, num_outputs: int | None, model: str
+) -> torch.Tensor | None:
+    """The model's output index for each data label (by name), or None where labels already are
+    output indices. A data class the model does not know is an error, not a silent 0%: an export
+    of digits 0-9 scored 0.33% on a folder of 7/ 8/ 9/ when folder index 0 was taken for digit 0."""
+    if data_names is None:
+        return None
+    if model_names is None:
+        if num_outputs is not None and num_outputs != len(data_names):
+            raise DataError(
+                f"{model} records no class names and has {num_outputs} outputs, but the data has "
+                f"{len(data_names)} classes ({name_list(data_names)}); without names classes are matched "
+                "by index, which needs equal counts. Evaluate on data with all of the model's classes"
+            )
+        return None
+    unknown = [n for n in data_names if n not in model_names]
+    if unknown:
+        raise DataError(
+            f"the data has {len(unknown)} class(es) that {model} does not know: {name_list(unknown)}; "
+            f"the model's classes are {name_list(model_names)}. Class folders must be named after the "
+            "model's classes (a subset of them is fine)"
+        )
+    index = {n: i for i, n in enumerate(model_names)}
+    return torch.tensor([index[n] for n in data_names], dtype=torch.long)
+
+
 @torch.no_grad()
 def score(
-    loaded: LoadedModel, dataset: Any, batch_size: int, device: torch.device | None = None, num_workers: int = 0
+    loaded: LoadedModel,
+    dataset: Any,
+    batch_size: int,
+    device: torch.device | None = None,
+    num_workers: int = 0,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 per head over ``dataset`` with the model's own eval preprocessing."""
+    """Top-1/top-5 per head over ``dataset`` with the model's own eval preprocessing.
+
+    ``class_names`` (default: the dataset's ClassLabel names) name its labels; each is scored as
+    the model's output of that name, so a subset of the model's classes scores correctly. Top-k
+    is over all of the model's outputs: predicting a class absent from the data is still wrong.
+    """
     from distill.metrics import topk_correct
     from distill.models import student_heads
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data_names = class_names if class_names is not None else dataset_class_names(dataset)
+    num_outputs = getattr(loaded.model, "num_classes", None)
+    targets = match_classes(data_names, loaded.class_names, num_outputs, loaded.description)
+    if targets is not None:
+        targets = targets.to(device)
     model = loaded.model.to(device).eval()
     loader = eval_loader(dataset, loaded.spec, batch_size, num_workers)
     heads = ("cls", "dist", "fused") if hasattr(model, "head_dist") else ("fused",)
@@ -125,6 +234,8 @@ def score(
     n, compute = 0, 0.0
     for i, batch in enumerate(loader):
         images, labels = batch["image"].to(device), batch["label"].to(device)
+        if targets is not None:
+            labels = targets[labels]
         start = time.perf_counter()
         if len(heads) == 3:
             cls, dist = student_heads(model, images)
@@ -147,4 +258,7 @@ def score(
         "batch_size": batch_size,
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
+        "data_classes": len(data_names) if data_names is not None else None,
+        "model_classes": num_outputs,
+        "classes_matched_by": "name" if targets is not None else "index",
     }

@@ -4,9 +4,13 @@
                                [--checkpoint last|best|PATH] [--ema] [--batch-size N] [--json PATH]
 
 MODEL is a run directory (its newest checkpoint, or --checkpoint), a checkpoint directory, or an
-export folder (timm Hub layout). Top-1/top-5 per head (cls / dist / fused; an export or a plain
-ViT has its fused head only), throughput of the forward pass and peak memory; a table for people
-and, with --json, the same figures for scripts.
+export folder (timm Hub layout). IMAGE_FOLDER is either ``<class>/<image>`` folders (all of them
+are scored, whatever --split says) or a recipe-style root with ``train/`` (and ``val/`` or
+``test/``). The data's classes are matched to the model's outputs by name, so a folder with some
+of the model's classes scores correctly; a class the model does not know is an error. Top-1/top-5
+per head (cls / dist / fused; an export or a plain ViT has its fused head only), over all of the
+model's outputs, throughput of the forward pass and peak memory; a table for people and, with
+--json, the same figures for scripts.
 """
 
 from __future__ import annotations
@@ -21,8 +25,23 @@ from distill.artifacts import load_artifact, score
 from distill.errors import DistillError
 
 
-def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, str]:
-    """(HF dataset with image/label columns, description) from a recipe, a folder or the run."""
+def folder_overrides(folder: Path) -> list[str]:
+    """An image folder as imagefolder data: a root with ``train/`` as it is, otherwise a folder of
+    class folders as one split (its parent the root, itself both the train and the val split)."""
+    if (folder / "train").is_dir():
+        return ["data.source=imagefolder", f"data.path={folder}"]
+    root = folder.resolve()
+    return [
+        "data.source=imagefolder",
+        f"data.path={root.parent}",
+        f"data.train_split={root.name}",
+        f"data.val_split={root.name}",
+    ]
+
+
+def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list[str], str]:
+    """(HF dataset with image/label columns, its class names, description) from a recipe, a
+    folder or the run."""
     from distill.config import load_recipe
     from distill.data import load_source
 
@@ -31,18 +50,21 @@ def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, str]
             raise DistillError("an export has no recipe: pass --data RECIPE.yaml or an image folder")
         cfg = fallback.data
     elif Path(data).is_dir():
-        cfg = load_recipe(None, ["data.source=imagefolder", f"data.path={data}"]).data
+        cfg = load_recipe(None, folder_overrides(Path(data))).data
     else:
         cfg = load_recipe(data).data
     source = load_source(cfg)
     ds = source.val if split == "val" else source.train
-    return ds, f"{cfg.source} {cfg.path or ''} {split} ({len(ds)} images)".replace("  ", " ")
+    where = f"{cfg.path}/{cfg.train_split}" if cfg.train_split == cfg.val_split else f"{cfg.path or ''} {split}"
+    return ds, source.class_names, f"{cfg.source} {where} ({len(ds)} images)".replace("  ", " ")
 
 
 def format_table(result: dict[str, Any], title: str) -> str:
     rows = [(k.replace("_", " "), f"{100 * v:.2f}%") for k, v in result.items() if k.startswith("top")]
+    classes = f"{result['data_classes']} of the model's {result['model_classes']}"
     rows += [
         ("images", str(result["images"])),
+        ("classes", f"{classes}, matched by {result['classes_matched_by']}"),
         ("throughput", f"{result['throughput_img_s'] or 0:.0f} img/s at batch {result['batch_size']}"),
         ("peak memory", f"{result['peak_memory_mb']:.0f} MB ({result['device']})"),
     ]
@@ -66,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         loaded = load_artifact(Path(args.model), args.checkpoint, args.ema)
-        dataset, what = eval_dataset(args.data, args.split, loaded.recipe)
-        result = score(loaded, dataset, args.batch_size, num_workers=args.num_workers)
+        dataset, class_names, what = eval_dataset(args.data, args.split, loaded.recipe)
+        result = score(loaded, dataset, args.batch_size, num_workers=args.num_workers, class_names=class_names)
         result.update({"model": loaded.description, "data": what})
         print(format_table(result, f"{loaded.description}\n  on {what}"))
         if args.json:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from distill.artifacts import name_list, read_label_names
 from distill.config import TeacherConfig
 from distill.errors import TeacherError
 from distill.models import create_model, file_sha256, read_state_dict
@@ -85,6 +86,8 @@ class ConvnetTeacher:
             "channels_last": m.channels_last,
             "compiled": m.forward_model is not m.model,
         }
+        if m.class_order is not None:  # only when remapped: unremapped teachers keep their cache keys
+            material["class_order"] = m.class_order.tolist()
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def describe(self) -> dict[str, Any]:
@@ -95,6 +98,7 @@ class ConvnetTeacher:
             "val_top1": self.val_top1,
             "trained_here": self.trained_here,
             "input": {"size": list(self.spec.size), "mean": list(self.spec.mean), "std": list(self.spec.std)},
+            **({"class_order": self.module.class_order.tolist()} if self.module.class_order is not None else {}),
         }
 
     def copy_to(self, folder: Path) -> None:
@@ -123,6 +127,34 @@ def _resolve_checkpoint(cfg: TeacherConfig) -> tuple[str, Path, dict[str, Any]]:
         meta = json.loads(config_file.read_text())
         return meta["architecture"], weights, dict(meta.get("model_args", {}))
     return cfg.model, path, {}
+
+
+def folder_label_names(folder: Path) -> list[str] | None:
+    """The class names a teacher folder's config.json records (timm's root-level label_names)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    meta = json.loads(config.read_text())
+    return read_label_names(meta.get("label_names"), meta.get("num_classes"), f"teacher folder {folder}", TeacherError)
+
+
+def match_teacher_classes(teacher_names: list[str] | None, data_names: list[str], where: str) -> list[int] | None:
+    """For each data class, the teacher output of that name; None when the order is already the
+    data's or the teacher records no names (then check_teacher's accuracy floor is the guard).
+    A teacher trained on other classes is refused: its outputs would be read as the wrong classes."""
+    if teacher_names is None or teacher_names == data_names:
+        return None
+    if set(teacher_names) != set(data_names):
+        only_teacher = [n for n in teacher_names if n not in data_names]
+        only_data = [n for n in data_names if n not in teacher_names]
+        raise TeacherError(
+            f"teacher {where} was trained on other classes than the data's. Teacher classes: "
+            f"{name_list(teacher_names)}; data classes: {name_list(data_names)} (only the teacher has: "
+            f"{name_list(only_teacher) or 'none'}; only the data has: {name_list(only_data) or 'none'}). "
+            "Use a teacher trained on these classes, or add a teacher.train section to train one"
+        )
+    index = {n: i for i, n in enumerate(teacher_names)}
+    return [index[n] for n in data_names]
 
 
 def load_teacher_weights(model: nn.Module, path: Path, arch: str, num_classes: int) -> None:
@@ -167,6 +199,7 @@ class FrozenTeacher(nn.Module):
         inference_mode: bool = True,
         channels_last: bool = True,
         compile: bool = False,
+        class_order: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -185,6 +218,10 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("s_std", col(student_std), persistent=False)
         self.register_buffer("t_mean", col(teacher_mean), persistent=False)
         self.register_buffer("t_std", col(teacher_std), persistent=False)
+        # Output i is the teacher's output class_order[i]: its logits in the data's class order,
+        # for a teacher folder that names the same classes in another order (match_teacher_classes()).
+        order = None if class_order is None else torch.tensor(list(class_order), dtype=torch.long)
+        self.register_buffer("class_order", order, persistent=False)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # frozen: BatchNorm statistics never move
@@ -196,6 +233,8 @@ class FrozenTeacher(nn.Module):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = self.forward_model(images)
+            if self.class_order is not None:
+                logits = logits.index_select(-1, self.class_order)
         return logits.float().clone()  # a normal tensor again: losses may save it for backward
 
 

@@ -31,7 +31,15 @@ from distill.optim import batch_plan, build_optimizer, build_scheduler
 from distill.pipeline import InputSpec, build_pipeline
 from distill.progress import ProgressReport
 from distill.step import Step
-from distill.teacher import ConvnetTeacher, FrozenTeacher, build_teacher_model, load_teacher, teacher_normalisation
+from distill.teacher import (
+    ConvnetTeacher,
+    FrozenTeacher,
+    build_teacher_model,
+    folder_label_names,
+    load_teacher,
+    match_teacher_classes,
+    teacher_normalisation,
+)
 
 TEACHER_INFO = "teacher.json"
 
@@ -142,7 +150,7 @@ def _save_teacher(
     save_for_hf(
         model,
         str(tmp),
-        model_config={"label_names": split.class_names},
+        model_config={"label_names": split.class_names},  # output order; obtain_teacher matches by them
         model_args=dict(recipe.teacher.model_args),
         safe_serialization=True,
     )
@@ -177,8 +185,11 @@ def obtain_teacher(
     cfg = recipe.teacher
     trained_here = False
     if cfg.checkpoint is not None:
-        model, arch, weights = load_teacher(cfg, split.num_classes)
         folder = Path(str(cfg.checkpoint)).expanduser()
+        # Before the weights: a folder naming other classes gets both lists, not a head-size error.
+        names = folder_label_names(folder) if folder.is_dir() else None
+        order = match_teacher_classes(names, split.class_names, str(folder))
+        model, arch, weights = load_teacher(cfg, split.num_classes)
         stored = _folder_normalisation(folder) if folder.is_dir() else None
     elif cfg.train is not None:
         folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, spec, split.num_classes)}"
@@ -187,6 +198,8 @@ def obtain_teacher(
             trained_here = True
         else:
             accelerator.print(f"teacher: reusing {folder} (same teacher settings)")
+        # Saved with this split's class names (_save_teacher): a check that they still agree.
+        order = match_teacher_classes(folder_label_names(folder), split.class_names, str(folder))
         model, arch, weights = load_teacher(cfg, split.num_classes, folder / "model.safetensors")
         stored = _folder_normalisation(folder)
     elif recipe.distillation.type != "none":
@@ -197,7 +210,9 @@ def obtain_teacher(
     else:
         return None
     mean, std = teacher_normalisation(cfg, model, stored)
-    module = FrozenTeacher(model, spec.mean, spec.std, mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile)
+    module = FrozenTeacher(
+        model, spec.mean, spec.std, mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile, order
+    )
     module.to(accelerator.device)
     # Today it sees the student's size and crop; its own normalisation.
     own = InputSpec(spec.size, mean, std, spec.crop_pct, spec.interpolation)  # type: ignore[arg-type]
