@@ -84,7 +84,7 @@ def test_single_head_exports_give_that_heads_predictions(smoke_run: Path, tmp_pa
     assert check["revalidation"]["export_top1"] == logged[f"val/top1_{head}"]
     # The card shows what the best checkpoint scored, not the final epoch's results.
     card = (tmp_path / head / "README.md").read_text()
-    assert f"| epochs | {best['epoch']} |" in card
+    assert f"| epochs | {best['epoch']} (the exported checkpoint's; the run trained 2) |" in card
     assert f"| top-1 class head | {100 * logged['val/top1_cls']:.2f}% |" in card
     assert f"| agreement with teacher | {100 * logged['val/agreement']:.2f}% |" in card
     assert best["epoch"] != read_metrics(smoke_run)[-1]["epoch"]  # so the final epoch's would differ
