@@ -219,10 +219,27 @@ def obtain_teacher(
     return ConvnetTeacher(module, own, arch, weights, trained_here, accelerator.autocast)
 
 
-def check_teacher(teacher: ConvnetTeacher, top1: float, num_classes: int, min_top1: float | None) -> None:
-    """Refuse a teacher at (near) chance accuracy: distilling from it only adds noise."""
+def check_teacher(
+    teacher: ConvnetTeacher, top1: float, num_classes: int, min_top1: float | None, main_process: bool = True
+) -> None:
+    """Refuse a teacher at (near) chance accuracy: distilling from it only adds noise.
+
+    A teacher the pipeline trained (its cached folder holds teacher.json) needs more training,
+    not another checkpoint: say so, and drop it from the cache so that the next run, with more
+    epochs or another lr, trains it again instead of reusing it (issue 12)."""
     teacher.val_top1 = top1
     threshold = min_top1 if min_top1 is not None else 1.5 / num_classes
+    if top1 < threshold and teacher.weights is not None and (teacher.weights.parent / TEACHER_INFO).is_file():
+        folder = teacher.weights.parent
+        if main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise TeacherError(
+            f"the teacher the pipeline trained ({teacher.architecture}) scores {100 * top1:.1f}% top-1 "
+            f"on the validation split, below the {100 * threshold:.1f}% floor (chance is "
+            f"{100 / num_classes:.1f}%): it needs more training. Raise teacher.train.epochs (or tune "
+            f"teacher.train.lr), or lower teacher.min_top1; it was removed from the cache ({folder}) "
+            "so the next run trains it again"
+        )
     if top1 < threshold:
         raise TeacherError(
             f"teacher {teacher.architecture} ({teacher.weights}) scores {100 * top1:.1f}% top-1 on "

@@ -161,7 +161,7 @@ class DistillRun:
         teacher_val: dict[int, torch.Tensor] | None = None
         if teacher is not None:
             t_stats, teacher_val = evaluate_teacher(acc, teacher, student.pipeline.val_loader, outputs)
-            check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1)
+            check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
             acc.print(f"teacher: {teacher.describe()['architecture']} val top-1 {100 * t_stats['top1']:.2f}%")
         progress = Progress()
         if resume_from is not None:
@@ -237,7 +237,7 @@ class DistillRun:
             raise RecipeError("run.teacher_only=true needs teacher.train or teacher.checkpoint")
         loader = eval_loader(split.val, spec, math.ceil(r.eval.batch_size / acc.num_processes), r.data.num_workers)
         stats, _ = evaluate_teacher(acc, teacher, acc.prepare(loader), None)
-        check_teacher(teacher, stats["top1"], split.num_classes, r.teacher.min_top1)
+        check_teacher(teacher, stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
         summary = {
             "run": str(self.rundir.path),
             "teacher": teacher.describe(),
@@ -378,6 +378,7 @@ def data_info(recipe: Recipe, split: SplitData, store: str | None) -> dict[str, 
         "source": recipe.data.source,
         "path": recipe.data.path,
         "num_classes": split.num_classes,
+        "class_names": split.class_names,  # in output order: evaluate matches data to them by name
         "train_size": len(split.train),
         "val_size": len(split.val),
         "val_origin": split.val_origin,

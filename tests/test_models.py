@@ -478,3 +478,21 @@ def test_check_teacher_floor_scales_with_classes() -> None:
     check_teacher(teacher, 0.016, 100, None)  # floor 1.5%
     with pytest.raises(TeacherError, match=r"chance is 1\.0%"):
         check_teacher(teacher, 0.014, 100, None)
+
+
+def test_a_pipeline_trained_teacher_below_the_floor_asks_for_more_training_and_leaves_the_cache(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "teachers" / "resnet10t-0123"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "teacher.json").write_text("{}")
+    module = FrozenTeacher(nn.Identity(), HALF, HALF, HALF, HALF)
+    teacher = ConvnetTeacher(module, InputSpec((16, 16), HALF, HALF, 1.0, "bicubic"), "resnet10t", None, True)
+    teacher.weights = folder / "model.safetensors"
+    with pytest.raises(TeacherError) as info:
+        check_teacher(teacher, 0.30, 4, None)
+    msg = str(info.value)
+    assert "the teacher the pipeline trained (resnet10t) scores 30.0% top-1" in msg
+    assert "needs more training. Raise teacher.train.epochs" in msg and "Use the right checkpoint" not in msg
+    assert not folder.exists()  # the next run trains it again
