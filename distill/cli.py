@@ -18,20 +18,25 @@ def _user_message(exc: BaseException) -> str:
     return text
 
 
+def print_error(message: str) -> None:
+    """The one line a user-facing failure prints (stderr, flushed before the process exits)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def run_guarded(fn: Callable[[], object]) -> int:
     """Run ``fn``; a :class:`DistillError` or a storage ``OSError`` prints ``error: ...`` (no
     traceback) and returns 2."""
     try:
         fn()
     except DistillError as exc:
-        print(f"error: {_user_message(exc)}", file=sys.stderr, flush=True)
+        print_error(_user_message(exc))
         return exc.exit_code
     except OSError as exc:
         # Disk full or unwritable output anywhere else (logs, exports, reports): name the path.
         if exc.errno not in STORAGE_ERRNOS:
             raise
         err = storage_error(exc, "output", "free space or choose a writable location, then run the same command again")
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error(str(err))
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

@@ -2,6 +2,8 @@
 
     python -m distill.compare RECIPE.yaml --types none,soft,hard --seeds 0,1,2 [a.b=value ...]
     accelerate launch distill/compare.py RECIPE.yaml --types ... --seeds ... [a.b=value ...]
+    python -m distill.launch [accelerate launch options] distill/compare.py RECIPE.yaml ...
+        (the same launch; exits 2 on an error, 143 when stopped, where accelerate launch exits 1)
 
 Runs go one after the other inside one launch, on any number of processes, each in
 ``<run.output_dir>/<run.name>-study/<variant>-seed<k>/``. Runs that share a seed see the same

@@ -1,6 +1,9 @@
 """Entry point: ``accelerate launch distill/train.py RECIPE.yaml [a.b=value ...]``.
 
-Also ``python -m distill.train`` and the ``distill-train`` console script (one process).
+Also ``python -m distill.train`` and the ``distill-train`` console script (one process). A user's
+error prints ``error: ...`` and exits 2 (143 once stopped by SIGTERM / Ctrl-C); ``accelerate
+launch`` reports every failure as status 1 with a traceback of its own, ``python -m distill.launch
+[accelerate launch options] distill/train.py ...`` keeps the status (distill/launch.py, README).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="distill-train",
         description="Train a DeiT-style distilled ViT student from a CNN teacher.",
-        epilog="Example: accelerate launch distill/train.py recipes/quickstart.yaml train.epochs=3",
+        epilog="Example: accelerate launch distill/train.py recipes/quickstart.yaml train.epochs=3 "
+        "(python -m distill.launch in place of accelerate launch keeps the exit status: 2 for an error, "
+        "143 when stopped by SIGTERM or Ctrl-C)",
     )
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides parsed as YAML: a.b=value")
