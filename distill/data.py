@@ -339,9 +339,11 @@ def _load_source(cfg: DataConfig) -> SplitData:
 # The seeds behind deterministic augmentation, and decoding
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The one seed behind the view of image ``index`` in ``epoch`` (the data contract)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """The one seed behind the view of image ``index`` in ``epoch`` (the data contract); with
+    repeated augmentation, of its ``repeat``-th view (repeat 0 is the view without repetition)."""
+    entropy = [seed, epoch, index] if repeat == 0 else [seed, epoch, index, repeat]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 @contextlib.contextmanager

@@ -84,6 +84,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     # The student's data stream (order, views, mixup); the teacher stage draws its own from
     # teacher.train.seed, so a trained teacher does not depend on it (it used to be hashed).
     "data.seed": IN_OUTPUTS,
+    "data.repeated_aug": IN_TEACHER,  # which views the stream holds (the teacher stage's too)
     "data.store": IN_TEACHER,  # the tensor path's views differ from PIL's; both stages use it
     # Augmentation: the teacher stage trains on the student's pipeline, and the teacher's outputs
     # are computed on the augmented (and mixed) batch the student sees.

@@ -201,22 +201,24 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _view(self, cell: dict[str, Any], index: int) -> torch.Tensor:
+    def _view(self, cell: dict[str, Any], index: int, repeat: int) -> torch.Tensor:
         image = decode_rgb(cell, index)
         if not self.train:
             return self.transform(image)
-        with seeded(sample_seed(self.seed, self.epoch, index)):
+        with seeded(sample_seed(self.seed, self.epoch, index, repeat)):
             return self.transform(image)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        row = self.ds[int(index)]
-        return self._view(row["image"], int(index)), int(row["label"]), int(index)
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int, int, int]:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
-        rows = self.ds[[int(i) for i in indices]]  # one Arrow read per batch
+    def __getitems__(self, keys: Sequence[int]) -> list[tuple[torch.Tensor, int, int, int]]:
+        """``keys`` from EpochSampler: image index + repeat x len (repeat 0 without repetition)."""
+        n = len(self.ds)
+        index, repeat = [int(k) % n for k in keys], [int(k) // n for k in keys]
+        rows = self.ds[index]  # one Arrow read per batch
         return [
-            (self._view(img, int(i)), int(lbl), int(i))
-            for img, lbl, i in zip(rows["image"], rows["label"], indices, strict=True)
+            (self._view(img, i, r), int(lbl), i, r)
+            for img, lbl, i, r in zip(rows["image"], rows["label"], index, repeat, strict=True)
         ]
 
 
@@ -229,17 +231,24 @@ class EpochSampler(Sampler[int]):
     Truncating to a multiple of the global micro-batch means every process count that divides
     the batch sees the same global batches: Accelerate hands process p the batches p, p+W, ...
     of size B/W, whose union at each step is the one-process batch of size B.
+
+    ``repeats`` N > 1 (repeated augmentation): the first n // N images of the permutation, each
+    N times in a row, so a global batch holds N views of each of its images and an epoch as
+    many samples as images (DeiT's RASampler covers len / N distinct images per epoch too). The
+    r-th occurrence of image i is yielded as ``i + r * n``: the dataset draws that view's seed
+    from (seed, epoch, i, r); occurrence 0 is ``i`` itself, the view without repetition.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool, multiple: int = 1) -> None:
-        self.n, self.seed, self.shuffle, self.multiple = n, seed, shuffle, multiple
+    def __init__(self, n: int, seed: int, shuffle: bool, multiple: int = 1, repeats: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.multiple, self.repeats = n, seed, shuffle, multiple, repeats
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n - self.n % self.multiple
+        samples = self.n // self.repeats * self.repeats
+        return samples - samples % self.multiple
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -247,15 +256,18 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.repeats > 1:
+            order = [i + r * self.n for i in order[: self.n // self.repeats] for r in range(self.repeats)]
         return iter(order[: len(self)])
 
 
-def collate(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
-    images, labels, indices = zip(*batch, strict=True)
+def collate(batch: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:
+    images, labels, indices, repeats = zip(*batch, strict=True)
     return {
         "image": torch.stack(images),
         "label": torch.tensor(labels, dtype=torch.long),
-        "index": torch.tensor(indices, dtype=torch.long),
+        "index": torch.tensor(indices, dtype=torch.long),  # the image's index in its split
+        "repeat": torch.tensor(repeats, dtype=torch.long),  # which of its views (repeated aug)
     }
 
 
@@ -267,12 +279,13 @@ def make_loader(
     num_workers: int,
     global_multiple: int = 1,
     collate_fn: Any = collate,
+    repeats: int = 1,
 ) -> DataLoader:
     """A plain DataLoader (per-process batch) ready for ``accelerator.prepare``.
 
     ``persistent_workers`` stays off: workers must be re-created each epoch to see set_epoch.
     """
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, multiple=global_multiple)
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, multiple=global_multiple, repeats=repeats)
     if train and len(sampler) == 0:
         raise DataError(
             f"the training split has {len(dataset)} images, fewer than one global batch "
@@ -352,7 +365,7 @@ class InputPipeline:
     def prepare(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch["image"], batch["label"]
         if self._augment is not None:
-            images = self._augment(images, batch["index_host"], epoch)
+            images = self._augment(images, batch["index_host"], epoch, batch["repeat_host"])
         if self._mixup is not None:
             images, targets = self._mixup(images, targets)
         return images, targets
@@ -376,12 +389,18 @@ def build_pipeline(
     """Loaders (per-process batches, before ``accelerator.prepare``), the resolved data path and
     mixup for one stage; ``seed`` is the data stream's (order, views, mixup)."""
     store = resolve_store(data, split.train, spec.interpolation)
+    if data.repeated_aug > per_process_batch:
+        raise DataError(
+            f"data.repeated_aug={data.repeated_aug} is larger than the batch per process "
+            f"({per_process_batch}: the global batch / processes / accumulation steps), so no batch "
+            "could hold every view of an image; lower data.repeated_aug or raise the batch size"
+        )
     train_tf, eval_tf = build_transforms(data.augment, spec)
     augment = None
     if store == "tensor":
         augment = BatchAugment(data.augment, spec.size, spec.mean, spec.std, spec.interpolation, seed)
         stored = StoredImages(decode_all(split.train), split.train["label"])
-        train = make_loader(stored, per_process_batch, seed, True, 0, global_batch, collate_stored)
+        train = make_loader(stored, per_process_batch, seed, True, 0, global_batch, collate_stored, data.repeated_aug)
     else:
         train = make_loader(
             AugmentedDataset(split.train, train_tf, seed, train=True),
@@ -390,6 +409,7 @@ def build_pipeline(
             train=True,
             num_workers=data.num_workers,
             global_multiple=global_batch,
+            repeats=data.repeated_aug,
         )
     val = make_loader(
         AugmentedDataset(split.val, eval_tf, seed, train=False),

@@ -92,11 +92,20 @@ class StoredImages(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        # index_host stays a numpy array: Accelerate moves tensors to the device but leaves it on
-        # the host, where the crop parameters are drawn without a device-to-host sync per step.
-        return {"image": self.images[idx], "label": self.labels[idx], "index": idx, "index_host": idx.numpy()}
+    def __getitems__(self, keys: Sequence[int]) -> dict[str, Any]:
+        """``keys`` from EpochSampler: image index + repeat x len (repeat 0 without repetition)."""
+        key = torch.as_tensor(list(keys), dtype=torch.long)
+        idx, repeat = key % len(self), key // len(self)
+        # *_host stay numpy arrays: Accelerate moves tensors to the device but leaves them on the
+        # host, where the crop parameters are drawn without a device-to-host sync per step.
+        return {
+            "image": self.images[idx],
+            "label": self.labels[idx],
+            "index": idx,
+            "repeat": repeat,
+            "index_host": idx.numpy(),
+            "repeat_host": repeat.numpy(),
+        }
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])
@@ -109,13 +118,16 @@ def collate_stored(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _MASK = (1 << 64) - 1
 
 
-def uniforms(seed: int, epoch: int, index: np.ndarray, count: int) -> np.ndarray:
-    """``[len(index), count]`` floats in [0, 1): SplitMix64 of (seed, epoch, index, draw)."""
+def uniforms(seed: int, epoch: int, index: np.ndarray, count: int, repeat: np.ndarray | None = None) -> np.ndarray:
+    """``[len(index), count]`` floats in [0, 1): SplitMix64 of (seed, epoch, index, repeat, draw);
+    repeat 0 (or None) adds nothing, so those are the views without repeated augmentation."""
     with np.errstate(over="ignore"):
         base = (np.uint64(seed & _MASK) * np.uint64(0x9E3779B97F4A7C15)) ^ (
             np.uint64(epoch & _MASK) * np.uint64(0xC2B2AE3D27D4EB4F)
         )
         x = base + index.astype(np.uint64)[:, None] * np.uint64(0xD6E8FEB86659FD93)
+        if repeat is not None:
+            x = x + np.asarray(repeat).astype(np.uint64)[:, None] * np.uint64(0xA0761D6478BD642F)
         x = x + np.arange(1, count + 1, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
@@ -203,12 +215,16 @@ class BatchAugment:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
-    def boxes(self, epoch: int, index: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def boxes(
+        self, epoch: int, index: np.ndarray | torch.Tensor, height: int, width: int, repeat: Any = None
+    ) -> torch.Tensor:
         """``[B, 5]`` int64 (top, left, height, width, flip) of each image's view, drawn from
-        (seed, epoch, index) alone: 4 uniforms per attempt, then one for the flip."""
+        (seed, epoch, index, repeat) alone: 4 uniforms per attempt, then one for the flip."""
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()
-        u = torch.from_numpy(uniforms(self.seed, epoch, np.asarray(index), 4 * ATTEMPTS + 1))
+        if isinstance(repeat, torch.Tensor):
+            repeat = repeat.cpu().numpy()
+        u = torch.from_numpy(uniforms(self.seed, epoch, np.asarray(index), 4 * ATTEMPTS + 1, repeat))
         tries = u[:, : 4 * ATTEMPTS].view(-1, ATTEMPTS, 4)
         area = (self.scale[0] + (self.scale[1] - self.scale[0]) * tries[..., 0]) * (height * width)
         aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * tries[..., 1])
@@ -236,9 +252,11 @@ class BatchAugment:
         flip = (u[:, -1] < self.hflip).long()
         return torch.stack([top, left, h, w, flip], 1)
 
-    def __call__(self, images: torch.Tensor, index: np.ndarray | torch.Tensor, epoch: int) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, index: np.ndarray | torch.Tensor, epoch: int, repeat: Any = None
+    ) -> torch.Tensor:
         height, width = images.shape[-2:]
-        box = self.boxes(epoch, index, height, width)
+        box = self.boxes(epoch, index, height, width, repeat)
         out_h, out_w = self.size
         wy = resample_matrix(box[:, 0], box[:, 2], height, out_h, self.interpolation)
         wx = resample_matrix(box[:, 1], box[:, 3], width, out_w, self.interpolation)

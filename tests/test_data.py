@@ -179,11 +179,11 @@ def views(ds: AugmentedDataset, indices: list[int]) -> dict[int, torch.Tensor]:
 
 
 def test_augmented_item_layout(train_ds: AugmentedDataset, synthetic: SplitData) -> None:
-    image, label, index = train_ds[33]
+    image, label, index, repeat = train_ds[33]
     assert image.shape == (3, 16, 16)
     assert image.dtype == torch.float32
     assert label == synthetic.train[33]["label"]
-    assert index == 33
+    assert (index, repeat) == (33, 0)
     assert len(train_ds) == len(synthetic.train)
 
 
@@ -218,8 +218,8 @@ def test_view_same_via_getitem_and_getitems(train_ds: AugmentedDataset) -> None:
     shuffled = [INDICES[k] for k in (3, 0, 7, 1, 6, 2, 5, 4)]
     batch = {item[2]: item for item in train_ds.__getitems__(shuffled)}
     assert [item[2] for item in train_ds.__getitems__(shuffled)] == shuffled
-    for image, label, index in single:
-        b_image, b_label, _ = batch[index]
+    for image, label, index, _ in single:
+        b_image, b_label, _, _ = batch[index]
         assert torch.equal(image, b_image), index
         assert label == b_label
 
@@ -356,7 +356,7 @@ def test_default_augmentation_survives_max_magnitude_posterize(
     # (0 bits), which Pillow >= 13 rejects; distill.data patches timm's op back to Pillow 12's black image.
     ds = AugmentedDataset(synthetic.train, transforms[0], seed=0, train=True)
     ds.set_epoch(1)
-    image, _, _ = ds[47]
+    image, _, _, _ = ds[47]
     assert image.shape == (3, 16, 16)
 
 
@@ -426,3 +426,30 @@ def test_build_mixup_on_gives_dense_smoothed_targets() -> None:
     assert targets.shape == (4, 4)
     assert targets.sum(dim=1).tolist() == pytest.approx([1.0] * 4, abs=1e-6)
     assert float(targets.min()) >= 0.1 / 4 - 1e-6  # smoothing folded in: no class below eps / C
+
+
+# Repeated augmentation ---------------------------------------------------------------------------
+
+
+def test_repeated_sampler_holds_n_views_of_n_over_n_images() -> None:
+    plain = list(EpochSampler(12, seed=3, shuffle=True))
+    sampler = EpochSampler(12, seed=3, shuffle=True, repeats=3)
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 12  # as many samples as images...
+    images = [k % 12 for k in keys]
+    assert images == [i for i in plain[:4] for _ in range(3)]  # ...of 12 / 3 distinct ones, in a row
+    assert [k // 12 for k in keys] == [0, 1, 2] * 4  # the repeat, encoded in the key
+    assert len(EpochSampler(13, seed=3, shuffle=True, multiple=4, repeats=3)) == 12
+
+
+def test_repeat_zero_is_the_view_without_repetition_and_repeats_differ(
+    train_ds: AugmentedDataset, synthetic: SplitData
+) -> None:
+    train_ds.set_epoch(1)
+    n = len(synthetic.train)
+    plain, first, second = train_ds[5], train_ds[5 + 0 * n], train_ds[5 + 1 * n]
+    assert (first[2], first[3], second[2], second[3]) == (5, 0, 5, 1)
+    assert torch.equal(plain[0], first[0])
+    assert not torch.equal(first[0], second[0]) and first[1] == second[1]
+    again = train_ds.__getitems__([5 + n])[0]
+    assert torch.equal(again[0], second[0])  # a function of (seed, epoch, index, repeat)

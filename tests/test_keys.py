@@ -120,6 +120,7 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
         if TEACHER in e and SPLIT not in e and not p.startswith(("teacher.train.", "data.augment."))
     )
     assert rest == [
+        "data.repeated_aug",
         "data.store",
         "student.img_size",
         "student.model",

@@ -159,3 +159,21 @@ def test_the_tensor_path_resumes_exactly_after_sigkill(tmp_path: Path, teacher_c
     assert not (tmp_path / "kill" / "smoke" / "summary.json").exists()
     check_ok(run_train(*killed))
     assert read_metrics(tmp_path / "kill" / "smoke") == read_metrics(tmp_path / "ref" / "smoke")
+
+
+def test_repeated_views_on_the_tensor_path() -> None:
+    x, aug = images(), batch_augment(AugmentConfig(scale=(0.3, 1.0), hflip=0.5), CFG, seed=3)
+    index = np.arange(6)
+    plain = aug(x, index, 2)
+    assert torch.equal(aug(x, index, 2, np.zeros(6, dtype=np.int64)), plain)  # repeat 0: today's view
+    other = aug(x, index, 2, np.ones(6, dtype=np.int64))
+    assert all(not torch.equal(plain[i], other[i]) for i in range(6))
+    assert torch.equal(aug(x, index, 2, np.ones(6, dtype=np.int64)), other)
+
+
+def test_stored_images_decode_the_repeat_from_the_sampler_key() -> None:
+    store = StoredImages(images(4), [0, 1, 2, 3])
+    batch = store.__getitems__([1, 5, 2, 6])  # image 1 repeats 0 and 1, image 2 repeats 0 and 1
+    assert batch["index"].tolist() == [1, 1, 2, 2] and batch["repeat"].tolist() == [0, 1, 0, 1]
+    assert batch["repeat_host"].tolist() == [0, 1, 0, 1]
+    assert torch.equal(batch["image"][0], batch["image"][1])

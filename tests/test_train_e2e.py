@@ -327,3 +327,25 @@ def test_a_dead_rank_stops_the_whole_launch_within_seconds(tmp_path: Path, teach
     assert time.time() - killed < 30
     assert launch.returncode != 0
     assert "local_rank: 1" in out and "exitcode: -9" in out
+
+
+def test_repeated_augmentation_one_and_two_processes_match(tmp_path: Path, teacher_cache: Path) -> None:
+    """data.repeated_aug=2 (DeiT uses 3): every global batch holds 2 views of 8 images whatever
+    the process count, so 1 and 2 processes with the same global batch log the same values."""
+    args = [str(SMOKE), f"teacher.cache_dir={teacher_cache}", "data.repeated_aug=2", "run.export=false"]
+    check_ok(run_train(*args, f"run.output_dir={tmp_path / 'one'}"))
+    check_ok(launch_train(*args, f"run.output_dir={tmp_path / 'two'}", ACCELERATE_USE_CPU="true"))
+    one, two = read_metrics(tmp_path / "one" / "smoke"), read_metrics(tmp_path / "two" / "smoke")
+    assert len(one) == len(two) == 2 and one[-1]["step"] == 16  # as many steps as without repetition
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_repeated_augmentation_beyond_the_per_process_batch_is_refused(tmp_path: Path) -> None:
+    proc = run_train(str(SMOKE), f"run.output_dir={tmp_path}", "data.repeated_aug=32")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "data.repeated_aug=32 is larger than the batch per process (16" in last, last
+    assert not (tmp_path / "smoke").exists()
