@@ -31,7 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides parsed as YAML: a.b=value")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="print the resolved recipe (every default filled in, overrides applied) and exit; "
+        "docs/recipe-reference.md explains every key",
+    )
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         from distill.trainer import DistillRun
 
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_recipe:
+            from distill.config import resolved_recipe_yaml
+
+            sys.stdout.write(resolved_recipe_yaml(recipe))
+            return
         DistillRun(recipe, [args.recipe, *args.overrides]).run()
 
     return run_guarded(go)

@@ -186,3 +186,19 @@ def test_resolved_recipe_is_pure() -> None:
     assert resolved_recipe_yaml(recipe) == resolved_recipe_yaml(recipe)
     assert recipe.model_dump() == before
     assert yaml.safe_dump([1, 2]) == "- 1\n- 2\n"  # PyYAML's own SafeDumper is left alone
+
+
+def test_train_print_recipe_prints_the_resolved_recipe_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distill.train import main
+
+    out = tmp_path / "runs"
+    recipe = "recipes/quickstart.yaml"
+    assert main([recipe, "--print-recipe", "train.epochs=3", f"run.output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    resolved = load_recipe(tmp_path / "resolved.yaml")
+    assert resolved == load_recipe(recipe, ["train.epochs=3", f"run.output_dir={out}"])
+    assert "  max_train_samples: null\n" in printed and "  repeated_aug: 1\n" in printed
+    assert not out.exists()
