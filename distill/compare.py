@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         from distill.config import load_recipe
+        from distill.progress import StudyProgress
         from distill.report import build_report
         from distill.rundir import RunDir
         from distill.trainer import DistillRun, make_accelerator
@@ -150,14 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             args.recipe, variants, seeds, args.overrides, not args.no_teacher_cache, args.data_seed
         )
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
-        for i, (name, overrides) in enumerate(runs, 1):
-            run_dir = study / name
-            if RunDir(run_dir).finished():
-                accelerator.print(f"study: [{i}/{len(runs)}] {name} finished earlier, skipped")
+        recipes = [load_recipe(args.recipe, overrides) for _, overrides in runs]
+        progress = StudyProgress([r.train.epochs for r in recipes])
+        for i, ((name, overrides), recipe) in enumerate(zip(runs, recipes, strict=True)):
+            if RunDir(study / name).finished():
+                progress.skipped(i)
+                accelerator.print(f"study: [{i + 1}/{len(runs)}] {name} finished earlier, skipped")
                 continue
-            accelerator.print(f"study: [{i}/{len(runs)}] {name}")
-            recipe = load_recipe(args.recipe, overrides)
+            accelerator.print(f"study: [{i + 1}/{len(runs)}] {name}")
+            start = time.perf_counter()
             DistillRun(recipe, [args.recipe, *overrides], accelerator=accelerator).run()
+            progress.finished(i, time.perf_counter() - start)
+            accelerator.print(progress.line(i, name, time.perf_counter() - start))
         if accelerator.is_main_process:
             out = Path(args.out) if args.out else study / "report"
             build_report([study / name for name, _ in runs], out)

@@ -116,3 +116,31 @@ class ProgressReport:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StudyProgress:
+    """Study-wide progress: one line per finished run with the time the rest should take, from
+    the seconds per epoch of the runs this process trained (finished runs of an earlier,
+    interrupted study count as done and cost nothing)."""
+
+    def __init__(self, epochs: list[int]) -> None:
+        self.epochs = epochs  # each run's epochs, in the study's order
+        self.done: set[int] = set()
+        self.seconds, self.timed_epochs = 0.0, 0
+
+    def skipped(self, i: int) -> None:
+        self.done.add(i)
+
+    def finished(self, i: int, seconds: float) -> None:
+        self.done.add(i)
+        self.seconds += seconds
+        self.timed_epochs += self.epochs[i]
+
+    def eta_s(self) -> float:
+        left = sum(e for i, e in enumerate(self.epochs) if i not in self.done)
+        return self.seconds / self.timed_epochs * left if self.timed_epochs else math.nan
+
+    def line(self, i: int, name: str, seconds: float) -> str:
+        left = len(self.epochs) - len(self.done)
+        text = f"study: [{i + 1}/{len(self.epochs)}] {name} finished in {duration(seconds)}"
+        return text + (f"; {left} run{'s' * (left != 1)} left, eta {duration(self.eta_s())}" if left else "; done")

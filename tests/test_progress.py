@@ -73,3 +73,17 @@ def test_a_run_logging_to_a_file_shows_teacher_and_student_progress(tmp_path: Pa
         assert len(steps) >= 4, (stage, lines)
         assert any(re.match(rf"{stage}: epoch 1/2 done in \d+s \(\d+ img/s\)", s) for s in lines), (stage, lines)
     assert any("loss" in s and "lr" in s and "img/s" in s for s in lines if s.startswith("student: epoch"))
+
+
+def test_study_eta_from_seconds_per_epoch_of_the_runs_trained_here() -> None:
+    from distill.progress import StudyProgress
+
+    study = StudyProgress([2, 2, 4, 2])
+    study.skipped(0)  # finished by an earlier, interrupted study: done, and no time of ours
+    assert study.eta_s() != study.eta_s()  # nan until a run is timed
+    study.finished(1, 30.0)  # 15 s per epoch
+    assert study.eta_s() == pytest.approx(15.0 * (4 + 2))
+    assert study.line(1, "soft-seed0", 30.0) == "study: [2/4] soft-seed0 finished in 30s; 2 runs left, eta 1m30s"
+    study.finished(2, 60.0)
+    study.finished(3, 30.0)
+    assert study.line(3, "hard-seed1", 30.0) == "study: [4/4] hard-seed1 finished in 30s; done"
