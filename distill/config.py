@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from distill.errors import RecipeError
 
@@ -184,6 +184,10 @@ class TeacherConfig(Section):
     model_args: dict[str, Any] = {}  # extra timm.create_model keyword arguments
     mean: tuple[float, float, float] | None = None  # teacher's input normalisation; None: timm cfg
     std: tuple[float, float, float] | None = None  # with mean; None: timm cfg
+    # The teacher's own input size (one side, or [height, width]): the student's batch is resized
+    # to it inside the teacher, and a teacher the pipeline trains is trained at it. None: a
+    # teacher folder's recorded size, else the student's (a bare weights file records none).
+    img_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None
     min_top1: float | None = Field(None, ge=0.0, le=1.0)  # None: stop below 1.5 x chance
     train: TeacherTrainConfig | None = None  # train the teacher when no checkpoint is given
     cache_dir: Path | None = None  # trained teachers; None: <run.output_dir>/teachers
@@ -197,21 +201,31 @@ class TeacherConfig(Section):
 
 class StudentConfig(Section):
     model: str = "deit_tiny_distilled_patch16_224"  # a timm registry name
-    img_size: int | None = Field(None, ge=1)  # None keeps the registry default (224)
+    # Input size: one side, or [height, width] for a non-square input; None keeps the registry
+    # default (224). A fine-tune at another size resamples the position embeddings (student.init).
+    img_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None
     patch_size: int | None = Field(None, ge=1)  # None: the registry model's
     embed_dim: int | None = Field(None, ge=1)  # None: the registry model's
     depth: int | None = Field(None, ge=1)  # None: the registry model's
     num_heads: int | None = Field(None, ge=1)  # None: the registry model's
     mlp_ratio: float | None = Field(None, gt=0.0)  # None: the registry model's
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)  # DeiT: stochastic depth 0.1
-    # Initial weights: a plain (non-distilled) ViT or a distilled one, as safetensors, torch
-    # weights or a timm Hub folder. A plain ViT gets a distillation token, a position row and a
-    # distillation head (copies of the class token's); heads for another class count are reset.
+    # Initial weights (distill/student_init.py): a run directory, a checkpoint folder, a timm Hub
+    # folder (an export) or a safetensors / torch weights file, distilled or plain ViT. A plain ViT
+    # gets a distillation token, a position row and a distillation head (copies of the class
+    # token's); position embeddings are resampled (2D bicubic) to this student's patch grid.
     init: Path | None = None
+    # Which weights of a run directory: its final student, the last or best checkpoint, or the
+    # EMA weights of the last checkpoint. A run that has not finished has no final student.
+    init_checkpoint: Literal["final", "last", "best", "ema"] = "final"
+    # The heads of student.init: keep them, reset them to zero (the ViT paper's fine-tuning on a
+    # new task), or auto: keep when the class count matches the data's, else reset.
+    init_heads: Literal["keep", "reset", "auto"] = "auto"
 
     @model_validator(mode="after")
     def _divisible(self) -> StudentConfig:
-        if self.img_size is not None and self.patch_size is not None and self.img_size % self.patch_size:
+        sizes = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        if sizes is not None and self.patch_size is not None and any(s % self.patch_size for s in sizes):
             raise ValueError(
                 f"student.img_size {self.img_size} is not divisible by student.patch_size "
                 f"{self.patch_size}; pick sizes such that img_size % patch_size == 0"

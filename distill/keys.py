@@ -102,6 +102,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "data.augment.interpolation": IN_TEACHER,  # likewise
     # -- teacher ---------------------------------------------------------------------------------
     "teacher.model": IN_TEACHER,
+    "teacher.img_size": IN_TEACHER,  # the size it is trained at and fed
     "teacher.model_args": IN_TEACHER,  # the whole free-form dict
     # Another teacher's weights; a trained teacher is only used when this is None.
     "teacher.checkpoint": IN_OUTPUTS,
@@ -150,6 +151,8 @@ TABLE: dict[str, frozenset[Effect]] = {
     "student.img_size": IN_TEACHER,
     # The rest shapes the student only: input_size is patch_embed.img_size, whatever the patch.
     "student.patch_size": RESULT_ONLY,
+    "student.init_checkpoint": RESULT_ONLY,  # which weights the student starts from
+    "student.init_heads": RESULT_ONLY,
     "student.embed_dim": RESULT_ONLY,
     "student.depth": RESULT_ONLY,
     "student.num_heads": RESULT_ONLY,

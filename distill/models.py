@@ -87,65 +87,6 @@ def build_student(cfg: StudentConfig, num_classes: int, token: bool = True) -> n
     return model
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from a file or a timm Hub folder (model.safetensors inside)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise RecipeError(f"student.init {path} does not exist")
-    try:
-        return read_state_dict(path)
-    except TeacherError as exc:
-        raise RecipeError(str(exc).replace("teacher checkpoint", "student.init")) from None
-
-
-def init_student(model: nn.Module, path: Path) -> dict[str, list[str]]:
-    """Load ``path`` into a distilled student, converting a plain ViT checkpoint.
-
-    timm's loader refuses a plain ViT for a distilled model (no dist_token, one position row
-    short, no head_dist). We add them as DeiT's structure implies: the distillation token and
-    its position row start as copies of the class token's, head_dist as a copy of head; the
-    patch-position grid is resampled when the image or patch size differs; heads trained for
-    another class count are left at their fresh initialisation. Returns what was converted.
-    """
-    from timm.layers import resample_abs_pos_embed
-
-    sd = _read_weights(path)
-    own = model.state_dict()
-    report: dict[str, list[str]] = {"added": [], "resampled": [], "reset": []}
-    distilled = hasattr(model, "dist_token")
-    if distilled and "dist_token" not in sd and "cls_token" in sd:
-        sd["dist_token"] = sd["cls_token"].clone()
-        pos = sd["pos_embed"]  # (1, 1 + N, D): insert the dist row after the cls row
-        sd["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
-        for name in ("weight", "bias"):
-            if f"head.{name}" in sd:
-                sd[f"head_dist.{name}"] = sd[f"head.{name}"].clone()
-        report["added"] += ["dist_token", "pos_embed row 1", "head_dist"]
-    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = model.num_prefix_tokens
-        old_grid = round((sd["pos_embed"].shape[1] - prefix) ** 0.5)
-        sd["pos_embed"] = resample_abs_pos_embed(
-            sd["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[old_grid, old_grid],
-            num_prefix_tokens=prefix,
-        )  # fmt: skip
-        report["resampled"].append("pos_embed")
-    for key in [k for k in sd if k.startswith(("head.", "head_dist."))]:
-        if key in own and sd[key].shape != own[key].shape:
-            del sd[key]
-            report["reset"].append(key)
-    mismatched = sorted(k for k in own if k in sd and sd[k].shape != own[k].shape)
-    missing = sorted(set(own) - set(sd) - set(report["reset"]))
-    if mismatched or missing:
-        raise RecipeError(
-            f"student.init {path} does not fit student.model: mis-shaped {mismatched[:4]}, missing {missing[:4]}; "
-            "check student.embed_dim/depth/num_heads/patch_size against the checkpoint"
-        )
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    return report
-
-
 def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cls logits, dist logits) in any mode, without timm's train/eval output switch. A plain
     ViT has one head, which then plays both parts."""

@@ -200,8 +200,13 @@ class FrozenTeacher(nn.Module):
         channels_last: bool = True,
         compile: bool = False,
         class_order: Sequence[int] | None = None,
+        size: tuple[int, int] | None = None,
+        interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
+        # Its own input size (teacher.img_size): the student's (already mixed) batch is resized
+        # to it here, so the student's pipeline does not change. None: the student's size.
+        self.size, self.interpolation = (tuple(size) if size is not None else None), interpolation
         self.model = model.eval().requires_grad_(False)
         # inference_mode + channels_last: resnet10t at 16 px, batch 64, on 2 CPU cores went
         # from 20.2 ms to 15.0 ms (measured); channels-last is also the fast conv layout on GPUs.
@@ -228,6 +233,14 @@ class FrozenTeacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            if self.size is not None and tuple(images.shape[-2:]) != self.size:
+                # Resizing commutes with the per-channel re-normalisation below (the weights of
+                # each output pixel sum to 1), so it may come first. antialias: a shrinking
+                # resize averages like Pillow's instead of skipping pixels.
+                mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bicubic"
+                images = torch.nn.functional.interpolate(
+                    images, size=self.size, mode=mode, align_corners=False, antialias=True
+                )
             if self.renormalise:
                 images = (images * self.s_std + self.s_mean - self.t_mean) / self.t_std
             if self.channels_last:

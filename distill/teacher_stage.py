@@ -47,8 +47,11 @@ TEACHER_INFO = "teacher.json"
 def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
     """The trained-teacher cache key: every field that changes a trained teacher (keys.py), its
     input and the package version (how data is split and augmented may change between them)."""
+    # The student's fields act on the teacher only through the input spec, hashed itself: a
+    # fine-tune at another student size reuses a teacher kept at its own size (teacher.img_size).
+    teacher_fields = {k: v for k, v in fields(recipe, TEACHER).items() if not k.startswith("student.")}
     material = {
-        "fields": fields(recipe, TEACHER),
+        "fields": teacher_fields,
         "input": spec.timm_config(),
         "num_classes": num_classes,
         "distill": __version__,
@@ -177,24 +180,52 @@ def _folder_normalisation(folder: Path) -> dict[str, Any] | None:
     return {"mean": cfg["mean"], "std": cfg["std"]} if "mean" in cfg and "std" in cfg else None
 
 
+def _pair(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    return None if size is None else (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _folder_input_size(folder: Path) -> tuple[int, int] | None:
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file():
+        return None
+    size = json.loads(config.read_text()).get("pretrained_cfg", {}).get("input_size")
+    return (int(size[-2]), int(size[-1])) if size else None
+
+
+def teacher_size(accelerator: Accelerator, recipe: Recipe, spec: InputSpec, folder: Path | None) -> tuple[int, int]:
+    """The teacher's input size: teacher.img_size, else what its folder records, else the
+    student's. Asking a recorded teacher for another size is allowed, with one warning line."""
+    asked, recorded = _pair(recipe.teacher.img_size), _folder_input_size(folder) if folder else None
+    if asked is not None and recorded is not None and asked != recorded:
+        accelerator.print(
+            f"warning: teacher {folder} was recorded at {recorded[0]}x{recorded[1]} and runs at "
+            f"{asked[0]}x{asked[1]} (teacher.img_size)"
+        )
+    return asked or recorded or spec.size
+
+
 def obtain_teacher(
     accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec
 ) -> ConvnetTeacher | None:
-    """The frozen teacher on the device, fed student-space batches of ``spec``, or None when the
-    recipe has none and needs none."""
+    """The frozen teacher on the device, fed student-space batches of ``spec`` (resized to its own
+    input size inside), or None when the recipe has none and needs none."""
     cfg = recipe.teacher
     trained_here = False
     if cfg.checkpoint is not None:
         folder = Path(str(cfg.checkpoint)).expanduser()
+        size = teacher_size(accelerator, recipe, spec, folder)
         # Before the weights: a folder naming other classes gets both lists, not a head-size error.
         names = folder_label_names(folder) if folder.is_dir() else None
         order = match_teacher_classes(names, split.class_names, str(folder))
         model, arch, weights = load_teacher(cfg, split.num_classes)
         stored = _folder_normalisation(folder) if folder.is_dir() else None
     elif cfg.train is not None:
-        folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, spec, split.num_classes)}"
+        # Trained (and keyed) at its own size, on the student's normalisation and crop.
+        size = _pair(cfg.img_size) or spec.size
+        train_spec = InputSpec(size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
+        folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, train_spec, split.num_classes)}"
         if not (folder / TEACHER_INFO).is_file():
-            train_teacher(accelerator, recipe, split, spec, folder)
+            train_teacher(accelerator, recipe, split, train_spec, folder)
             trained_here = True
         else:
             accelerator.print(f"teacher: reusing {folder} (same teacher settings)")
@@ -211,11 +242,11 @@ def obtain_teacher(
         return None
     mean, std = teacher_normalisation(cfg, model, stored)
     module = FrozenTeacher(
-        model, spec.mean, spec.std, mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile, order
-    )
+        model, spec.mean, spec.std, mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile, order,
+        size, spec.interpolation,
+    )  # fmt: skip
     module.to(accelerator.device)
-    # Today it sees the student's size and crop; its own normalisation.
-    own = InputSpec(spec.size, mean, std, spec.crop_pct, spec.interpolation)  # type: ignore[arg-type]
+    own = InputSpec(size, mean, std, spec.crop_pct, spec.interpolation)  # type: ignore[arg-type]
     return ConvnetTeacher(module, own, arch, weights, trained_here, accelerator.autocast)
 
 

@@ -24,12 +24,13 @@ from distill.data import SplitData, load_source, seeded
 from distill.engine import STOP, Progress, evaluate_student, evaluate_teacher, train_one_epoch
 from distill.errors import LaunchError, RecipeError
 from distill.export import export_run_student
-from distill.models import build_student, init_student
+from distill.models import build_student
 from distill.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.pipeline import InputPipeline, InputSpec, build_pipeline, data_seed, student_input_spec
 from distill.progress import ProgressReport
 from distill.rundir import RunDir
 from distill.step import Step
+from distill.student_init import initialise
 from distill.teacher import Teacher
 from distill.teacher_cache import TeacherOutputCache, open_output_cache
 from distill.teacher_stage import check_teacher, obtain_teacher
@@ -75,6 +76,7 @@ class Student:
     ema: Any  # timm ModelEmaV3 on the student's device, or None
     steps_per_epoch: int
     plan: BatchPlan
+    init: dict[str, Any] | None  # where its weights came from (student.init), for the summary
 
 
 def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec) -> Student:
@@ -85,9 +87,9 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     # on whether the teacher was trained now or found in the cache.
     with seeded(r.run.seed):
         student = build_student(r.student, split.num_classes, r.distillation.token)
-    if r.student.init is not None:
-        converted = init_student(student, r.student.init)
-        acc.print(f"student: initialised from {r.student.init} {converted}")
+    init = initialise(student, r.student)
+    if init is not None:
+        acc.print(f"student: initialised from {init[0].path} ({init[0].what}) {init[1]}")
     student.pretrained_cfg = {**student.pretrained_cfg, **spec.timm_config()}
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(True)  # forward returns (cls, dist) while training
@@ -115,7 +117,9 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
         # After prepare, a copy of the prepared student, so on its device: a copy made before
         # prepare stayed where the student was built (the CPU) while the student moved to the GPU.
         ema = ModelEmaV3(acc.unwrap_model(model, keep_torch_compile=False), decay=r.train.ema_decay)
-    return Student(model, optimizer, scheduler, pipeline.with_loaders(train_loader, val_loader), ema, steps, plan)
+    origin = None if init is None else {**init[0].describe(), "converted": init[1]}
+    loaders = pipeline.with_loaders(train_loader, val_loader)
+    return Student(model, optimizer, scheduler, loaders, ema, steps, plan, origin)
 
 
 class DistillRun:
@@ -342,6 +346,7 @@ class DistillRun:
             "train_time_s": progress.train_time,
             "throughput_train_img_s": progress.train_images / progress.train_time if progress.train_time else None,
             "teacher": teacher.describe() if teacher is not None else None,
+            "student_init": student.init,
             "distillation": r.distillation.model_dump(mode="json"),
             "world_size": acc.num_processes,
             "precision": r.train.precision,

@@ -144,7 +144,8 @@ def test_a_student_initialised_from_a_plain_vit_trains(tmp_path: Path, teacher_c
     from safetensors.torch import save_file
 
     from distill.config import StudentConfig
-    from distill.models import build_student, init_student
+    from distill.models import build_student
+    from distill.student_init import init_student, resolve_init
 
     plain = timm.create_model(
         "deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2
@@ -152,7 +153,7 @@ def test_a_student_initialised_from_a_plain_vit_trains(tmp_path: Path, teacher_c
     path = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
     student = build_student(StudentConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2), 4)
-    report = init_student(student, path)
+    report = init_student(student, resolve_init(path))
     assert report == {"added": ["dist_token", "pos_embed row 1", "head_dist"], "resampled": [], "reset": []}
     sd = student.state_dict()
     assert torch.equal(sd["dist_token"], plain.state_dict()["cls_token"])

@@ -124,6 +124,7 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
         "data.store",
         "student.img_size",
         "student.model",
+        "teacher.img_size",
         "teacher.model",
         "teacher.model_args",
         "train.precision",
