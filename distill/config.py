@@ -210,6 +210,12 @@ class StudentConfig(Section):
     num_heads: int | None = Field(None, ge=1)  # None: the registry model's
     mlp_ratio: float | None = Field(None, gt=0.0)  # None: the registry model's
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)  # DeiT: stochastic depth 0.1
+    # Hybrid student (the ViT paper's hybrid): a timm convnet whose feature map, after its first
+    # stem_stages feature stages (timm features_only), is cut into patches for the transformer
+    # instead of the raw pixels (timm's HybridEmbed); patch_size then counts feature-map cells
+    # (default 1). E.g. resnet18 with 2 stages: a stride-4, 64-channel map.
+    stem: str | None = None
+    stem_stages: int = Field(2, ge=1)
     # Initial weights (distill/student_init.py): a run directory, a checkpoint folder, a timm Hub
     # folder (an export) or a safetensors / torch weights file, distilled or plain ViT. A plain ViT
     # gets a distillation token, a position row and a distillation head (copies of the class

@@ -151,6 +151,8 @@ TABLE: dict[str, frozenset[Effect]] = {
     "student.img_size": IN_TEACHER,
     # The rest shapes the student only: input_size is patch_embed.img_size, whatever the patch.
     "student.patch_size": RESULT_ONLY,
+    "student.stem": RESULT_ONLY,  # the student's patch embedding, not its input
+    "student.stem_stages": RESULT_ONLY,
     "student.init_checkpoint": RESULT_ONLY,  # which weights the student starts from
     "student.init_heads": RESULT_ONLY,
     "student.embed_dim": RESULT_ONLY,

@@ -4,6 +4,7 @@ safe weights reader that students and teachers share (teacher.py has the teacher
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +61,43 @@ def plain_counterpart(name: str) -> str:
     return plain
 
 
+def hybrid_embed(cfg: StudentConfig) -> Any:
+    """timm's HybridEmbed over the first ``stem_stages`` feature stages of ``student.stem``."""
+    import timm
+    from timm.layers import HybridEmbed
+
+    if not timm.is_model(cfg.stem):
+        create_model(str(cfg.stem), "student.stem")  # raises, with suggestions
+    try:
+        backbone = timm.create_model(
+            cfg.stem, pretrained=False, features_only=True, out_indices=(cfg.stem_stages - 1,)
+        )
+    except (IndexError, AssertionError, ValueError) as exc:
+        raise RecipeError(
+            f"student.stem '{cfg.stem}' with student.stem_stages={cfg.stem_stages}: {exc}; use fewer stages"
+        ) from None
+    return partial(HybridEmbed, backbone=backbone)
+
+
 def build_student(cfg: StudentConfig, num_classes: int, token: bool = True) -> nn.Module:
     """timm's ``VisionTransformerDistilled`` by registry name, resized by the recipe; with
     ``token=False`` the plain ViT of the same size (DeiT's no-distillation-token rows)."""
     from timm.models.deit import VisionTransformerDistilled
 
     name = cfg.model if token else plain_counterpart(cfg.model)
-    model = create_model(name, "student.model", drop_path_rate=cfg.drop_path, **student_model_args(cfg, num_classes))
+    args = student_model_args(cfg, num_classes)
+    if cfg.stem is not None:
+        args["embed_layer"] = hybrid_embed(cfg)
+        args.setdefault("patch_size", 1)  # patches of the feature map, not of the image
+    model = create_model(name, "student.model", drop_path_rate=cfg.drop_path, **args)
     if token and not isinstance(model, VisionTransformerDistilled):
         raise RecipeError(
             f"student.model '{cfg.model}' is a {type(model).__name__}, not a distilled ViT; use a "
             "'*_distilled_*' model such as deit_tiny_distilled_patch16_224"
         )
     img, patch = model.patch_embed.img_size, model.patch_embed.patch_size
-    if img[0] % patch[0] or img[1] % patch[1]:
+    cut = getattr(model.patch_embed, "feature_size", img)  # a hybrid cuts its feature map
+    if cut[0] % patch[0] or cut[1] % patch[1]:
         raise RecipeError(
             f"student image size {tuple(img)} is not divisible by its patch size {tuple(patch)}; "
             "set student.img_size and student.patch_size so that img_size % patch_size == 0"

@@ -87,3 +87,20 @@ def test_bad_paths_missing_unfinished_run_and_pickled_code(tmp_path: Path) -> No
     torch.save({"model": {"w": torch.zeros(1)}, "fn": print}, pickled)  # needs unpickling beyond weights
     with pytest.raises(RecipeError, match="weights_only=True"):
         init_student(student(16), resolve_init(pickled))
+
+
+def test_a_hybrid_student_cuts_a_cnn_feature_map_into_patches() -> None:
+    """student.stem=resnet18, 2 stages: a stride-4, 64-channel map; 16 px -> a 4x4 grid of
+    1-cell patches, plus the class and distillation tokens."""
+    from timm.layers import HybridEmbed
+
+    model = student(16, stem="resnet18", stem_stages=2, patch_size=None)
+    assert isinstance(model.patch_embed, HybridEmbed)
+    assert tuple(model.patch_embed.grid_size) == (4, 4) and model.pos_embed.shape == (1, 18, 32)
+    assert model.patch_embed.proj.in_channels == 64
+    assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+    model.set_distilled_training(True)
+    cls, dist = model.train()(torch.randn(2, 3, 16, 16))
+    assert cls.shape == dist.shape == (2, 4)
+    with pytest.raises(RecipeError, match="student.stem 'resnet1' is not a timm model; did you mean"):
+        student(16, stem="resnet1", patch_size=None)
