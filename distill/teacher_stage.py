@@ -47,9 +47,11 @@ TEACHER_INFO = "teacher.json"
 def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
     """The trained-teacher cache key: every field that changes a trained teacher (keys.py), its
     input and the package version (how data is split and augmented may change between them)."""
-    # The student's fields act on the teacher only through the input spec, hashed itself: a
-    # fine-tune at another student size reuses a teacher kept at its own size (teacher.img_size).
-    teacher_fields = {k: v for k, v in fields(recipe, TEACHER).items() if not k.startswith("student.")}
+    # The student's fields and teacher.img_size act on the teacher only through its input spec,
+    # hashed itself: a fine-tune at another student size reuses the teacher kept at its own size.
+    teacher_fields = {
+        k: v for k, v in fields(recipe, TEACHER).items() if not k.startswith("student.") and k != "teacher.img_size"
+    }
     material = {
         "fields": teacher_fields,
         "input": spec.timm_config(),

@@ -30,7 +30,7 @@ from distill.pipeline import InputPipeline, InputSpec, build_pipeline, data_seed
 from distill.progress import ProgressReport
 from distill.rundir import RunDir
 from distill.step import Step
-from distill.student_init import initialise
+from distill.student_init import initialise, resolve_init
 from distill.teacher import Teacher
 from distill.teacher_cache import TeacherOutputCache, open_output_cache
 from distill.teacher_stage import check_teacher, obtain_teacher
@@ -141,6 +141,8 @@ class DistillRun:
         with acc.main_process_first():
             split = load_source(r.data)
         spec = student_input_spec(r)
+        if r.student.init is not None:  # a bad student.init before a teacher is trained for nothing
+            resolve_init(r.student.init, r.student.init_checkpoint)
         resume_from = self.rundir.prepare(acc, r, self.argv)
         try:
             return self._run(split, spec, resume_from, wall_start)

@@ -43,3 +43,12 @@ def test_a_shared_folder_keeps_its_other_files_after_a_failed_start(tmp_path: Pa
     proc = run_train(str(SMOKE), f"run.output_dir={tmp_path / 'runs'}", f"teacher.checkpoint={weights}")
     assert proc.returncode == 2
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+
+
+def test_a_missing_student_init_stops_before_anything_runs(tmp_path: Path) -> None:
+    proc = run_train(str(SMOKE), f"run.output_dir={tmp_path}", f"student.init={tmp_path / 'no-run'}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: student.init ") and "does not exist; give a run directory" in last
+    assert "teacher" not in proc.stdout  # nothing trained
+    assert not (tmp_path / "smoke").exists()

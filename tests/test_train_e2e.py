@@ -349,3 +349,31 @@ def test_repeated_augmentation_beyond_the_per_process_batch_is_refused(tmp_path:
     last = proc.stderr.strip().splitlines()[-1]
     assert "data.repeated_aug=32 is larger than the batch per process (16" in last, last
     assert not (tmp_path / "smoke").exists()
+
+
+def test_a_fine_tune_at_twice_the_size_killed_and_resumed_matches_an_uninterrupted_one(
+    smoke_run: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """Stage two of the smoke run: its student at 32 px (8x8 patches, position embeddings
+    resampled), the smoke teacher still teaching at its own 16 px; SIGKILL after the step-4
+    checkpoint, then the same command, must log exactly what the uninterrupted fine-tune logs."""
+    common = [
+        str(SMOKE), f"teacher.cache_dir={teacher_cache}", f"student.init={smoke_run}", "student.img_size=32",
+        "teacher.img_size=16", "run.export=false", "train.warmup_epochs=0", "train.lr=5e-4",
+    ]  # fmt: skip
+    reference = run_train(*common, f"run.output_dir={tmp_path / 'ref'}")
+    check_ok(reference)
+    assert "teacher: reusing" in reference.stdout  # the smoke teacher, kept at 16 px
+    assert "resampled': ['pos_embed 4x4 -> 8x8']" in reference.stdout
+    cut = tmp_path / "cut"
+    signal_after_checkpoint(
+        [*common, f"run.output_dir={cut}"], cut / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL
+    )
+    assert not (cut / "smoke" / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = run_train(*common, f"run.output_dir={cut}")
+    check_ok(resumed)
+    assert "resuming from" in resumed.stdout
+    assert read_metrics(cut / "smoke") == read_metrics(tmp_path / "ref" / "smoke")
+    summary = json.loads((cut / "smoke" / "summary.json").read_text())
+    assert summary["student_init"]["source"] == "run final" and len(summary["student_init"]["sha256"]) == 64
+    assert summary["teacher"]["input"]["size"] == [16, 16]
