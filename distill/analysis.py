@@ -993,3 +993,18 @@ def write_outputs(result: dict[str, Any], col: Collected, spec: Any, out: Path, 
     result["versions"] = {"distill": __version__, "torch": torch.__version__, "timm": timm.__version__}
     write_markdown(result, out / "analysis.md")
     (out / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
+
+
+def analyze_run(run_dir: Path, images: int | None = 512, device: torch.device | None = None) -> Path:
+    """The analysis of a finished run's last checkpoint into ``<run>/analysis`` (a study calls
+    it for every run); returns the analysis.json path."""
+    from distill.artifacts import load_artifact
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_artifact(Path(run_dir), "last", False)
+    attention_modules(loaded.model)
+    data = analysis_data(None, loaded)
+    teacher, note = run_teacher(loaded, data, device)
+    out = Path(run_dir) / "analysis"
+    analyze(loaded, data, out, images, 6, 64, device, teacher, note, source=Path(run_dir))
+    return out / "analysis.json"

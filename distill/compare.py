@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         help="one data stream (order, augmentation, mixup) for every seed: seeds then vary only the "
         "model's randomness, and the teacher runs once for the whole study",
     )
+    parser.add_argument(
+        "--no-analysis",
+        action="store_true",
+        help="skip python -m distill.analyze on each finished run (the report's 'Inside the students')",
+    )
+    parser.add_argument("--analysis-images", type=int, default=512, help="validation images each analysis uses")
     args = parser.parse_intermixed_args(argv)  # overrides may follow --types/--seeds
 
     def go() -> None:
@@ -164,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             DistillRun(recipe, [args.recipe, *overrides], accelerator=accelerator).run()
             progress.finished(i, time.perf_counter() - start)
             accelerator.print(progress.line(i, name, time.perf_counter() - start))
+        if accelerator.is_main_process and not args.no_analysis:
+            from distill.analysis import analyze_run
+
+            for name, _ in runs:  # once per finished run: a restarted study keeps what is current
+                done = study / name / "analysis" / "analysis.json"
+                if not done.is_file() or done.stat().st_mtime < RunDir(study / name).summary_file.stat().st_mtime:
+                    print(f"study: analysing {name}")
+                    analyze_run(study / name, args.analysis_images)
         if accelerator.is_main_process:
             out = Path(args.out) if args.out else study / "report"
             build_report([study / name for name, _ in runs], out)

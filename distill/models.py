@@ -69,9 +69,7 @@ def hybrid_embed(cfg: StudentConfig) -> Any:
     if not timm.is_model(cfg.stem):
         create_model(str(cfg.stem), "student.stem")  # raises, with suggestions
     try:
-        backbone = timm.create_model(
-            cfg.stem, pretrained=False, features_only=True, out_indices=(cfg.stem_stages - 1,)
-        )
+        backbone = timm.create_model(cfg.stem, pretrained=False, features_only=True, out_indices=(cfg.stem_stages - 1,))
     except (IndexError, AssertionError, ValueError) as exc:
         raise RecipeError(
             f"student.stem '{cfg.stem}' with student.stem_stages={cfg.stem_stages}: {exc}; use fewer stages"

@@ -93,6 +93,9 @@ def test_a_study_stopped_mid_way_skips_finished_runs_and_resumes_the_rest(tmp_pa
     study = tmp_path / "smoke-study"
     report = (study / "report" / "report.md").read_text()
     assert "none-seed0" in report and "hard-seed0" in report
+    assert "study: [1/2] none-seed0 finished in " in first.stdout and "1 run left, eta " in first.stdout
+    assert "## Inside the students" in report and "| hard |" in report  # the analyses, side by side
+    assert all((study / f"{v}-seed0" / "analysis" / "analysis.json").is_file() for v in ("none", "hard"))
     # The second run "was interrupted": its summary is gone, its checkpoints are there.
     (study / "hard-seed0" / "summary.json").unlink()
     finished_metrics = (study / "none-seed0" / "metrics.jsonl").read_text()

@@ -102,5 +102,5 @@ def test_a_hybrid_student_cuts_a_cnn_feature_map_into_patches() -> None:
     model.set_distilled_training(True)
     cls, dist = model.train()(torch.randn(2, 3, 16, 16))
     assert cls.shape == dist.shape == (2, 4)
-    with pytest.raises(RecipeError, match="student.stem 'resnet1' is not a timm model; did you mean"):
+    with pytest.raises(RecipeError, match=r"student.stem 'resnet1' is not a timm model; did you mean"):
         student(16, stem="resnet1", patch_size=None)
