@@ -1,7 +1,9 @@
 """Path -> loaded model with its input spec and class names: a run directory, a checkpoint folder
-or a timm Hub export. ``evaluate`` and ``export`` (and later analyses) load models here and
-nowhere else, and ``score`` measures a loaded model on a split with its own eval preprocessing,
-matching the split's classes to the model's outputs by name.
+or an export in any format ``distill.export`` writes (timm folder, transformers folder, ONNX fp32
+or int8, TorchScript; export_formats.py reloads each as a module giving fused logits).
+``evaluate`` and ``export`` (and later analyses) load models here and nowhere else, and ``score``
+measures a loaded model on a split with its own eval preprocessing, matching the split's classes
+to the model's outputs by name.
 """
 
 from __future__ import annotations
@@ -140,10 +142,11 @@ def load_checkpoint_student(run_dir: Path, checkpoint: Path, ema: bool = False) 
 
 def load_export(folder: Path) -> LoadedModel:
     """A timm Hub folder (our export), through timm alone."""
-    import timm
     from timm.data import resolve_model_data_config
 
-    model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
+    from distill.export_formats import load_timm
+
+    model = load_timm(folder)
     spec = InputSpec.from_timm(resolve_model_data_config(model))
     # timm moves config.json's root-level label_names (save_for_hf writes them there) into pretrained_cfg.
     names = read_label_names(model.pretrained_cfg.get("label_names"), model.num_classes, f"export {folder}")
@@ -151,16 +154,72 @@ def load_export(folder: Path) -> LoadedModel:
     return LoadedModel(model, spec, what, class_names=names)
 
 
+def load_exported_file(path: Path) -> LoadedModel:
+    """An ONNX (fp32 or int8) or TorchScript file of an export folder, with that folder's
+    preprocessing and class names (the file records neither)."""
+    from distill.export_formats import OnnxClassifier, TorchScriptClassifier, folder_spec_and_names
+
+    kind = "ONNX" if path.suffix == ".onnx" else "TorchScript"
+    spec, raw_names, num_classes = folder_spec_and_names(path.parent, f"{kind} file {path.name}")
+    model = OnnxClassifier(path, num_classes) if kind == "ONNX" else TorchScriptClassifier(path, num_classes)
+    names = read_label_names(raw_names, num_classes, f"export {path.parent}")
+    return LoadedModel(model, spec, f"{kind} {path}", class_names=names)
+
+
+def load_transformers_folder(folder: Path) -> LoadedModel:
+    """transformers' DeiT/ViT folder (``--format transformers``) with the preprocessing of its
+    own preprocessor_config.json and the class names of its id2label."""
+    from distill.export_formats import TransformersClassifier, spec_from_image_processor
+
+    processor = folder / "preprocessor_config.json"
+    if not processor.is_file():
+        raise DistillError(f"{folder} is a transformers model folder without preprocessor_config.json")
+    spec = spec_from_image_processor(json.loads(processor.read_text()), str(processor))
+    model = TransformersClassifier(folder)
+    id2label = model.hf.config.id2label
+    names = read_label_names({int(k): v for k, v in id2label.items()}, model.num_classes, f"export {folder}")
+    what = f"transformers {folder} ({type(model.hf).__name__})"
+    return LoadedModel(model, spec, what, class_names=names)
+
+
+ACCEPTED = (
+    "a run directory, a checkpoint, or an export: a timm folder (config.json with architecture and "
+    "pretrained_cfg), its transformers/ folder (DeiT or ViT), or a .onnx or TorchScript .pt file in it"
+)
+TRANSFORMERS_TYPES = ("deit", "vit")  # what --format transformers writes
+
+
+def _foreign_folder(config: dict[str, Any]) -> str:
+    """What a config.json that distill cannot evaluate belongs to, for the error message."""
+    if "_diffusers_version" in config or "_class_name" in config:
+        return f"a diffusers folder ({config.get('_class_name', 'unknown class')})"
+    if "model_type" in config or "architectures" in config:
+        arch = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        return f"a transformers '{config.get('model_type', '?')}' folder ({arch})"
+    return f"a folder whose config.json is neither timm's nor transformers' (keys: {', '.join(sorted(config)[:8])})"
+
+
 def load_artifact(path: Path, checkpoint: str = "last", ema: bool = False) -> LoadedModel:
-    """A run directory (its ``checkpoint``: last, best or a folder), a checkpoint folder or an export."""
+    """A run directory (its ``checkpoint``: last, best or a folder), a checkpoint folder, or an
+    export in any format ``distill.export`` writes."""
     path = Path(path)
     if RunDir(path).recipe_file.is_file():
         return load_checkpoint_student(path, resolve_checkpoint(path, checkpoint), ema)
     if (path / ckpt.MARKER).is_file() and RunDir(path.parent.parent).recipe_file.is_file():
         return load_checkpoint_student(path.parent.parent, path, ema)
+    if path.is_file() and path.suffix in (".onnx", ".pt"):
+        return load_exported_file(path)
     if (path / "config.json").is_file():
-        return load_export(path)
-    raise DistillError(f"{path} is not a run directory, a checkpoint or an export folder (no recipe.yaml/config.json)")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{path / 'config.json'} is not valid JSON ({exc})") from None
+        if "architecture" in config and "pretrained_cfg" in config:
+            return load_export(path)
+        if config.get("model_type") in TRANSFORMERS_TYPES:
+            return load_transformers_folder(path)
+        raise DistillError(f"{path} is {_foreign_folder(config)}, not a distill export; evaluate reads {ACCEPTED}")
+    raise DistillError(f"{path} is not something distill can evaluate; give {ACCEPTED}")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -211,12 +270,16 @@ def score(
     device: torch.device | None = None,
     num_workers: int = 0,
     class_names: list[str] | None = None,
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5 per head over ``dataset`` with the model's own eval preprocessing.
 
     ``class_names`` (default: the dataset's ClassLabel names) name its labels; each is scored as
     the model's output of that name, so a subset of the model's classes scores correctly. Top-k
     is over all of the model's outputs: predicting a class absent from the data is still wrong.
+    A timm student has the cls, dist and fused heads; an exported format those it keeps
+    (``output_heads``, given by ``forward_heads``), else its one fused output. ``predictions``
+    adds each head's argmax per image (``result["predictions"][head]``, a tensor).
     """
     from distill.metrics import topk_correct
     from distill.models import student_heads
@@ -229,15 +292,18 @@ def score(
         targets = targets.to(device)
     model = loaded.model.to(device).eval()
     loader = eval_loader(dataset, loaded.spec, batch_size, num_workers)
-    heads = ("cls", "dist", "fused") if hasattr(model, "head_dist") else ("fused",)
+    heads = _output_heads(model)
     sums = {f"top{k}_{h}": 0.0 for h in heads for k in (1, 5)}
+    argmax: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
     n, compute = 0, 0.0
     for i, batch in enumerate(loader):
         images, labels = batch["image"].to(device), batch["label"].to(device)
         if targets is not None:
             labels = targets[labels]
         start = time.perf_counter()
-        if len(heads) == 3:
+        if hasattr(model, "forward_heads"):
+            logits = model.forward_heads(images)
+        elif len(heads) == 3:
             cls, dist = student_heads(model, images)
             logits = {"cls": cls, "dist": dist, "fused": (cls + dist) / 2}
         else:
@@ -249,6 +315,8 @@ def score(
         for h, out in logits.items():
             for k in (1, 5):
                 sums[f"top{k}_{h}"] += float(topk_correct(out.float(), labels, k).sum())
+            if predictions:
+                argmax[h].append(out.argmax(-1).cpu())
         n += labels.shape[0]
     timed = n - (0 if len(loader) == 1 else min(batch_size, n))
     return {
@@ -261,4 +329,12 @@ def score(
         "data_classes": len(data_names) if data_names is not None else None,
         "model_classes": num_outputs,
         "classes_matched_by": "name" if targets is not None else "index",
+        **({"predictions": {h: torch.cat(p) for h, p in argmax.items()}} if predictions else {}),
     }
+
+
+def _output_heads(model: nn.Module) -> tuple[str, ...]:
+    """The heads ``score`` reports: an exported format's own list, else a timm student's."""
+    if hasattr(model, "output_heads"):
+        return tuple(model.output_heads)
+    return ("cls", "dist", "fused") if hasattr(model, "head_dist") else ("fused",)

@@ -4,13 +4,16 @@
                                [--checkpoint last|best|PATH] [--ema] [--batch-size N] [--json PATH]
 
 MODEL is a run directory (its newest checkpoint, or --checkpoint), a checkpoint directory, or an
-export folder (timm Hub layout). IMAGE_FOLDER is either ``<class>/<image>`` folders (all of them
-are scored, whatever --split says) or a recipe-style root with ``train/`` (and ``val/`` or
-``test/``). The data's classes are matched to the model's outputs by name, so a folder with some
-of the model's classes scores correctly; a class the model does not know is an error. Top-1/top-5
-per head (cls / dist / fused; an export or a plain ViT has its fused head only), over all of the
-model's outputs, throughput of the forward pass and peak memory; a table for people and, with
---json, the same figures for scripts.
+export in any format distill.export writes: the export folder (timm Hub layout), its
+``transformers/`` folder, or its ``model.onnx``, ``model.int8.onnx`` or ``model.torchscript.pt``
+(preprocessing and class names from the folder's config). IMAGE_FOLDER is either
+``<class>/<image>`` folders (all of them are scored, whatever --split says) or a recipe-style root
+with ``train/`` (and ``val/`` or ``test/``). The data's classes are matched to the model's outputs
+by name, so a folder with some of the model's classes scores correctly; a class the model does not
+know is an error. The same table for every kind of model: top-1/top-5 per head it keeps (cls /
+dist / fused for a run, a timm folder and a transformers DeiT; an ONNX or TorchScript file or a
+plain ViT has its fused output only), over all of the model's outputs, throughput of the forward
+pass and peak memory; a table for people and, with --json, the same figures for scripts.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.cli import run_guarded
 
     parser = argparse.ArgumentParser(prog="distill-evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="run directory, checkpoint directory or export folder")
+    parser.add_argument("model", help="run directory, checkpoint directory, export folder or exported file")
     parser.add_argument("--data", default=None, help="recipe YAML or image folder (default: the run's data)")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--checkpoint", default="last", help="for a run: last, best or a checkpoint path")

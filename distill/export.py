@@ -1,14 +1,18 @@
-"""Student export in timm's Hugging Face Hub layout, with a model card.
+"""Student export: what to export, the checks that prove it, and the model card.
 
-``export/`` holds ``config.json`` (architecture, model arguments, classes, label names and the
-preprocessing in ``pretrained_cfg``), ``model.safetensors`` and ``README.md``; it loads offline
-with ``timm.create_model("local-dir:<dir>", pretrained=True)`` and can be pushed as it is.
+``export/`` holds timm's Hugging Face Hub layout: ``config.json`` (architecture, model arguments,
+classes, label names and the preprocessing in ``pretrained_cfg``), ``model.safetensors`` and
+``README.md``. It loads offline with ``timm.create_model("local-dir:<dir>", pretrained=True)``
+and with transformers' ``AutoModelForImageClassification`` (its TimmWrapper), and can be pushed as
+it is. ``python -m distill.export`` adds other formats next to it (export_formats.py writes and
+reloads each), proves each against the student, and quantizes to int8 on request.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +21,21 @@ import yaml
 from torch import nn
 
 from distill.errors import DistillError
+from distill.export_formats import FORMATS, PARITY_TOL, TRANSFORMERS_DIR, ExportError, require
 
 
 def _fmt(v: Any) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, float) else "n/a"
 
 
-def model_card(info: dict[str, Any]) -> str:
-    """A Hub model card (timm's front matter) carrying the run's provenance."""
+def model_card(info: dict[str, Any], check: dict[str, Any] | None = None) -> str:
+    """A Hub model card (timm's front matter) carrying the run's provenance and, after
+    ``python -m distill.export``, what its checks measured (``check``: export_check.json)."""
     final = info.get("final", {})
     teacher = info.get("teacher") or {}
     dist = info["distillation"]
     front = {
-        "tags": ["image-classification", "timm", "distillation", "deit"],
+        "tags": ["image-classification", "timm", "transformers", "distillation", "deit"],
         "library_name": "timm",
         "pipeline_tag": "image-classification",
     }
@@ -42,14 +48,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"A `{info['architecture']}` student distilled DeiT-style (class token + distillation "
         f"token) from a `{teacher.get('architecture', 'none')}` teacher with **distill**.",
         "",
-        "## Usage",
-        "",
-        "```python",
-        "import timm",
-        f'model = timm.create_model("local-dir:{info["name"]}", pretrained=True).eval()',
-        "# or, once pushed: timm.create_model('hf-hub:<user>/<repo>', pretrained=True)",
-        "```",
-        "",
+        *usage_lines(info["name"], check),
         "At inference the class and distillation heads are fused (mean of their logits). Feed RGB "
         'images (`Image.open(path).convert("RGB")`): the student takes 3 channels, grayscale data too, '
         "and timm's transform does not convert them.",
@@ -76,6 +75,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"| classes | {info['num_classes']} |",
         f"| epochs | {info['epochs']}{_epochs_note(info)} |",
         f"| weights exported | {info.get('weights', 'last')} |",
+        f"| initialised from | {init_text(info.get('student_init'))} |",
         "",
         "## Validation results",
         "",
@@ -88,6 +88,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"| agreement with teacher | {_fmt(final.get('val/agreement'))} |",
         f"| KL(teacher ‖ fused student), τ=1 | {f'{v:.4g}' if type(v := final.get('val/kl')) is float else 'n/a'} |",
         "",
+        *check_lines(check),
         "## Software",
         "",
         "| package | version |",
@@ -102,6 +103,104 @@ def model_card(info: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def init_text(init: dict[str, Any] | None) -> str:
+    """Where the student's weights came from (student.init), for the card and the report."""
+    if not init:
+        return "random initialisation"
+    top1 = init.get("recorded_top1")
+    scored = f", recorded fused top-1 {100 * top1:.2f}%" if isinstance(top1, float) else ""
+    return f"`{init['path']}` ({init['source']}, sha256 `{init['sha256'][:16]}`{scored})"
+
+
+def usage_lines(name: str, check: dict[str, Any] | None) -> list[str]:
+    """How to load the folder with timm and with transformers (and the other formats written)."""
+    formats = (check or {}).get("formats", {})
+    lines = [
+        "## Usage",
+        "",
+        "```python",
+        "import timm",
+        f'model = timm.create_model("local-dir:{name}", pretrained=True).eval()',
+        "# or, once pushed: timm.create_model('hf-hub:<user>/<repo>', pretrained=True)",
+        "",
+        "# transformers reads the same folder through its TimmWrapper (identical logits, timm's transform):",
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline",
+        f'model = AutoModelForImageClassification.from_pretrained("{name}").eval()',
+        f'processor = AutoImageProcessor.from_pretrained("{name}")',
+        f'classify = pipeline("image-classification", model="{name}")  # the label names of config.json',
+        "```",
+        "",
+    ]
+    if TRANSFORMERS_DIR in formats:
+        arch = formats[TRANSFORMERS_DIR].get("architecture", "DeiTForImageClassificationWithTeacher")
+        lines += [
+            f"`{TRANSFORMERS_DIR}/` holds the same student as transformers' native `{arch}` (no timm needed): "
+            f'`pipeline("image-classification", model="{name}/{TRANSFORMERS_DIR}")`, or the same Auto classes '
+            f"on that folder. Its image processor reproduces timm's eval transform.",
+            "",
+        ]
+    written = [*formats, *(check or {}).get("int8", {})]
+    files = [f"`{FORMATS[f].path}` ({f})" for f in written if f not in ("timm", TRANSFORMERS_DIR)]
+    if files:
+        lines += [f"Also here: {', '.join(files)}; `python -m distill.evaluate <file>` scores any of them.", ""]
+    return lines
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def check_lines(check: dict[str, Any] | None) -> list[str]:
+    """The card's account of export_check.json: parity and re-validation per format, int8 figures."""
+    if not check:
+        return []
+    reval = check["revalidation"]
+    lines = [
+        "## Export check",
+        "",
+        f"Re-validated on {reval['split']}: the student scores {_fmt(reval['student_top1'])} top-1.",
+        "",
+        "| format | file | size | max abs diff vs PyTorch | top-1 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, c in check["formats"].items():
+        top1 = reval.get("formats", {}).get(name)
+        lines.append(
+            f"| {name} | `{c['file']}` | {_mb(c['bytes']) if 'bytes' in c else 'n/a'} | "
+            f"{c['max_abs_diff']:.2g} | {_fmt(top1)} |"
+        )
+    for name, q in check.get("int8", {}).items():
+        lines += ["", *int8_lines(name, q)]
+    return [*lines, ""]
+
+
+def int8_lines(name: str, q: dict[str, Any]) -> list[str]:
+    heads = ", ".join(q["top1"])
+    lat = q["latency_ms"]
+    return [
+        f"### {name}",
+        "",
+        f"`{q['file']}`: calibrated on {q['calibration_images']} training images (seed {q['calibration_seed']}, "
+        f"eval transform). Heads compared: {heads}{q.get('heads_note', '')}.",
+        "",
+        "| | fp32 | int8 |",
+        "| --- | --- | --- |",
+        *[
+            f"| top-1 {h} | {_fmt(t['fp32'])} | {_fmt(t['int8'])} (drop {t['drop_points']:.2f} points) |"
+            for h, t in q["top1"].items()
+        ],
+        f"| agreement with fp32 (argmax) | | {_fmt(q['agreement_with_fp32'])} |",
+        f"| file size | {_mb(q['fp32_bytes'])} | {_mb(q['bytes'])} ({q['size_ratio']:.2f}x) |",
+        *[
+            f"| CPU latency, batch {b} (median of {v['repeats']}) | {v['fp32']:.3g} ms | {v['int8']:.3g} ms "
+            f"({v['ratio']:.2f}x) |"
+            for b, v in lat.items()
+        ],
+        "",
+        f"Allowed drop: {q['max_top1_drop_points']} points; {'passed' if q['ok'] else 'FAILED'}.",
+    ]
 
 
 def _epochs_note(info: dict[str, Any]) -> str:
@@ -131,6 +230,7 @@ def card_info(
         "architecture": model.pretrained_cfg.get("architecture", recipe.student.model),
         "num_classes": num_classes,
         "teacher": summary.get("teacher"),
+        "student_init": summary.get("student_init"),
         "distillation": recipe.distillation.model_dump(mode="json"),
         "data": data,
         "epochs": epochs,
@@ -149,31 +249,18 @@ def export_timm(
     class_names: list[str],
     card_info: dict[str, Any],
 ) -> Path:
-    """Write the timm Hub folder atomically (temporary name, then rename)."""
-    from timm.models import save_for_hf
+    """The timm Hub folder with its model card, written atomically; its config.json also loads in
+    transformers (export_formats.write_timm)."""
+    from distill.export_formats import write_timm
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(
-        model,
-        str(tmp),
-        model_config={"label_names": list(class_names)},
-        model_args=model_args,
-        safe_serialization=True,
-    )
-    (tmp / "README.md").write_text(model_card(card_info))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    return write_timm(model, out_dir, model_args, class_names, model_card(card_info))
 
 
 def reload_max_diff(model: nn.Module, export_dir: Path, images: torch.Tensor) -> float:
     """Load the export through timm alone and compare its fused logits with ``model``'s."""
-    import timm
+    from distill.export_formats import load_timm
 
-    reloaded = timm.create_model(f"local-dir:{Path(export_dir).resolve()}", pretrained=True).eval()
+    reloaded = load_timm(export_dir)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -202,10 +289,25 @@ def export_run_student(
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m distill.export: formats, head choice, parity checks and re-validation
+# python -m distill.export: formats, head choice, parity checks, re-validation and int8
 
-FORMATS = ("timm", "onnx", "torchscript")
-PARITY_TOL = 1e-4  # max |exported - PyTorch| on real validation images (fp32)
+DEFAULT_CALIBRATION_IMAGES = 256  # ONNX Runtime's guide: a few hundred representative inputs
+DEFAULT_MAX_TOP1_DROP = 1.0  # points of validation top-1 an int8 model may lose against fp32
+PROBE_IMAGES = 16  # real validation images for the parity checks
+LATENCY_REPEATS = {1: 50, 32: 10}  # batch size -> timed repetitions (median), fp32 and int8 alternating
+INT8_HEADS_NOTE = " (the ONNX graph has one output, the fused logits, or with --head cls|dist that head's)"
+
+
+def resolve_formats(formats: list[str]) -> list[str]:
+    """timm first (always written), then the others in the order given; onnx-int8 brings the fp32
+    ONNX it is quantized from and compared with."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise DistillError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    wanted = ["timm", *formats]
+    if "onnx-int8" in wanted and "onnx" not in wanted:
+        wanted.insert(wanted.index("onnx-int8"), "onnx")
+    return list(dict.fromkeys(wanted))
 
 
 def select_head(model: nn.Module, head: str) -> nn.Module:
@@ -228,47 +330,6 @@ def select_head(model: nn.Module, head: str) -> nn.Module:
     return model
 
 
-def _require(module: str, package: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DistillError(
-            f"this export format needs the '{package}' package, which is not installed: "
-            f"pip install {package}  (or pip install 'distill[export]')"
-        ) from None
-
-
-def export_onnx(model: nn.Module, path: Path, images: torch.Tensor) -> dict[str, Any]:
-    """ONNX with a dynamic batch axis (TorchScript-based exporter: the dynamo one needs onnxscript),
-    checked with ONNX Runtime against PyTorch on ``images``."""
-    _require("onnx", "onnx")
-    ort = _require("onnxruntime", "onnxruntime")
-    model = model.eval()
-    torch.onnx.export(
-        model, (images,), str(path), dynamo=False, opset_version=17,
-        input_names=["pixel_values"], output_names=["logits"],
-        dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-    )  # fmt: skip
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        ref = model(images).numpy()
-    got = session.run(["logits"], {"pixel_values": images.numpy()})[0]
-    diff = float(abs(got - ref).max())
-    return {"file": path.name, "max_abs_diff": diff, "ok": diff <= PARITY_TOL, "checked_images": len(images)}
-
-
-def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> dict[str, Any]:
-    model = model.eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(model, (images,))
-        traced.save(str(path))
-        reloaded = torch.jit.load(str(path))
-        diff = float((reloaded(images) - model(images)).abs().max())
-    return {"file": path.name, "max_abs_diff": diff, "ok": diff <= PARITY_TOL, "checked_images": len(images)}
-
-
 def _run_metric(loaded: Any, head: str, ema: bool) -> float | None:
     """What the run itself logged for this checkpoint's epoch and head, if it evaluated it."""
     row = loaded.logged_row()
@@ -285,18 +346,41 @@ def _card_results(loaded: Any, summary: dict[str, Any], ema: bool) -> dict[str, 
     return {f"val/{k[len(prefix) :]}": v for k, v in row.items() if k.startswith(prefix)}
 
 
-def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: list[str], out: Path) -> dict[str, Any]:
-    """Export one checkpoint of a run and prove the export: parity and re-validation."""
-    from distill.artifacts import load_checkpoint_student, load_export, resolve_checkpoint, score
+def run_export(
+    run_dir: Path,
+    checkpoint: str,
+    ema: bool,
+    head: str,
+    formats: list[str],
+    out: Path,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    max_top1_drop: float = DEFAULT_MAX_TOP1_DROP,
+    latency: bool = True,
+) -> dict[str, Any]:
+    """Export one checkpoint of a run and prove the export: parity, re-validation, int8 figures.
+
+    Every refusal that needs no export (a missing package, a student transformers cannot hold, a
+    calibration sample larger than the training split) comes before anything is written."""
+    from distill.artifacts import load_checkpoint_student, resolve_checkpoint
     from distill.data import load_source
+    from distill.export_formats import transformers_problem
     from distill.models import student_model_args
-    from distill.pipeline import eval_transform
     from distill.rundir import RunDir
 
+    wanted, formats = formats, resolve_formats(formats)
+    for name in dict.fromkeys([*wanted, *formats]):  # what the user asked for is named first
+        require(FORMATS[name], f"--format {name}")
     loaded = load_checkpoint_student(run_dir, resolve_checkpoint(run_dir, checkpoint), ema)
     recipe = loaded.recipe
     split = load_source(recipe.data)
+    if "onnx-int8" in formats and not 1 <= calibration_images <= len(split.train):
+        raise ExportError(
+            f"--calibration-images {calibration_images}: the training split has {len(split.train)} images; "
+            f"choose between 1 and {len(split.train)}"
+        )
     model = select_head(loaded.model, head)
+    if TRANSFORMERS_DIR in formats and (problem := transformers_problem(model)):
+        raise ExportError(f"--format transformers cannot represent this student exactly: {problem}")
     summary = RunDir(run_dir).summary()
     data = summary.get("data") or {
         "source": recipe.data.source, "path": recipe.data.path, "train_size": len(split.train),
@@ -308,40 +392,191 @@ def run_export(run_dir: Path, checkpoint: str, ema: bool, head: str, formats: li
     card = card_info(out.name, model, recipe, split.num_classes, shown, data, loaded.progress["epoch"], weights)
     export_timm(model, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
 
-    tf = eval_transform(loaded.spec)
-    images = torch.stack([tf(split.val[i]["image"].convert("RGB")) for i in range(min(16, len(split.val)))])
-    check: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "ema": ema, "head": head, "formats": {}}
-    check["formats"]["timm"] = {"max_abs_diff": reload_max_diff(model, out, images), "checked_images": len(images)}
-    check["formats"]["timm"]["ok"] = check["formats"]["timm"]["max_abs_diff"] == 0.0
-    if "onnx" in formats:
-        check["formats"]["onnx"] = export_onnx(model, out / "model.onnx", images)
-    if "torchscript" in formats:
-        check["formats"]["torchscript"] = export_torchscript(model, out / "model.torchscript.pt", images)
+    images = val_images(split, loaded.spec, PROBE_IMAGES)
+    check: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "ema": ema, "head": head}
+    check["formats"] = write_formats(model, out, formats, split.class_names, loaded.spec, images)
+    check["revalidation"], ours = revalidate(loaded, head, ema, out, formats, split)
+    if "onnx-int8" in formats:
+        from distill.pipeline import data_seed
 
-    # Re-validation: the export, loaded by timm alone, must score exactly what the run's student
-    # scores on the same split with the same preprocessing and batch size.
-    batch = recipe.eval.batch_size
-    ours = score(loaded, split.val, batch, device=torch.device("cpu"))
-    theirs = score(load_export(out), split.val, batch, device=torch.device("cpu"))
-    logged = _run_metric(loaded, head, ema)
-    check["revalidation"] = {
+        sample = calibration_sample(split.train, loaded.spec, calibration_images, data_seed(recipe))
+        probe = val_images(split, loaded.spec, max(LATENCY_REPEATS)) if latency else None
+        q = check_onnx_int8(out, sample, split, ours, head, probe, recipe.eval.batch_size)
+        q.update(calibration_seed=data_seed(recipe), max_top1_drop_points=max_top1_drop)
+        q["ok"] = q["top1"]["fused"]["drop_points"] <= max_top1_drop
+        check["int8"] = {"onnx-int8": q}
+    (out / "export_check.json").write_text(json.dumps(check, indent=1))
+    (out / "README.md").write_text(model_card(card, check))
+    _raise_on_failures(check, out)
+    return check
+
+
+def val_images(split: Any, spec: Any, n: int) -> torch.Tensor:
+    """The first ``n`` validation images through the eval transform (repeated when fewer)."""
+    from distill.pipeline import eval_transform
+
+    tf = eval_transform(spec)
+    return torch.stack([tf(split.val[i % len(split.val)]["image"].convert("RGB")) for i in range(n)])
+
+
+def calibration_sample(train: Any, spec: Any, n: int, seed: int) -> torch.Tensor:
+    """``n`` training images drawn without replacement by ``seed``, through the eval transform
+    (what the model sees at inference, so the activation ranges are the deployed ones)."""
+    from distill.pipeline import eval_transform
+
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    tf = eval_transform(spec)
+    return torch.stack([tf(train[int(i)]["image"].convert("RGB")) for i in order])
+
+
+def write_formats(
+    model: nn.Module, out: Path, formats: list[str], class_names: list[str], spec: Any, images: torch.Tensor
+) -> dict[str, Any]:
+    """Each fp32 format written and compared with the PyTorch student on ``images``."""
+    from distill.export_formats import write_onnx, write_torchscript, write_transformers
+
+    checks: dict[str, Any] = {}
+    for name in formats:
+        path = out / FORMATS[name].path
+        if name == "timm":
+            diff = reload_max_diff(model, out, images)
+            weights = out / "model.safetensors"
+            checks[name] = {"file": weights.name, "bytes": weights.stat().st_size, "max_abs_diff": diff}
+            checks[name].update(ok=diff == 0.0, checked_images=len(images))
+        elif name == "onnx":
+            checks[name] = write_onnx(model, path, images)
+        elif name == "torchscript":
+            checks[name] = write_torchscript(model, path, images)
+        elif name == TRANSFORMERS_DIR:
+            checks[name] = write_transformers(model, path, class_names, spec, out.name, images)
+    return checks
+
+
+def artifact_path(out: Path, name: str) -> Path:
+    """What ``distill.evaluate`` is given for format ``name`` of export folder ``out``."""
+    return out if name == "timm" else out / FORMATS[name].path
+
+
+def revalidate(
+    loaded: Any, head: str, ema: bool, out: Path, formats: list[str], split: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every fp32 format, loaded as ``distill.evaluate`` loads it (its own preprocessing), must
+    score exactly the student's top-1 on the validation split, and the student what the run logged.
+    Returns the figures and the student's scores (with per-image predictions, for int8)."""
+    from distill.artifacts import load_artifact, score
+
+    cpu, batch = torch.device("cpu"), loaded.recipe.eval.batch_size
+    ours = score(loaded, split.val, batch, device=cpu, predictions=True)
+    top1 = {
+        name: score(load_artifact(artifact_path(out, name)), split.val, batch, device=cpu)["top1_fused"]
+        for name in formats
+        if name != "onnx-int8"
+    }
+    figures = {
         "split": f"val ({split.val_origin}, {len(split.val)} images)",
         "student_top1": ours[f"top1_{head}"],
-        "export_top1": theirs["top1_fused"],
-        "run_logged_top1": logged,
+        "export_top1": top1["timm"],
+        "run_logged_top1": _run_metric(loaded, head, ema),
+        "formats": top1,
     }
-    (out / "export_check.json").write_text(json.dumps(check, indent=1))
+    return figures, ours
+
+
+def check_onnx_int8(
+    out: Path, sample: torch.Tensor, split: Any, ours: dict[str, Any], head: str, probe: torch.Tensor | None,
+    batch: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Quantize model.onnx, then score the int8 model on the validation split against the fp32
+    student (top-1, argmax agreement), and compare sizes and CPU latency with the fp32 ONNX."""
+    from distill.artifacts import load_artifact, score
+    from distill.export_formats import OnnxClassifier, write_onnx_int8
+
+    fp32_path, path = out / FORMATS["onnx"].path, out / FORMATS["onnx-int8"].path
+    q = write_onnx_int8(fp32_path, path, sample)
+    int8 = score(load_artifact(path), split.val, batch, device=torch.device("cpu"), predictions=True)
+    fp32_top1, int8_top1 = ours[f"top1_{head}"], int8["top1_fused"]
+    agree = (int8["predictions"]["fused"] == ours["predictions"][head]).double().mean().item()
+    q.update(
+        heads_note=INT8_HEADS_NOTE,
+        top1={"fused": {"fp32": fp32_top1, "int8": int8_top1, "drop_points": 100 * (fp32_top1 - int8_top1)}},
+        agreement_with_fp32=agree,
+        fp32_bytes=fp32_path.stat().st_size,
+        size_ratio=q["bytes"] / fp32_path.stat().st_size,
+        latency_ms={},
+    )
+    if probe is not None:
+        q["latency_ms"] = compare_latency(OnnxClassifier(fp32_path, 0), OnnxClassifier(path, 0), probe)
+    return q
+
+
+@torch.no_grad()
+def compare_latency(fp32: nn.Module, int8: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """Median CPU latency (ms) per batch size, the two models alternating so that a busy machine
+    slows both alike; two warm-up calls each first."""
+    figures: dict[str, Any] = {}
+    for batch, repeats in LATENCY_REPEATS.items():
+        x = images[:batch].contiguous()
+        times: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for model in (fp32, int8, fp32, int8):
+            model(x)
+        for _ in range(repeats):
+            for name, model in (("fp32", fp32), ("int8", int8)):
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+        med = {name: 1000 * statistics.median(t) for name, t in times.items()}
+        figures[str(batch)] = {**med, "ratio": med["int8"] / med["fp32"], "repeats": repeats}
+    return figures
+
+
+def _raise_on_failures(check: dict[str, Any], out: Path) -> None:
+    """Parity, then re-validation, then the int8 drop: one message naming what failed."""
     bad = [f for f, c in check["formats"].items() if not c["ok"]]
     if bad:
-        raise DistillError(
+        raise ExportError(
             f"export parity failed for {', '.join(bad)} (tolerance {PARITY_TOL}); see {out}/export_check.json"
         )
-    if theirs["top1_fused"] != ours[f"top1_{head}"] or (logged is not None and logged != ours[f"top1_{head}"]):
-        raise DistillError(
-            f"re-validation mismatch: export top-1 {theirs['top1_fused']}, student {ours[f'top1_{head}']}, "
-            f"run logged {logged}; see {out}/export_check.json"
+    r = check["revalidation"]
+    wrong = {f: t for f, t in r["formats"].items() if t != r["student_top1"]}
+    if wrong or (r["run_logged_top1"] is not None and r["run_logged_top1"] != r["student_top1"]):
+        raise ExportError(
+            f"re-validation mismatch: student top-1 {r['student_top1']}, run logged {r['run_logged_top1']}, "
+            f"formats that differ: {wrong or 'none'}; see {out}/export_check.json"
         )
-    return check
+    for name, q in check.get("int8", {}).items():
+        if q["ok"]:
+            continue
+        (out / q["file"]).unlink(missing_ok=True)
+        t = q["top1"]["fused"]
+        raise ExportError(
+            f"{name}: fused top-1 dropped {t['drop_points']:.2f} points under int8 ({100 * t['fp32']:.2f}% fp32 -> "
+            f"{100 * t['int8']:.2f}% int8), more than --max-top1-drop {q['max_top1_drop_points']}; {q['file']} was "
+            f"removed, the fp32 files stay in {out} (figures in export_check.json). Calibrate on more images "
+            "(--calibration-images) or allow a larger drop"
+        )
+
+
+def int8_top1(
+    run_dir: Path, checkpoint: str = "last", ema: bool = False, calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+) -> dict[str, float]:
+    """A run's student quantized as ``--format onnx-int8`` does and scored on its validation
+    split, nothing kept: fp32 and int8 fused top-1, the drop in points and the argmax agreement
+    (for the study report)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        check = run_export(
+            Path(run_dir), checkpoint, ema, "fused", ["onnx-int8"], Path(tmp) / "export", calibration_images,
+            max_top1_drop=float("inf"), latency=False,
+        )  # fmt: skip
+    q = check["int8"]["onnx-int8"]
+    t = q["top1"]["fused"]
+    return {
+        "top1_fp32": t["fp32"],
+        "top1_int8": t["int8"],
+        "drop_points": t["drop_points"],
+        "agreement_with_fp32": q["agreement_with_fp32"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,16 +589,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="last", help="last (default), best, or a checkpoint directory")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights")
     parser.add_argument("--head", choices=("fused", "cls", "dist"), default="fused")
-    parser.add_argument("--format", default="timm", help="comma-separated: timm (always), onnx, torchscript")
+    parser.add_argument(
+        "--format", default="timm",
+        help="comma-separated: timm (always), onnx, onnx-int8 (adds onnx), torchscript, transformers",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="export folder")
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it already holds files")
+    parser.add_argument(
+        "--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+        help="onnx-int8: training images (a seeded sample) that set the activation ranges (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP,
+        help="onnx-int8: fail when top-1 drops more than this many points below fp32 (default %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     def go() -> None:
-        formats = [f.strip() for f in args.format.split(",") if f.strip()]
-        unknown = sorted(set(formats) - set(FORMATS))
-        if unknown:
-            raise DistillError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        formats = resolve_formats([f.strip() for f in args.format.split(",") if f.strip()])
         out = Path(args.out)
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             # The folder is replaced as a whole (atomically): other formats or files in it would go.
@@ -372,14 +615,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"--out {out} already holds files ({held}); choose an empty or new folder, or pass "
                 "--overwrite to replace it with this export"
             )
-        check = run_export(Path(args.run), args.checkpoint, args.ema, args.head, formats, Path(args.out))
-        for name, c in check["formats"].items():
-            print(f"{name:12s} max |diff| {c['max_abs_diff']:.2e}  {'ok' if c['ok'] else 'FAILED'}")
-        r = check["revalidation"]
-        print(f"re-validation top-1: export {100 * r['export_top1']:.2f}% = student {100 * r['student_top1']:.2f}%")
-        print(f"exported to {args.out}")
+        check = run_export(
+            Path(args.run), args.checkpoint, args.ema, args.head, formats, out, args.calibration_images,
+            args.max_top1_drop,
+        )  # fmt: skip
+        print(summary_text(check, out))
 
     return run_guarded(go)
+
+
+def summary_text(check: dict[str, Any], out: Path) -> str:
+    r = check["revalidation"]
+    lines = [
+        f"{name:12s} max |diff| {c['max_abs_diff']:.2e}  {'ok' if c['ok'] else 'FAILED'}  "
+        f"re-validated top-1 {100 * r['formats'][name]:.2f}%"
+        for name, c in check["formats"].items()
+    ]
+    lines.append(f"student top-1 {100 * r['student_top1']:.2f}% on {r['split']}")
+    for name, q in check.get("int8", {}).items():
+        t = q["top1"]["fused"]
+        lat = "  ".join(f"batch {b} {v['ratio']:.2f}x" for b, v in q["latency_ms"].items())
+        lines.append(
+            f"{name:12s} top-1 {100 * t['int8']:.2f}% (fp32 {100 * t['fp32']:.2f}%, drop {t['drop_points']:.2f} "
+            f"points)  agreement {100 * q['agreement_with_fp32']:.2f}%  size {q['size_ratio']:.2f}x  latency {lat}"
+        )
+    lines.append(f"exported to {out}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

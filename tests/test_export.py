@@ -1,6 +1,7 @@
 """Shipping the student: every export format with parity checks, single-head exports, the model
-card, re-validation, the evaluate command, initialising from a plain ViT, and a fresh process
-that imports only timm reproducing the run's accuracy."""
+card, re-validation, int8 quantization and its drop gate, the transformers pipeline, the evaluate
+command on every format, initialising from a plain ViT, and a fresh process that imports only timm
+reproducing the run's accuracy."""
 
 from __future__ import annotations
 
@@ -22,22 +23,98 @@ from tests.conftest import SMOKE, check_ok, read_metrics, run_train
 pytestmark = pytest.mark.slow
 
 
+ALL_FORMATS = "timm,onnx,onnx-int8,torchscript,transformers"
+
+
 @pytest.fixture(scope="module")
 def full_export(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "smoke-all"
-    assert export_main([str(smoke_run), "--format", "timm,onnx,torchscript", "--out", str(out)]) == 0
+    # A generous drop limit: this fixture is about the files; the gate is pinned below.
+    args = ["--format", ALL_FORMATS, "--calibration-images", "64", "--max-top1-drop", "100"]
+    assert export_main([str(smoke_run), *args, "--out", str(out)]) == 0
     return out
 
 
 def test_every_format_is_written_and_checked(full_export: Path, smoke_run: Path) -> None:
     names = {p.name for p in full_export.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "model.onnx", "model.torchscript.pt"} <= names
+    assert {"model.int8.onnx", "transformers"} <= names
     check = json.loads((full_export / "export_check.json").read_text())
     assert check["formats"]["timm"]["max_abs_diff"] == 0.0
     assert check["formats"]["onnx"]["max_abs_diff"] <= 1e-4 and check["formats"]["onnx"]["checked_images"] == 16
     assert check["formats"]["torchscript"]["max_abs_diff"] <= 1e-4
+    hf = check["formats"]["transformers"]
+    assert hf["architecture"] == "DeiTForImageClassificationWithTeacher"
+    assert max(hf["max_abs_diff"], hf["max_abs_diff_cls"], hf["max_abs_diff_dist"]) <= 1e-4
     logged = read_metrics(smoke_run)[-1]["val/top1_fused"]
     assert check["revalidation"]["export_top1"] == check["revalidation"]["student_top1"] == logged
+    # Every fp32 format, loaded as distill.evaluate loads it, scores exactly the run's top-1.
+    assert check["revalidation"]["formats"] == dict.fromkeys(("timm", "onnx", "torchscript", "transformers"), logged)
+
+
+def test_int8_is_revalidated_against_fp32_and_described_in_the_card(full_export: Path, smoke_run: Path) -> None:
+    from distill.evaluate import main as evaluate_main
+
+    q = json.loads((full_export / "export_check.json").read_text())["int8"]["onnx-int8"]
+    assert q["calibration_images"] == 64 and q["calibration_seed"] == 0 and q["ok"] is True
+    assert list(q["top1"]) == ["fused"]  # the ONNX graph has the fused output only
+    fused = q["top1"]["fused"]
+    assert fused["fp32"] == read_metrics(smoke_run)[-1]["val/top1_fused"]
+    assert fused["drop_points"] == pytest.approx(100 * (fused["fp32"] - fused["int8"]))
+    assert 0.5 <= q["agreement_with_fp32"] <= 1.0 and q["size_ratio"] == q["bytes"] / q["fp32_bytes"]
+    assert set(q["latency_ms"]) == {"1", "32"} and all(v["fp32"] > 0 < v["int8"] for v in q["latency_ms"].values())
+    # The same figure from distill.evaluate on the int8 file, and in the model card.
+    out = full_export.parent / "int8.json"
+    assert evaluate_main([str(full_export / "model.int8.onnx"), "--data", str(SMOKE), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["top1_fused"] == fused["int8"]
+    card = (full_export / "README.md").read_text()
+    assert f"| top-1 fused | {100 * fused['fp32']:.2f}% | {100 * fused['int8']:.2f}% (drop " in card
+    assert "calibrated on 64 training images (seed 0, eval transform)" in card and "model.int8.onnx" in card
+    assert 'pipeline("image-classification", model="smoke-all/transformers")' in card
+
+
+def test_an_int8_drop_beyond_the_limit_fails_and_keeps_the_fp32_files(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gate"
+    # -100 points: no int8 model passes (on this near-chance smoke student int8 happens to score
+    # higher than fp32, so a limit of -1 would pass).
+    args = ["--format", "onnx-int8", "--calibration-images", "16", "--max-top1-drop", "-100", "--out", str(out)]
+    assert export_main([str(smoke_run), *args]) == 2
+    err = capsys.readouterr().err
+    assert "error: onnx-int8: fused top-1 dropped" in err and "more than --max-top1-drop -100.0" in err
+    assert "model.int8.onnx was removed, the fp32 files stay" in err
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", "model.onnx",
+                                              "export_check.json"}  # fmt: skip
+    q = json.loads((out / "export_check.json").read_text())["int8"]["onnx-int8"]
+    assert q["ok"] is False and q["max_top1_drop_points"] == -100.0
+
+
+def test_a_calibration_sample_larger_than_the_training_split_is_refused(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "x"
+    assert export_main([str(smoke_run), "--format", "onnx-int8", "--calibration-images", "129", "--out", str(out)]) == 2
+    assert "--calibration-images 129: the training split has 128 images; choose between 1 and 128" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_the_transformers_pipeline_scores_the_runs_top1(full_export: Path, smoke_run: Path) -> None:
+    """Through the timm folder (TimmWrapper: timm's transform) and the native DeiT folder."""
+    from transformers import pipeline
+
+    from distill.config import load_recipe
+    from distill.data import load_source
+
+    split = load_source(load_recipe(SMOKE).data)
+    images, labels = [r["image"] for r in split.val], [split.class_names[r["label"]] for r in split.val]
+    logged = read_metrics(smoke_run)[-1]["val/top1_fused"]
+    for folder in (full_export, full_export / "transformers"):
+        classify = pipeline("image-classification", model=str(folder))
+        predicted = [p[0]["label"] for p in classify(images, top_k=1)]
+        assert sum(p == y for p, y in zip(predicted, labels)) / len(labels) == logged, folder
 
 
 def test_onnx_runs_in_onnxruntime_with_any_batch(full_export: Path) -> None:
@@ -109,6 +186,15 @@ def test_evaluate_command_reports_every_head(smoke_run: Path, full_export: Path,
     for head in ("cls", "dist", "fused"):
         assert run[f"top1_{head}"] == exp[f"top1_{head}"] == final[f"val/top1_{head}"]
     assert run["images"] == 40 and run["throughput_img_s"] > 0 and run["peak_memory_mb"] > 0
+    # Every other format: the same table, the heads it keeps, the run's figures.
+    for path, heads in (("transformers", ("cls", "dist", "fused")), ("model.onnx", ("fused",)),
+                        ("model.torchscript.pt", ("fused",))):  # fmt: skip
+        out = tmp_path / f"{path}.json"
+        assert main([str(full_export / path), "--data", str(SMOKE), "--json", str(out)]) == 0
+        got = json.loads(out.read_text())
+        assert sorted(k for k in got if k.startswith("top1_")) == sorted(f"top1_{h}" for h in heads)
+        for head in heads:
+            assert got[f"top1_{head}"] == final[f"val/top1_{head}"], (path, head)
     assert main([str(tmp_path / "nothing")]) == 2
 
 
