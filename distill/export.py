@@ -494,11 +494,11 @@ def check_onnx_int8(
     fp32_path, path = out / FORMATS["onnx"].path, out / FORMATS["onnx-int8"].path
     q = write_onnx_int8(fp32_path, path, sample)
     int8 = score(load_artifact(path), split.val, batch, device=torch.device("cpu"), predictions=True)
-    fp32_top1, int8_top1 = ours[f"top1_{head}"], int8["top1_fused"]
+    before, after = ours[f"top1_{head}"], int8["top1_fused"]
     agree = (int8["predictions"]["fused"] == ours["predictions"][head]).double().mean().item()
     q.update(
         heads_note=INT8_HEADS_NOTE,
-        top1={"fused": {"fp32": fp32_top1, "int8": int8_top1, "drop_points": 100 * (fp32_top1 - int8_top1)}},
+        top1={"fused": {"fp32": before, "int8": after, "drop_points": 100 * (before - after)}},
         agreement_with_fp32=agree,
         fp32_bytes=fp32_path.stat().st_size,
         size_ratio=q["bytes"] / fp32_path.stat().st_size,
