@@ -303,7 +303,10 @@ class Geometry:
             names.append("dist")
         names += [f"reg{i + 1}" for i in range(prefix - len(names))]
         grid = tuple(int(v) for v in pe.grid_size)
-        patch = tuple(int(v) for v in pe.patch_size)
+        # A token's footprint in pixels: the patch, or for a hybrid student the patch of the
+        # CNN feature map times the map's stride (timm's feat_ratio covers both).
+        ratio = pe.feat_ratio(as_scalar=False) if hasattr(pe, "feat_ratio") else pe.patch_size
+        patch = tuple(int(v) for v in ratio)
         return cls(grid, patch, prefix, tuple(names))  # type: ignore[arg-type]
 
 

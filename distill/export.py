@@ -48,7 +48,11 @@ def model_card(info: dict[str, Any], check: dict[str, Any] | None = None) -> str
         f"A `{info['architecture']}` student distilled DeiT-style (class token + distillation "
         f"token) from a `{teacher.get('architecture', 'none')}` teacher with **distill**.",
         "",
-        *usage_lines(info["name"], check),
+        *(
+            ["## Usage", "", f"Not loadable by timm or transformers alone: {info['not_loadable_by_timm']}.", ""]
+            if info.get("not_loadable_by_timm")
+            else usage_lines(info["name"], check)
+        ),
         "At inference the class and distillation heads are fused (mean of their logits). Feed RGB "
         'images (`Image.open(path).convert("RGB")`): the student takes 3 channels, grayscale data too, '
         "and timm's transform does not convert them.",
@@ -280,12 +284,31 @@ def export_run_student(
     card = card_info(
         recipe.run.name, student, recipe, split.num_classes, summary, summary["data"], summary["epochs"], "last"
     )
-    export_timm(student, out, student_model_args(recipe.student, split.num_classes), split.class_names, card)
+    why = timm_unloadable(student)
+    args = student_model_args(recipe.student, split.num_classes)
+    if why is not None:
+        card["not_loadable_by_timm"] = why
+        # config.json records the stem in words: its module cannot be written as a timm argument.
+        args["embed_layer"] = f"HybridEmbed over {recipe.student.stem} ({recipe.student.stem_stages} stages): distill"
+    export_timm(student, out, args, split.class_names, card)
+    if why is not None:  # the weights and card are written; a timm reload would build another model
+        return {"path": str(out), "reload_max_abs_diff": None, "timm_loadable": False, "why": why}
     eval_tf = eval_transform(InputSpec.from_timm(student.pretrained_cfg))
     probe = torch.stack([eval_tf(split.val[i]["image"].convert("RGB")) for i in range(min(8, len(split.val)))])
     diff = reload_max_diff(student.cpu(), out, probe)
     student.to(device)
-    return {"path": str(out), "reload_max_abs_diff": diff}
+    return {"path": str(out), "reload_max_abs_diff": diff, "timm_loadable": True}
+
+
+def timm_unloadable(student: nn.Module) -> str | None:
+    """Why ``timm.create_model("local-dir:...")`` cannot rebuild this student, or None when it can."""
+    if hasattr(student.patch_embed, "backbone"):
+        return (
+            "a hybrid student (student.stem): timm's config.json names an architecture and keyword "
+            "arguments, and cannot name the CNN backbone of its patch embedding, so timm alone would "
+            "build a plain ViT; load it with distill (distill.artifacts.load_artifact on the run)"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,3 +192,24 @@ def test_teacher_from_a_file_skips_the_teacher_stage(smoke_run: Path, tmp_path: 
         summary = json.loads((tmp_path / str(i) / "smoke" / "summary.json").read_text())
         assert summary["teacher"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert summary["teacher"]["val_top1"] == pytest.approx(trained["val_top1"], abs=1 / 40 + 1e-9)
+
+
+def test_a_hybrid_student_trains_exports_and_says_why_timm_cannot_reload_it(
+    tmp_path: Path, teacher_cache: Path
+) -> None:
+    """student.stem=resnet18: the transformer reads patches of a CNN feature map. The run trains,
+    its export holds the weights, and it says why timm alone cannot rebuild it; distill can."""
+    from distill.artifacts import load_artifact
+
+    proc = run_train(
+        str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "student.stem=resnet18",
+        "student.stem_stages=2", "student.patch_size=1", "train.epochs=1",
+    )  # fmt: skip
+    check_ok(proc)
+    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    assert summary["export"]["timm_loadable"] is False and "hybrid student" in summary["export"]["why"]
+    card = (tmp_path / "smoke" / "export" / "README.md").read_text()
+    assert "Not loadable by timm or transformers alone: a hybrid student" in card
+    assert summary["final"]["val/top1_fused"] > 0.25  # above chance on 4 classes
+    loaded = load_artifact(tmp_path / "smoke")
+    assert type(loaded.model.patch_embed).__name__ == "HybridEmbed"
