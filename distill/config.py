@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from distill.errors import RecipeError
 
@@ -30,6 +30,11 @@ class Section(BaseModel):
     )
 
 
+# Accelerate's trackers (accelerate.utils.LoggerType, less 'all': a run logs where its recipe says,
+# not wherever packages happen to be installed); tests/test_trackers.py checks the list against it.
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
+
+
 class RunConfig(Section):
     name: str = "run"  # the run directory is <output_dir>/<name>
     output_dir: Path = Path("runs")  # holds the run directories and, by default, the caches
@@ -38,7 +43,11 @@ class RunConfig(Section):
     overwrite: bool = False  # a finished run is never replaced unless this is true
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
     keep_checkpoints: int = Field(2, ge=1)  # newest K kept; 'best' is kept on top of these
-    log_every_steps: int = Field(10, ge=1)  # TensorBoard train scalars and the finite-loss check
+    log_every_steps: int = Field(10, ge=1)  # train scalars to every tracker; the finite-loss check
+    # Where the scalars go besides metrics.jsonl (distill/tracking.py). tensorboard writes <run>/tb
+    # and needs nothing more; each other tracker needs its package (pip install 'distill[mlflow]'
+    # and so on) and is configured by its own environment variables (MLFLOW_TRACKING_URI, ...).
+    trackers: list[TrackerName] = ["tensorboard"]
     # Off a terminal (a log file), a progress line at least this often, and one per epoch; on a
     # terminal, a progress bar.
     progress_every_s: float = Field(30.0, gt=0.0)
@@ -46,6 +55,18 @@ class RunConfig(Section):
     # Stop after the teacher stage: train (or find) and evaluate the teacher, copy it to
     # <run>/teacher/ (a timm Hub folder that teacher.checkpoint can point at), no student.
     teacher_only: bool = False
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # run.trackers=mlflow: a list of one
+
+    @field_validator("trackers")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a tracker twice: {value}")
+        return value
 
 
 class SyntheticConfig(Section):

@@ -61,6 +61,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "run.progress_every_s": NO_EFFECT,  # how often a progress line is printed
     "run.keep_checkpoints": NO_EFFECT,  # how many files stay on disk
     "run.log_every_steps": NO_EFFECT,  # TensorBoard scalars and the finite-loss check only
+    "run.trackers": NO_EFFECT,  # where the same scalars are sent
     "run.export": NO_EFFECT,  # written after training, from the same weights
     "run.teacher_only": RESULT_ONLY,  # stops before the student: another result altogether
     # -- data: which images (data.load_source) ---------------------------------------------------

@@ -148,6 +148,8 @@ def _annotation_text(annotation: Any) -> str:
         return " | ".join(json.dumps(a) for a in args)
     if origin is tuple:
         return "[" + ", ".join(map(_annotation_text, args)) + "]"
+    if origin is list:
+        return f"[{_annotation_text(args[0])}, ...]"
     if origin is dict:
         return "mapping"
     if args:  # X | None, Optional[X]

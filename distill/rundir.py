@@ -18,10 +18,10 @@ from distill import checkpoint as ckpt
 from distill.config import PROVENANCE_KEY, Recipe, recipe_to_dict
 from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
 from distill.keys import changed_for_resume
-from distill.tracking import provenance, read_metrics, write_atomic
+from distill.tracking import TRACKERS_FILE, provenance, read_metrics, write_atomic
 
 # What a fresh start clears (a shared directory may hold other files: those stay).
-RUN_FILES = ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml")
+RUN_FILES = ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml", TRACKERS_FILE)
 
 
 class RunDir:

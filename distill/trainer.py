@@ -34,7 +34,7 @@ from distill.student_init import initialise, resolve_init
 from distill.teacher import Teacher
 from distill.teacher_cache import TeacherOutputCache, open_output_cache
 from distill.teacher_stage import check_teacher, obtain_teacher
-from distill.tracking import RunLog
+from distill.tracking import RunLog, check_trackers
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -127,6 +127,7 @@ class DistillRun:
 
     def __init__(self, recipe: Recipe, argv: list[str] | None = None, accelerator: Accelerator | None = None) -> None:
         self.recipe = recipe
+        check_trackers(recipe.run.trackers)  # a tracker's missing package before anything runs
         self.argv = list(argv or [])
         self.accelerator = accelerator or make_accelerator(recipe)  # a study shares one launch
         self.rundir = RunDir.of(recipe)
@@ -173,7 +174,14 @@ class DistillRun:
         if resume_from is not None:
             progress = ckpt.load_checkpoint(acc, resume_from, student.ema)
             acc.print(f"resuming from {resume_from} (epoch {progress.epoch + 1}, step {progress.global_step})")
-        log = RunLog(self.rundir.path, acc.is_main_process, progress.epoch, progress.global_step if resume_from else 0)
+        log = RunLog(
+            self.rundir.path,
+            acc.is_main_process,
+            progress.epoch,
+            progress.global_step if resume_from else 0,
+            trackers=r.run.trackers,
+            config=flatten(recipe_to_dict(r)),
+        )
         step = Step(
             student.pipeline.prepare,
             label_smoothing=r.train.label_smoothing,

@@ -52,6 +52,7 @@ NO_EFFECT_FIELDS = [
     "run.overwrite",
     "run.progress_every_s",
     "run.resume",
+    "run.trackers",
     "teacher.cache_dir",
     "teacher.output_cache.dir",
     "teacher.output_cache.verify_every",
