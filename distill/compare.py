@@ -1,6 +1,8 @@
 """The soft-vs-hard study: every type x seed as a run of its own, then the report.
 
     python -m distill.compare RECIPE.yaml --types none,soft,hard --seeds 0,1,2 [a.b=value ...]
+    python -m distill.compare RECIPE.yaml --types soft,hard --seeds 0,1,2 \\
+        --vary distillation.tau=1,3 --vary distillation.alpha=0.1,0.5
     accelerate launch distill/compare.py RECIPE.yaml --types ... --seeds ... [a.b=value ...]
     python -m distill.launch [accelerate launch options] distill/compare.py RECIPE.yaml ...
         (the same launch; exits 2 on an error, 143 when stopped, where accelerate launch exits 1)
@@ -13,11 +15,20 @@ depend on the seed or the distillation type. Its outputs are computed once per d
 replayed by the other runs (teacher.output_cache; ``--data-seed N`` gives every seed the same
 stream, so the teacher runs once for the whole study). A study started again skips finished
 runs and resumes the unfinished one.
+
+``--vary KEY=v1,v2`` (repeatable) makes a grid: types x every combination of the varied values x
+seeds, each cell a run named by its settings (``soft-tau3-alpha0.1-seed0``; the report says
+``soft tau=3 alpha=0.1``). Values are parsed as YAML, like overrides, and every cell's recipe is
+validated before anything runs. Cells that share a seed share the data stream unless a varied key
+changes it (data.augment.*, train.batch_size: distill/keys.py), and the report pairs them over
+their shared seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +75,109 @@ def parse_list(text: str, what: str) -> list[str]:
     return items
 
 
+# Keys every run of a study gets from the study itself: the option that sets them.
+STUDY_KEYS = {
+    "distillation.type": "--types",
+    "distillation.token": "--types (soft-notoken, hard-notoken, none-notoken)",
+    "run.seed": "--seeds",
+    "run.name": "the study (each run is named by its cell and seed)",
+    "run.output_dir": "the study (its runs live in <run.output_dir>/<run.name>-study)",
+}
+NAME_MAX = 200  # characters of a run directory's name (file systems allow 255 bytes)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One ``--vary KEY=v1,v2``: a dotted recipe key and its values as typed (YAML text)."""
+
+    key: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Axis:
+        key, sep, rest = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"bad --vary '{text}': expected KEY=v1,v2,..., e.g. --vary distillation.tau=1,3")
+        if key in STUDY_KEYS:
+            raise RecipeError(f"--vary {key}: {STUDY_KEYS[key]} sets it; vary it there")
+        values = split_values(rest)
+        if not values:
+            raise RecipeError(f"bad --vary '{text}': no values after '='")
+        return cls(key, tuple(values))
+
+
+def split_values(text: str) -> list[str]:
+    """``1,3`` -> ['1', '3']; commas inside brackets or quotes stay (``[0.5,1],[0.08,1]``)."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [t.strip() for t in items if t.strip()]
+
+
+def safe_name(text: str) -> str:
+    """A value's text as part of a directory name: [0.5, 1.0] -> 0.5_1.0, a/b -> a_b."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of the varied values: its overrides and its part of the run names."""
+
+    overrides: tuple[str, ...]  # KEY=value, one per axis
+    dirname: str  # '-tau3-alpha0.1' (the report names it 'soft tau=3 alpha=0.1' from the recipe)
+
+
+def cells(recipe_path: str, overrides: list[str], axes: list[Axis], data_seed: int | None = None) -> list[Cell]:
+    """Every combination of the axes' values, validated by the recipe schema (a bad key or value
+    is the schema's message) and named by the values the recipe resolves them to, so that 3 and
+    3.0 are one value (refused as a repeat) and names match the report's (report.value_text)."""
+    from distill.config import load_recipe, recipe_to_dict
+    from distill.keys import NO_EFFECT, effects
+    from distill.report import setting_names, setting_value, value_text
+
+    keys = [a.key for a in axes]
+    if len(set(keys)) != len(keys):
+        raise RecipeError(f"--vary names a key twice: {', '.join(keys)}")
+    if data_seed is not None and "data.seed" in keys:
+        raise RecipeError("--vary data.seed: --data-seed sets it; give one or the other")
+    texts: list[list[str]] = []
+    for axis in axes:
+        resolved = []
+        for value in axis.values:
+            recipe = load_recipe(recipe_path, [*overrides, f"{axis.key}={value}"])
+            resolved.append(value_text(setting_value(recipe_to_dict(recipe), axis.key)))
+        if effects(axis.key) == NO_EFFECT:
+            raise RecipeError(
+                f"--vary {axis.key}: it does not change a run's result (distill/keys.py), so its cells "
+                "would be the same run; pass it as an override instead"
+            )
+        repeats = sorted({t for t in resolved if resolved.count(t) > 1})
+        if repeats:
+            raise RecipeError(f"--vary {axis.key} gives the same value twice: {', '.join(repeats)}")
+        texts.append(resolved)
+    short = setting_names(keys)
+    out = []
+    for combo in itertools.product(*[range(len(a.values)) for a in axes]):
+        chosen = [(axis, axis.values[i], texts[k][i]) for k, (axis, i) in enumerate(zip(axes, combo, strict=True))]
+        cell_overrides = tuple(f"{a.key}={raw}" for a, raw, _ in chosen)
+        load_recipe(recipe_path, [*overrides, *cell_overrides])  # the combination, validated as a whole
+        dirname = "".join(f"-{short[a.key]}{safe_name(text)}" for a, _, text in chosen)
+        out.append(Cell(cell_overrides, dirname))
+    return out
+
+
 def study_plan(
     recipe_path: str,
     variants: list[Variant],
@@ -71,15 +185,18 @@ def study_plan(
     overrides: list[str],
     teacher_outputs: bool = True,
     data_seed: int | None = None,
+    axes: list[Axis] | tuple[Axis, ...] = (),
 ) -> tuple[Path, list[tuple[str, list[str]]]]:
-    """(study directory, [(run name, overrides)]) for every variant x seed, seed-major.
+    """(study directory, [(run name, overrides)]) for every variant x cell x seed, seed-major.
 
     ``teacher_outputs``: share the teacher's outputs between runs through the cache in
     ``<study>/teacher_outputs`` (unless the recipe names another directory); the user's own
-    overrides come after ours, so they win. ``data_seed``: one data stream for every seed."""
+    overrides come after ours, so they win. ``data_seed``: one data stream for every seed.
+    ``axes``: the ``--vary`` grid; without it, one cell per variant named as before."""
     from distill.config import load_recipe
 
     base = load_recipe(recipe_path, overrides)  # validate once, before any run starts
+    grid = cells(recipe_path, overrides, list(axes), data_seed) if axes else [Cell((), "")]
     study = Path(base.run.output_dir) / f"{base.run.name}-study"
     cache = base.teacher.cache_dir or Path(base.run.output_dir) / "teachers"
     shared: list[str] = []
@@ -91,22 +208,36 @@ def study_plan(
     runs = []
     for seed in seeds:
         for v in variants:
-            name = f"{v.name}-seed{seed}"
-            runs.append(
-                (
-                    name,
-                    [
-                        *shared,
-                        *overrides,
-                        f"run.output_dir={study}",
-                        f"run.name={name}",
-                        f"run.seed={seed}",
-                        f"distillation.type={v.type}",
-                        f"distillation.token={str(v.token).lower()}",
-                        f"teacher.cache_dir={cache}",
-                    ],
+            for cell in grid:
+                name = f"{v.name}{cell.dirname}-seed{seed}"
+                if len(name) > NAME_MAX:
+                    raise RecipeError(
+                        f"run directory name '{name}' is {len(name)} characters long (at most {NAME_MAX}); "
+                        "vary fewer keys or use shorter values"
+                    )
+                runs.append(
+                    (
+                        name,
+                        [
+                            *shared,
+                            *overrides,
+                            *cell.overrides,
+                            f"run.output_dir={study}",
+                            f"run.name={name}",
+                            f"run.seed={seed}",
+                            f"distillation.type={v.type}",
+                            f"distillation.token={str(v.token).lower()}",
+                            f"teacher.cache_dir={cache}",
+                        ],
+                    )
                 )
-            )
+    names = [name for name, _ in runs]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:  # values that differ only in characters a directory name cannot hold
+        raise RecipeError(
+            f"two cells would share the run directory {clashes[0]} (values that differ only in characters "
+            "outside A-Z a-z 0-9 . + -); give values that differ in those"
+        )
     return study, runs
 
 
@@ -121,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run: a.b=value")
     parser.add_argument("--types", default="none,soft,hard", help="none, soft, hard, soft-notoken, hard-notoken, ...")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a recipe key and its values (YAML), repeatable: the study runs every combination "
+        "(e.g. --vary distillation.tau=1,3 --vary distillation.alpha=0.1,0.5)",
+    )
     parser.add_argument("--out", default=None, help="report directory (default: <study>/report)")
     parser.add_argument(
         "--no-teacher-cache",
@@ -147,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         from distill.progress import StudyProgress
         from distill.report import build_report
         from distill.rundir import RunDir
+        from distill.tracking import check_trackers
         from distill.trainer import DistillRun, make_accelerator
 
         variants = [Variant.parse(t) for t in parse_list(args.types, "types")]
@@ -154,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
         except ValueError:
             raise RecipeError(f"--seeds must be integers, got '{args.seeds}'") from None
+        axes = [Axis.parse(text) for text in args.vary]
         study, runs = study_plan(
-            args.recipe, variants, seeds, args.overrides, not args.no_teacher_cache, args.data_seed
+            args.recipe, variants, seeds, args.overrides, not args.no_teacher_cache, args.data_seed, axes
         )
+        recipes = [load_recipe(args.recipe, overrides) for _, overrides in runs]  # every cell, before any run
+        for recipe in recipes:
+            check_trackers(recipe.run.trackers)
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
-        recipes = [load_recipe(args.recipe, overrides) for _, overrides in runs]
         progress = StudyProgress([r.train.epochs for r in recipes])
         for i, ((name, overrides), recipe) in enumerate(zip(runs, recipes, strict=True)):
             if RunDir(study / name).finished():
@@ -180,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                     analyze_run(study / name, args.analysis_images)
         if accelerator.is_main_process:
             out = Path(args.out) if args.out else study / "report"
-            build_report([study / name for name, _ in runs], out)
+            build_report([study / name for name, _ in runs], out, axes=[a.key for a in axes])
             print(f"study: report in {out / 'report.md'}")
         accelerator.wait_for_everyone()
 

@@ -6,6 +6,10 @@ Runs are grouped into variants (distillation type, with or without the distillat
 seeds are the replicates. Results are reported as mean +- standard deviation over seeds, and
 variants are compared by paired differences over the seeds they share (same data order and
 augmentation), with a 95% t-interval: airbench's rule, never one lucky run.
+
+Runs that differ in other settings that change a result (distill/keys.py; a ``distill.compare
+--vary`` grid) are grouped into cells named by those settings (``soft tau=3 alpha=0.1``), and
+cells that differ in one setting (the variant counts as one) are compared the same way.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from distill.errors import DistillError
+from distill.export import init_text
+from distill.keys import changed_for_resume
 from distill.tracking import read_metrics
 
 VARIANT_ORDER = ("hard", "soft", "none", "hard-notoken", "soft-notoken", "none-notoken")
@@ -40,6 +46,11 @@ class RunRecord:
     recipe: dict[str, Any]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
+    cell: str = ""  # the group it is reported in: the variant and its settings (name_cells)
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, the varied keys
+
+    def __post_init__(self) -> None:
+        self.cell = self.cell or self.variant
 
     @property
     def final(self) -> dict[str, Any]:
@@ -62,6 +73,71 @@ def load_run(path: Path) -> RunRecord:
     variant = d["type"] if d.get("token", True) else f"{d['type']}-notoken"
     summary = json.loads((path / "summary.json").read_text())
     return RunRecord(path, variant, int(recipe["run"]["seed"]), recipe, metrics, summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells: the settings that tell groups of runs apart
+
+# Keys that differ inside a cell (seed, where a run lives) or that the variant already names.
+NOT_SETTINGS = frozenset({"run.seed", "run.name", "run.output_dir", "distillation.type", "distillation.token"})
+
+
+def value_text(value: Any) -> str:
+    """A recipe value as a cell's name shows it: 3.0 -> 3, 0.0003 -> 0.0003, None -> null,
+    [0.5, 1.0] -> [0.5, 1]. distill.compare names run directories from the same text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {value_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def setting_names(keys: list[str]) -> dict[str, str]:
+    """dotted key -> its name in a cell's name: the last part (tau), or the whole key where two
+    keys share their last part (train.lr and teacher.train.lr)."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: short if last.count(short) == 1 else k for k, short in zip(keys, last, strict=True)}
+
+
+def varied_keys(runs: list[RunRecord], order: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The recipe keys that change a result (distill/keys.py) and differ between ``runs``, less
+    seed, place and variant: a study's --vary axes, found from the runs alone. ``order`` puts
+    those keys first, in that order (the study's); the rest follow sorted."""
+    found: set[str] = set()
+    for run in runs[1:]:
+        found.update(changed_for_resume(runs[0].recipe, run.recipe))
+    found -= NOT_SETTINGS
+    return [k for k in order if k in found] + sorted(found - set(order))
+
+
+def setting_value(recipe: dict[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of a recipe tree; None where it is absent."""
+    node: Any = recipe
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def name_cells(runs: list[RunRecord], order: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Name each run's cell after its variant and its values of the varied keys (``soft tau=3
+    alpha=0.1``); returns those keys. With none, a cell is its variant, as before grids."""
+    keys = varied_keys(runs, order)
+    short = setting_names(keys)
+    for run in runs:
+        run.settings = {k: setting_value(run.recipe, k) for k in keys}
+        run.cell = " ".join([run.variant, *(f"{short[k]}={value_text(v)}" for k, v in run.settings.items())])
+    return keys
+
+
+def _apart(a: RunRecord, b: RunRecord) -> int:
+    """How many settings two cells differ in, the variant counting as one."""
+    return (a.variant != b.variant) + sum(a.settings.get(k) != v for k, v in b.settings.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,11 +194,21 @@ def verdict(a: str, b: str, p: Paired, unit: str = "points") -> str:
 
 
 def _group(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs by cell (the variant, unless name_cells found settings that differ), seeds ascending;
+    cells in VARIANT_ORDER, then by their settings' values."""
     groups: dict[str, list[RunRecord]] = {}
     for r in sorted(runs, key=lambda r: r.seed):
-        groups.setdefault(r.variant, []).append(r)
+        groups.setdefault(r.cell, []).append(r)
     order = {v: i for i, v in enumerate(VARIANT_ORDER)}
-    return dict(sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    def rank(item: tuple[str, list[RunRecord]]) -> tuple[Any, ...]:
+        first = item[1][0]
+        values = tuple(
+            (0, v, "") if isinstance(v, (int, float)) else (1, 0, value_text(v)) for v in first.settings.values()
+        )
+        return (order.get(first.variant, len(order)), first.variant, values)
+
+    return dict(sorted(groups.items(), key=rank))
 
 
 def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -132,10 +218,10 @@ def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
 
 
-def variant_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, str]]:
+def variant_rows(groups: dict[str, list[RunRecord]], unit: str = "variant") -> list[dict[str, str]]:
     rows = []
     for variant, runs in groups.items():
-        row = {"variant": variant, "seeds": ",".join(str(r.seed) for r in runs)}
+        row = {unit: variant, "seeds": ",".join(str(r.seed) for r in runs)}
         for head in HEADS:
             row[f"final {head}"] = _pm([r.final[f"val/top1_{head}"] for r in runs])
         row["best fused"] = _pm([r.best() for r in runs])
@@ -149,9 +235,13 @@ def variant_rows(groups: dict[str, list[RunRecord]]) -> list[dict[str, str]]:
 
 
 def comparisons(groups: dict[str, list[RunRecord]], key: str = "val/top1_fused") -> list[tuple[str, str, Paired]]:
-    """Paired differences (in points) of the final ``key`` for every pair of variants."""
+    """Paired differences (in points) of the final ``key`` for every pair of cells that differ in
+    one setting (the variant counts as one): every pair of variants when nothing else varies. In a
+    grid, pairs that differ in two settings at once would not say which one made the difference."""
     out = []
     for a, b in itertools.combinations(groups, 2):
+        if _apart(groups[a][0], groups[b][0]) > 1:
+            continue
         by_seed_a = {r.seed: r for r in groups[a]}
         by_seed_b = {r.seed: r for r in groups[b]}
         shared = sorted(set(by_seed_a) & set(by_seed_b))
@@ -174,16 +264,20 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_csv(runs: list[RunRecord], path: Path) -> None:
+    """One row per run; a grid adds its cell's name and one column per varied key after 'variant'."""
     keys = [
         "val/top1_cls", "val/top1_dist", "val/top1_fused", "val/top5_fused", "val/teacher_top1",
         "val/agreement", "val/kl", "train/loss", "train/loss_ce", "train/loss_kd",
     ]  # fmt: skip
+    settings = list(runs[0].settings)
+    grid = ["cell", *settings] if settings else []
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "seed", "run", "epochs", *keys, "best_top1_fused", "wall_time_s", "train_img_s"])
-        for r in sorted(runs, key=lambda r: (r.variant, r.seed)):
+        w.writerow(["variant", *grid, "seed", "run", "epochs", *keys, "best_top1_fused", "wall_time_s", "train_img_s"])
+        for r in sorted(runs, key=lambda r: (r.cell, r.seed)):
+            cell = [r.cell, *[value_text(r.settings[k]) for k in settings]] if settings else []
             w.writerow(
-                [r.variant, r.seed, str(r.path), r.final["epoch"], *[r.final.get(k) for k in keys], r.best(),
+                [r.variant, *cell, r.seed, str(r.path), r.final["epoch"], *[r.final.get(k) for k in keys], r.best(),
                  r.summary.get("wall_time_s"), r.summary.get("throughput_train_img_s")]
             )  # fmt: skip
 
@@ -233,7 +327,7 @@ def plot_bars(groups: dict[str, list[RunRecord]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.0 + 0.8 * len(groups)), 4.5))
     width = 0.8 / len(HEADS)
     x = np.arange(len(groups))
     lows = []
@@ -242,7 +336,10 @@ def plot_bars(groups: dict[str, list[RunRecord]], path: Path) -> None:
         means, stds = [m for m, _ in stats], [s for _, s in stats]
         lows += [m - s for m, s in stats]
         ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=3, label=head)
-    ax.set_xticks(x, list(groups))
+    if any(" " in name for name in groups):  # a grid's cell names: slanted so they do not overlap
+        ax.set_xticks(x, list(groups), rotation=25, ha="right")
+    else:
+        ax.set_xticks(x, list(groups))
     bottom = max(0.0, math.floor(min(lows) - 5))
     # A cut axis exaggerates differences: say where it starts, on the axis itself.
     ax.set_ylabel("final val top-1 (%)" + (f", axis from {bottom:.0f}%" if bottom > 0 else ""))
@@ -277,7 +374,7 @@ def _kd_panels(groups: dict[str, list[RunRecord]]) -> list[tuple[str, str, dict[
     """
     panels = []
     for kind in ("soft", "hard"):
-        runs_of_kind = {v: rs for v, rs in groups.items() if _kind(v) == kind}
+        runs_of_kind = {v: rs for v, rs in groups.items() if _kind(rs[0].variant) == kind}
         if not runs_of_kind:
             continue
         if kind == "hard":
@@ -319,7 +416,7 @@ def loss_figure(groups: dict[str, list[RunRecord]]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     suptitle = "training loss parts (epoch means, mean over seeds)"
-    if any(_kind(v) == "none" for v in groups):
+    if any(_kind(rs[0].variant) == "none" for rs in groups.values()):
         suptitle += "; runs of type none have no KD term (not plotted)"
     fig.suptitle(suptitle)
     fig.tight_layout()
@@ -355,6 +452,7 @@ def _settings(runs: list[RunRecord]) -> list[dict[str, str]]:
         {"setting": "teacher", "value": teacher},
         {"setting": "teacher sha256 (first 16)", "value": sha},
         {"setting": "student", "value": values(lambda r: r.recipe["student"]["model"])},
+        {"setting": "student initialised from", "value": values(lambda r: init_text(r.summary.get("student_init")))},
         {
             "setting": "data",
             "value": values(lambda r: " ".join(filter(None, (r.recipe["data"]["source"], r.recipe["data"]["path"])))),
@@ -410,18 +508,121 @@ def convergence_notes(groups: dict[str, list[RunRecord]]) -> list[str]:
     return notes
 
 
-def build_report(run_dirs: list[Path], out: Path) -> Path:
+def _spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    m, sd = mean_std([scale * v for v in values])
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(values) > 1 else "")
+
+
+def analysis_section(groups: dict[str, list[RunRecord]]) -> list[str]:
+    """ "Inside the students": each variant's analysis (python -m distill.analyze, written to
+    <run>/analysis by distill.compare) side by side, mean ± spread over seeds. Empty when no run
+    has one."""
+    from distill.analysis import analysis_summary
+
+    found = {
+        v: [
+            analysis_summary(r.path / "analysis" / "analysis.json")
+            for r in runs
+            if (r.path / "analysis" / "analysis.json").is_file()
+        ]
+        for v, runs in groups.items()
+    }
+    found = {v: s for v, s in found.items() if s}
+    if not found:
+        return []
+    depth = max(len(s["attention_distance_px"]) for ss in found.values() for s in ss)
+    distance = [
+        {
+            "variant": v,
+            **{f"block {i + 1}": _spread([s["attention_distance_px"][i] for s in ss], digits=1) for i in range(depth)},
+            "uniform": f"{ss[0]['uniform_distance_px']:.1f}",
+        }
+        for v, ss in found.items()
+    ]
+    tokens = []
+    for v, ss in found.items():
+        with_token = [s["token_cosine"] for s in ss if s["token_cosine"]]
+        if with_token:
+            tokens.append({"variant": v, **{k: _spread([t[k] for t in with_token]) for k in with_token[0]}})
+    heads = []
+    for v, ss in found.items():
+        rows = [s["disagreement_with_teacher"] for s in ss if s["disagreement_with_teacher"]]
+        if rows:
+            heads.append({"variant": v, **{h: _spread([r[h] for r in rows], 100.0, 1) for h in rows[0]}})
+    lines = [
+        "## Inside the students",
+        "",
+        "From `python -m distill.analyze` on each run's last checkpoint "
+        f"({', '.join(f'{v}: {len(ss)} runs' for v, ss in found.items())}); mean ± spread over seeds.",
+        "",
+        "Mean attention distance of patch queries per block (pixels; uniform attention over the grid "
+        "in the last column): low values are local heads, values near uniform are global.",
+        "",
+        _markdown_table(distance),
+        "",
+    ]
+    if tokens:
+        lines += [
+            "Cosine between the class and distillation tokens after each block "
+            "(DeiT-B: 0.06 at the input, 0.93 at the output):",
+            "",
+            _markdown_table(tokens),
+            "",
+        ]
+    if heads:
+        lines += [
+            "Disagreement with the teacher per head (% of validation images; "
+            "DeiT Table 4: class 11.2, distillation 10.0, fused 10.2):",
+            "",
+            _markdown_table(heads),
+            "",
+        ]
+    return lines
+
+
+def grid_notes(keys: list[str], pairs: list[tuple[str, str, Paired]]) -> list[str]:
+    """How to read a grid's findings: what names a cell, what is paired, and what changes the data."""
+    from distill.keys import TEACHER_OUTPUTS, effects
+
+    if not keys:
+        return []
+    stream = [k for k in keys if TEACHER_OUTPUTS in effects(k)]
+    notes = [
+        f"Cells are named by the settings that differ between them ({', '.join(f'`{k}`' for k in keys)}); "
+        "pairs are cells that differ in one setting, the variant counting as one. "
+        f"With {len(pairs)} comparisons at 95% each, about {len(pairs) / 20:.1f} can fall outside noise "
+        "by chance alone."
+    ]
+    if stream:
+        notes.append(
+            f"Cells that differ in {', '.join(f'`{k}`' for k in stream)} also differ in the images or the "
+            "teacher outputs they trained on (distill/keys.py), not in the loss alone."
+        )
+    return notes
+
+
+def _beyond_noise(p: Paired) -> bool:
+    return p.n > 1 and (p.lo > 0 or p.hi < 0)
+
+
+def build_report(run_dirs: list[Path], out: Path, axes: list[str] | tuple[str, ...] = ()) -> Path:
+    """report.md, results.csv and plots for ``run_dirs``; ``axes``: a study's --vary keys, the
+    order its cells' names list them in (found from the recipes either way)."""
     runs = [load_run(p) for p in run_dirs]
     if not runs:
         raise DistillError("no runs given")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    keys = name_cells(runs, axes)
+    unit = "cell" if keys else "variant"
     groups = _group(runs)
     write_csv(runs, out / "results.csv")
     plot_curves(groups, "val/top1_fused", "val top-1 fused (%)", out / "top1_fused_vs_epoch.png")
     plot_bars(groups, out / "final_top1_per_head.png")
     plot_losses(groups, out / "train_loss_parts.png")
     pairs = comparisons(groups)
+    if keys:  # a grid: what stands out first
+        pairs.sort(key=lambda pair: not _beyond_noise(pair[2]))
     lines = [
         "# Distillation study",
         "",
@@ -431,12 +632,13 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         "",
         "## Findings (final fused top-1, paired over shared seeds)",
         "",
+        *[f"{note}\n" for note in grid_notes(keys, pairs)],
         *[f"- {verdict(a, b, p)}" for a, b, p in pairs],
         *[f"- {note}" for note in convergence_notes(groups)],
         "",
-        "## Results per variant",
+        f"## Results per {unit}",
         "",
-        _markdown_table(variant_rows(groups)),
+        _markdown_table(variant_rows(groups, unit)),
         "",
         "Variants ending in `-notoken` train a plain ViT with both terms on its single head, so its "
         "cls, dist and fused columns are the same head.",
@@ -445,6 +647,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         "with the student's fused output (mean of the class and distillation logits), averaged over "
         "validation images, in nats; lower means the student's distribution is closer to the teacher's.",
         "",
+        *analysis_section(groups),
         "## Paired differences (points of final fused top-1)",
         "",
         _markdown_table(
@@ -479,7 +682,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         "",
         "## Runs",
         "",
-        *[f"- `{r.path}` ({r.variant}, seed {r.seed})" for r in sorted(runs, key=lambda r: (r.variant, r.seed))],
+        *[f"- `{r.path}` ({r.cell}, seed {r.seed})" for r in sorted(runs, key=lambda r: (r.cell, r.seed))],
         "",
         "Per-run curves and the hyper-parameter comparison: `tensorboard --logdir <study directory>` (HPARAMS tab).",
         "",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.compare import Variant, study_plan
+from distill.compare import Axis, Variant, main, split_values, study_plan
 from distill.config import load_recipe
 from distill.data import load_source
 from distill.errors import RecipeError
@@ -39,6 +39,114 @@ def test_study_plan_names_and_overrides(tmp_path: Path) -> None:
     assert recipe.run.output_dir == study and recipe.teacher.cache_dir == tmp_path / "teachers"
 
 
+def test_vary_parses_key_and_values() -> None:
+    assert Axis.parse("distillation.tau=1,3") == Axis("distillation.tau", ("1", "3"))
+    assert Axis.parse(" data.augment.scale = [0.5, 1.0],[0.08,1.0] ").values == ("[0.5, 1.0]", "[0.08,1.0]")
+    assert split_values("'a,b',c, {x: 1, y: 2}") == ["'a,b'", "c", "{x: 1, y: 2}"]
+    with pytest.raises(
+        RecipeError, match=r"bad --vary 'tau': expected KEY=v1,v2,..., e.g. --vary distillation.tau=1,3"
+    ):
+        Axis.parse("tau")
+    with pytest.raises(RecipeError, match=r"bad --vary 'distillation.tau=': no values after '='"):
+        Axis.parse("distillation.tau=")
+    with pytest.raises(RecipeError, match=r"^--vary distillation.type: --types sets it; vary it there$"):
+        Axis.parse("distillation.type=soft,hard")
+    with pytest.raises(RecipeError, match=r"^--vary run.seed: --seeds sets it; vary it there$"):
+        Axis.parse("run.seed=0,1")
+    with pytest.raises(RecipeError, match=r"--vary distillation.token: --types \(soft-notoken"):
+        Axis.parse("distillation.token=true,false")
+
+
+def test_a_grid_names_every_cell_by_its_settings(tmp_path: Path) -> None:
+    axes = [Axis.parse("distillation.tau=1,3.0"), Axis.parse("distillation.alpha=0.1,0.5")]
+    study, runs = study_plan(
+        str(SMOKE), [Variant("soft"), Variant("hard", False)], [0, 1], [f"run.output_dir={tmp_path}"], axes=axes
+    )
+    names = [name for name, _ in runs]
+    assert names[:5] == [
+        "soft-tau1-alpha0.1-seed0",
+        "soft-tau1-alpha0.5-seed0",
+        "soft-tau3-alpha0.1-seed0",  # 3.0 is named as the schema resolves it, as the report does
+        "soft-tau3-alpha0.5-seed0",
+        "hard-notoken-tau1-alpha0.1-seed0",
+    ]
+    assert len(names) == len(set(names)) == 2 * 2 * 2 * 2 and names[-1] == "hard-notoken-tau3-alpha0.5-seed1"
+    recipe = load_recipe(SMOKE, dict(runs)["hard-notoken-tau3-alpha0.1-seed1"])
+    assert (recipe.distillation.tau, recipe.distillation.alpha, recipe.run.seed) == (3.0, 0.1, 1)
+    assert (recipe.distillation.type, recipe.distillation.token, recipe.run.name) == (
+        "hard",
+        False,
+        "hard-notoken-tau3-alpha0.1-seed1",
+    )
+    assert recipe.run.output_dir == study == tmp_path / "smoke-study"
+
+
+def test_grid_directory_names_are_file_system_safe_and_unique(tmp_path: Path) -> None:
+    out = [f"run.output_dir={tmp_path}"]
+    _, runs = study_plan(
+        str(SMOKE), [Variant("hard")], [0], out, axes=[Axis.parse("data.augment.scale=[0.5,1.0],[0.08, 1]")]
+    )
+    assert [name for name, _ in runs] == ["hard-scale0.5_1-seed0", "hard-scale0.08_1-seed0"]
+    assert load_recipe(SMOKE, runs[1][1]).data.augment.scale == (0.08, 1.0)
+    # train.lr and teacher.train.lr share their last part: both are named in full
+    _, runs = study_plan(
+        str(SMOKE),
+        [Variant("hard")],
+        [0],
+        out,
+        axes=[Axis.parse("train.lr=0.001"), Axis.parse("teacher.train.lr=1e-3")],
+    )
+    assert [name for name, _ in runs] == ["hard-train.lr0.001-teacher.train.lr0.001-seed0"]
+    with pytest.raises(
+        RecipeError,
+        match=r"two cells would share the run directory hard-modelres_net-seed0 \(values that differ only in",
+    ):
+        study_plan(str(SMOKE), [Variant("hard")], [0], out, axes=[Axis.parse("teacher.model=res/net,res net")])
+
+
+@pytest.mark.parametrize(
+    ("vary", "message"),
+    [
+        (["distillation.taux=1,3"], r"unknown key 'distillation.taux'; did you mean 'distillation.tau'\?"),
+        (["distillation.alpha=0.5,2"], r"'distillation.alpha': Input should be less than or equal to 1 \(got 2\)"),
+        (["distillation.tau=3,3.0"], r"^--vary distillation.tau gives the same value twice: 3$"),
+        (
+            ["distillation.tau=1", "distillation.tau=3"],
+            r"^--vary names a key twice: distillation.tau, distillation.tau$",
+        ),
+        (["run.keep_checkpoints=1,2"], r"^--vary run.keep_checkpoints: it does not change a run's result"),
+    ],
+)
+def test_a_bad_grid_is_refused_with_the_schemas_message(tmp_path: Path, vary: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        study_plan(
+            str(SMOKE), [Variant("soft")], [0], [f"run.output_dir={tmp_path}"], axes=[Axis.parse(v) for v in vary]
+        )
+
+
+def test_vary_data_seed_with_data_seed_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"^--vary data.seed: --data-seed sets it; give one or the other$"):
+        study_plan(
+            str(SMOKE),
+            [Variant("soft")],
+            [0],
+            [f"run.output_dir={tmp_path}"],
+            data_seed=0,
+            axes=[Axis.parse("data.seed=1,2")],
+        )
+
+
+def test_the_command_refuses_a_bad_grid_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [str(SMOKE), f"run.output_dir={tmp_path}", "--types", "soft"]
+    assert main([*base, "--vary", "distillation.type=soft,hard"]) == 2
+    assert "error: --vary distillation.type: --types sets it; vary it there" in capsys.readouterr().err
+    assert main([*base, "--vary", "distillation.tau=1,3", "--vary", "train.epochs=0,1"]) == 2
+    assert "'train.epochs': Input should be greater than or equal to 1 (got 0)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def first_batches(overrides: list[str], n: int = 3) -> list[dict[str, torch.Tensor]]:
     """The first training batches of epoch 1 exactly as the trainer builds its loader."""
     r = load_recipe(SMOKE, overrides)
@@ -65,6 +173,17 @@ def test_runs_with_the_same_seed_and_different_types_get_identical_batches(tmp_p
         for a, b in zip(batches["none-seed0"], batches[other], strict=True):
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
     assert not torch.equal(batches["none-seed0"][0]["image"], batches["none-seed1"][0]["image"])
+
+
+def test_grid_cells_with_the_same_seed_get_identical_batches(tmp_path: Path) -> None:
+    axes = [Axis.parse("distillation.tau=1,3"), Axis.parse("distillation.alpha=0.1,0.9")]
+    _, runs = study_plan(
+        str(SMOKE), [Variant("soft"), Variant("hard")], [0], [f"run.output_dir={tmp_path}", *SMOKE_BASE], axes=axes
+    )
+    first = first_batches(runs[0][1], n=2)
+    for name in ("soft-tau3-alpha0.9-seed0", "hard-tau1-alpha0.9-seed0"):
+        for a, b in zip(first, first_batches(dict(runs)[name], n=2), strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
 
 
 @pytest.mark.slow
@@ -105,3 +224,33 @@ def test_a_study_stopped_mid_way_skips_finished_runs_and_resumes_the_rest(tmp_pa
     assert "resuming from" in second.stdout
     assert (study / "none-seed0" / "metrics.jsonl").read_text() == finished_metrics
     assert json.loads((study / "hard-seed0" / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_a_grid_study_runs_every_cell_and_reports_them_by_name(tmp_path: Path, teacher_cache: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    args = [
+        sys.executable, "-m", "distill.compare", str(SMOKE), "--types", "soft", "--seeds", "0",
+        "--vary", "distillation.tau=1,3", f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}",
+        "train.epochs=1", "run.export=false", "--no-analysis",
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    check_ok(proc)
+    study = tmp_path / "smoke-study"
+    assert "study: [1/2] soft-tau1-seed0" in proc.stdout and "study: [2/2] soft-tau3-seed0" in proc.stdout
+    taus = [load_recipe(study / f"soft-tau{t}-seed0" / "recipe.yaml").distillation.tau for t in (1, 3)]
+    assert taus == [1.0, 3.0]
+    summaries = [json.loads((study / f"soft-tau{t}-seed0" / "summary.json").read_text()) for t in (1, 3)]
+    assert summaries[0]["final"]["train/loss_kd"] != summaries[1]["final"]["train/loss_kd"]
+    assert summaries[1]["teacher_cache"]["train_replayed_images"] > 0  # one data stream: outputs replayed
+    report = (study / "report" / "report.md").read_text()
+    assert (
+        "- soft tau=1 vs soft tau=3" in report
+        or "- soft tau=3 vs soft tau=1" in report
+        or "soft tau=1 - soft tau=3" in report
+    )
+    assert "| soft tau=1 | 0 |" in report and "| soft tau=3 | 0 |" in report

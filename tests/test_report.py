@@ -233,3 +233,94 @@ def test_the_bar_chart_says_where_its_cut_axis_starts(tmp_path: Path) -> None:
     ax = captured["fig"].axes[0]
     bottom = ax.get_ylim()[0]
     assert bottom > 0 and ax.get_ylabel() == f"final val top-1 (%), axis from {bottom:.0f}%"
+
+
+# Grids (distill.compare --vary) ---------------------------------------------------------------
+
+GRID = {  # final val/top1_fused per (type, tau) and seed
+    ("soft", 1.0): (0.80, 0.81, 0.82),
+    ("soft", 3.0): (0.83, 0.84, 0.85),  # soft tau=3 - soft tau=1: exactly 3 points on every seed
+    ("hard", 1.0): (0.82, 0.80, 0.84),  # tau does not act on hard: the two hard cells are equal
+    ("hard", 3.0): (0.82, 0.80, 0.84),
+}
+
+
+def grid_run(root: Path, kind: str, tau: float, seed: int) -> Path:
+    """A fake run of the cell (kind, tau) as distill.compare --vary distillation.tau=1,3 names it."""
+    run = fake_run(root / f"tmp-{kind}-{tau}", "none", seed)  # FUSED has a row for every seed
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["distillation"].update(type=kind, tau=tau)
+    recipe["run"]["keep_checkpoints"] = seed + 1  # a setting that changes no result: not a cell's
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["val/top1_fused"] = GRID[(kind, tau)][seed]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run.rename(root / f"{kind}-tau{tau:g}-seed{seed}")
+
+
+def test_value_text_and_setting_names() -> None:
+    from distill.report import setting_names, value_text
+
+    assert [value_text(v) for v in (3.0, 0.0003, 1e-05, 2, None, True, "bf16", [0.5, 1.0])] == [
+        "3", "0.0003", "1e-05", "2", "null", "true", "bf16", "[0.5, 1]",
+    ]  # fmt: skip
+    assert value_text({"depth": 2.0}) == "{depth: 2}"
+    assert setting_names(["distillation.tau", "train.lr", "teacher.train.lr"]) == {
+        "distillation.tau": "tau", "train.lr": "train.lr", "teacher.train.lr": "teacher.train.lr",
+    }  # fmt: skip
+
+
+def test_cells_are_found_from_the_recipes_and_named_by_their_settings(tmp_path: Path) -> None:
+    from distill.report import _group, name_cells
+
+    runs = [load_run(grid_run(tmp_path, k, t, s)) for (k, t) in GRID for s in (0, 1, 2)]
+    assert name_cells(runs) == ["distillation.tau"]  # run.seed, run.name, keep_checkpoints, type: not settings
+    groups = _group(runs)
+    assert list(groups) == ["hard tau=1", "hard tau=3", "soft tau=1", "soft tau=3"]
+    assert [r.seed for r in groups["soft tau=3"]] == [0, 1, 2]
+    # one variant and nothing else varied: the cell is the variant, as before grids
+    plain = [load_run(fake_run(tmp_path / "plain", v, s)) for v, s in FUSED]
+    assert name_cells(plain) == [] and list(_group(plain)) == ["hard", "soft", "none"]
+
+
+def test_a_grid_report_pairs_cells_that_differ_in_one_setting(tmp_path: Path) -> None:
+    dirs = [grid_run(tmp_path / "study", k, t, s) for (k, t) in GRID for s in (0, 1, 2)]
+    text = build_report(dirs, tmp_path / "report", axes=["distillation.tau"]).read_text()
+    # soft tau=3 - soft tau=1 = 3 points on every seed: sd 0, the interval is the point
+    assert "- soft tau=3 beats soft tau=1 by 3.00 points (95% CI 3.00 to 3.00, 3 seeds)" in text
+    # hard tau=1 vs hard tau=3: identical numbers
+    assert "- hard tau=1 vs hard tau=3: no difference beyond noise (+0.00 points" in text
+    # soft tau=1 - hard tau=1: differences -2, 1, -2 -> mean -1, sd sqrt(3)
+    half = T_975_DF2 * math.sqrt(3) / math.sqrt(3)
+    assert (
+        f"- hard tau=1 vs soft tau=1: no difference beyond noise (+1.00 points, 95% CI {1 - half:.2f} to {1 + half:.2f}"
+        in text
+    )
+    # hard tau=1 and soft tau=3 differ in two settings: not compared
+    assert "hard tau=1 - soft tau=3" not in text and "soft tau=3 vs hard tau=1" not in text
+    findings = text.split("## Findings")[1].split("## Results")[0]
+    assert findings.index("beats") < findings.index("no difference")  # what stands out first
+    assert "pairs are cells that differ in one setting" in findings and "With 4 comparisons" in findings
+    assert "## Results per cell" in text and "| cell | seeds |" in text
+    soft3 = next(line for line in text.splitlines() if line.startswith("| soft tau=3 | 0,1,2 |"))
+    assert soft3.split(" | ")[4] == "84.00 ± 1.00"  # final fused, mean ± sd over seeds
+    assert "(soft tau=3, seed 2)" in text
+    with open(tmp_path / "report" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["variant", "cell", "distillation.tau", "seed", "run"]
+    row = next(r for r in rows if r["cell"] == "soft tau=3" and r["seed"] == "1")
+    assert (row["variant"], row["distillation.tau"], float(row["val/top1_fused"])) == ("soft", "3", 0.84)
+
+
+def test_a_grid_varying_the_data_says_cells_saw_different_images(tmp_path: Path) -> None:
+    dirs = []
+    for scale in (0.5, 0.08):
+        for seed in (0, 1):
+            run = fake_run(tmp_path / f"s{scale}", "soft", seed)
+            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+            recipe["data"]["augment"] = {"scale": [scale, 1.0]}
+            (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+            dirs.append(run)
+    text = build_report(dirs, tmp_path / "report").read_text()
+    assert "soft scale=[0.08, 1] vs soft scale=[0.5, 1]" in text
+    assert "differ in `data.augment.scale` also differ in the images or the teacher outputs" in text
