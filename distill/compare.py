@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 import sys
 import time
@@ -279,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         help="skip python -m distill.analyze on each finished run (the report's 'Inside the students')",
     )
     parser.add_argument("--analysis-images", type=int, default=512, help="validation images each analysis uses")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also quantize each finished run's student to int8 (ONNX Runtime, as --format onnx-int8) and "
+        "report its top-1 and drop per variant (needs distill[export])",
+    )
     args = parser.parse_intermixed_args(argv)  # overrides may follow --types/--seeds
 
     def go() -> None:
@@ -321,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
                 if not done.is_file() or done.stat().st_mtime < RunDir(study / name).summary_file.stat().st_mtime:
                     print(f"study: analysing {name}")
                     analyze_run(study / name, args.analysis_images)
+        if accelerator.is_main_process and args.int8:
+            from distill.export import int8_top1
+            from distill.report import INT8_FILE
+
+            for name, _ in runs:  # once per finished run, as the analyses
+                done = study / name / INT8_FILE
+                if not done.is_file() or done.stat().st_mtime < RunDir(study / name).summary_file.stat().st_mtime:
+                    print(f"study: int8 top-1 of {name}")
+                    done.write_text(json.dumps(int8_top1(study / name), indent=1))
         if accelerator.is_main_process:
             out = Path(args.out) if args.out else study / "report"
             build_report([study / name for name, _ in runs], out, axes=[a.key for a in axes])

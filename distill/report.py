@@ -228,10 +228,22 @@ def variant_rows(groups: dict[str, list[RunRecord]], unit: str = "variant") -> l
         row["teacher"] = _pm([r.final.get("val/teacher_top1") for r in runs])
         row["agreement"] = _pm([r.final.get("val/agreement") for r in runs])
         row[KL_HEADER] = _pm([r.final.get("val/kl") for r in runs], scale=1.0, digits=3)
+        int8 = [_int8(r) for r in runs]
+        if any(q is not None for q in int8):  # distill.compare --int8: the student after quantization
+            row["int8 fused"] = _pm([q["top1_int8"] if q else None for q in int8])
+            row["int8 drop (points)"] = _pm([q["drop_points"] if q else None for q in int8], scale=1.0)
         row["wall s"] = _pm([r.summary.get("wall_time_s") for r in runs], scale=1.0, digits=0)
         row["img/s"] = _pm([r.summary.get("throughput_train_img_s") for r in runs], scale=1.0, digits=0)
         rows.append(row)
     return rows
+
+
+INT8_FILE = "int8.json"  # <run>/int8.json: distill.export.int8_top1 of the run's final student
+
+
+def _int8(run: RunRecord) -> dict[str, float] | None:
+    path = run.path / INT8_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def comparisons(groups: dict[str, list[RunRecord]], key: str = "val/top1_fused") -> list[tuple[str, str, Paired]]:

@@ -324,3 +324,14 @@ def test_a_grid_varying_the_data_says_cells_saw_different_images(tmp_path: Path)
     text = build_report(dirs, tmp_path / "report").read_text()
     assert "soft scale=[0.08, 1] vs soft scale=[0.5, 1]" in text
     assert "differ in `data.augment.scale` also differ in the images or the teacher outputs" in text
+
+
+def test_int8_columns_appear_when_the_study_quantized_its_runs(tmp_path: Path) -> None:
+    from distill.report import INT8_FILE, variant_rows
+
+    runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
+    assert "int8 fused" not in variant_rows({"hard": runs})[0]
+    for r, (q, drop) in zip(runs, [(0.80, 1.0), (0.82, 0.5), (0.84, 0.0)], strict=True):
+        (r.path / INT8_FILE).write_text(json.dumps({"top1_fp32": q, "top1_int8": q, "drop_points": drop}))
+    row = variant_rows({"hard": runs})[0]
+    assert row["int8 fused"] == "82.00 ± 2.00" and row["int8 drop (points)"] == "0.50 ± 0.50"
