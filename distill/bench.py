@@ -676,28 +676,55 @@ def _measured(key: str, label: str, problem: Problem, **kw: Any) -> Measured:
     return Measured(key=key, label=label, batch_size=problem.batch_size, **kw)
 
 
+def make_teacher(problem: Problem, s: Settings) -> Any:
+    """The trainer's teacher object (ConvnetTeacher) for ``s``, under its autocast."""
+    from distill.teacher import ConvnetTeacher, FrozenTeacher
+
+    module = FrozenTeacher(
+        copy.deepcopy(problem.teacher), problem.student_mean, problem.student_std, problem.teacher_mean,
+        problem.teacher_std, s.teacher_inference_mode, s.teacher_channels_last, s.teacher_compile,
+    ).to(problem.device)  # fmt: skip
+    return ConvnetTeacher(
+        module, problem.teacher_spec(), problem.recipe.teacher.model, None, False,
+        lambda: autocast(s.precision, problem.device),
+    )  # fmt: skip
+
+
+def time_step_precisions(problem: Problem, kd: str, opts: Options, rounds: int = 3) -> dict[str, float]:
+    """Median img/s of the recipe's own step (distill.step.Step, fast-path switches) in fp32 and in
+    bf16, timed alternately: what decides the fast path's precision, since a fast bf16 matmul
+    does not make a small student's step fast (measured: 0.59x fp32 on the quickstart with AMX)."""
+    steps = max(3, opts.steps // 2)
+    timed: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    runs = {}
+    for precision in timed:
+        s = Settings(precision, True, opts.compile, True, True, opts.compile)  # type: ignore[arg-type]
+        runs[precision] = OursStep(problem, s, kd, make_teacher(problem, s))
+        runs[precision]()  # priming: optimizer state, first-call allocations, compilation
+    for _ in range(rounds):
+        for precision, step in runs.items():
+            step()
+            synchronize(problem.device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(problem.device)
+            timed[precision].append(problem.batch_size * steps / (time.perf_counter() - start))
+    return {precision: statistics.median(values) for precision, values in timed.items()}
+
+
 def _configurations(
     problem: Problem, settings: dict[str, Settings], kd: str, pipeline: Any, opts: Options
 ) -> list[tuple[Measured, Any]]:
     """Every configuration to time, each with its own copy of the models and optimizer."""
-    from distill.teacher import ConvnetTeacher, FrozenTeacher
-
     device, t = problem.device, problem.recipe.train
-    teachers: dict[tuple[str, bool, bool, bool], ConvnetTeacher] = {}
+    teachers: dict[tuple[str, bool, bool, bool], Any] = {}
 
-    def teacher(s: Settings) -> ConvnetTeacher:
-        """The trainer's teacher object: one per switch combination (channels_last converts the
-        weights in place), called under the configuration's autocast."""
+    def teacher(s: Settings) -> Any:
+        """One per switch combination (channels_last converts the weights in place)."""
         key = (s.precision, s.teacher_inference_mode, s.teacher_channels_last, s.teacher_compile)
         if key not in teachers:
-            module = FrozenTeacher(
-                copy.deepcopy(problem.teacher), problem.student_mean, problem.student_std,
-                problem.teacher_mean, problem.teacher_std, *key[1:],
-            ).to(device)  # fmt: skip
-            teachers[key] = ConvnetTeacher(
-                module, problem.teacher_spec(), problem.recipe.teacher.model, None, False,
-                lambda p=s.precision: autocast(p, device),
-            )  # fmt: skip
+            teachers[key] = make_teacher(problem, s)
         return teachers[key]
 
     def ours(key: str, label: str, s: Settings, distillation: str, with_pipeline: bool = False) -> tuple[Measured, Any]:
@@ -806,6 +833,16 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
     measured = {"fp32": peaks.measure("fp32")}
     fast_precision, fast_reason = choose_fast_precision(opts.fast_precision, device, measured, peaks.measure)
     problem = build_problem(recipe, num_classes, kd, device)
+    step_img_s = None
+    if opts.fast_precision == "auto" and bf16_available(device):
+        _log("bench: timing the recipe's step in fp32 and bf16 to choose the fast path's precision")
+        step_img_s = time_step_precisions(problem, kd, opts)
+        faster = "bf16" if step_img_s["bf16"] > step_img_s["fp32"] else "fp32"
+        fast_reason = (
+            f"the recipe's step: bf16 {step_img_s['bf16']:.0f} vs fp32 {step_img_s['fp32']:.0f} img/s (median of 3, "
+            f"alternated), so {faster}; the matmul peak alone says {fast_reason}"
+        )
+        fast_precision = faster  # type: ignore[assignment]
     fast = Settings(fast_precision, True, opts.compile, True, True, opts.compile)
     settings = {
         "identical": Settings("fp32", fused=False, teacher_inference_mode=False, teacher_channels_last=False),
@@ -827,7 +864,8 @@ def run_benchmark(recipe: Recipe, opts: Options) -> dict[str, Any]:
         "identical_settings": _ratio(by_key["ours_identical"], by_key["reference"]),
         "fast_path": _ratio(by_key["ours_fast"], by_key["reference"]),
     }
-    return _result(recipe, opts, problem, settings, kd, (fast_precision, fast_reason), peaks, memory, rows) | {
+    choice = (fast_precision, fast_reason, step_img_s)
+    return _result(recipe, opts, problem, settings, kd, choice, peaks, memory, rows) | {
         "ratios": ratios,
         "data_loading": loading,
     }
@@ -839,7 +877,7 @@ def _result(
     problem: Problem,
     settings: dict[str, Settings],
     kd: str,
-    fast_choice: tuple[str, str],
+    fast_choice: tuple[str, str, dict[str, float] | None],
     peaks: Peaks,
     memory: PeakMemory,
     rows: list[dict[str, Any]],
@@ -883,6 +921,7 @@ def _result(
             "compile": opts.compile,
             "fast_precision": fast_choice[0],
             "fast_precision_reason": fast_choice[1],
+            "fast_precision_step_img_s": fast_choice[2],
             "identical": asdict(settings["identical"]),
             "fast": asdict(settings["fast"]),
             "recipe": asdict(settings["recipe"]),

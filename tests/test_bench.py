@@ -63,6 +63,14 @@ def check_result(result: dict[str, Any], batch: int, repeats: int = 2) -> dict[s
         assert len(samples) == 1 + repeats and result["matmul_peak_gflops"][precision] == max(samples)
     rows = {r["key"]: r for r in result["configurations"]}
     assert {"ours_identical", "reference", "ours_fast", "ours_no_teacher", "ours_eval"} <= set(rows)
+    timed = result["settings"]["fast_precision_step_img_s"]  # auto: chosen by timing the recipe's step
+    if result["settings"]["fast_precision_reason"] == "requested" or not result["device"]["bf16_available"]:
+        assert timed is None
+    else:
+        assert set(timed) == {"fp32", "bf16"} and min(timed.values()) > 0
+        faster = max(timed, key=timed.get)
+        assert result["settings"]["fast_precision"] == faster == rows["ours_fast"]["precision"]
+        assert result["settings"]["fast_precision_reason"].startswith("the recipe's step: bf16 ")
     for key, row in rows.items():
         assert set(row) >= ROW_KEYS, key
         assert set(row["img_s"]) >= STATS_KEYS and len(row["img_s"]["values"]) == repeats
