@@ -322,12 +322,18 @@ def _section_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list
     return []
 
 
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside ``X``, ``X | None`` or ``Optional[X]``, else the annotation."""
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section (model class) inside ``X``, ``X | None`` or ``Optional[X]``; None for a value
+    field. keys.py and recipe_doc.py walk the schema with it too."""
     for arg in typing.get_args(annotation) or (annotation,):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
-    return annotation
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside ``X``, ``X | None`` or ``Optional[X]``, else the annotation."""
+    return section_model(annotation) or annotation
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -21,13 +21,12 @@ each cache to add.
 
 from __future__ import annotations
 
-import typing
 from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel
 
-from distill.config import PROVENANCE_KEY, DataConfig, Recipe
+from distill.config import PROVENANCE_KEY, DataConfig, Recipe, section_model
 
 
 class Effect(str, Enum):
@@ -242,17 +241,9 @@ def all_fields() -> list[str]:
 def _leaves(model: type[BaseModel], prefix: str) -> list[str]:
     out: list[str] = []
     for name, info in model.model_fields.items():
-        section = _section(info.annotation)
+        section = section_model(info.annotation)
         out += [prefix + name] if section is None else _leaves(section, f"{prefix}{name}.")
     return out
-
-
-def _section(annotation: Any) -> type[BaseModel] | None:
-    """The model class inside ``X``, ``X | None`` or ``Optional[X]``; None for a value field."""
-    for arg in typing.get_args(annotation) or (annotation,):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
 
 
 def _lookup(tree: dict[str, Any], path: str) -> Any:

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from distill import config
-from distill.config import Recipe, Section
+from distill.config import Recipe, Section, section_model
 
 COMMAND = "python -m distill.recipe_doc > docs/recipe-reference.md"
 
@@ -115,7 +115,7 @@ def sections(comments: Comments) -> list[SectionDoc]:
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, info in model.model_fields.items():
-            sub = _section_model(info.annotation)
+            sub = section_model(info.annotation)
             if sub is None:
                 continue
             comment = _inherited(model, {k: v.get(name, "") for k, v in comments.items()}, "")
@@ -125,13 +125,6 @@ def sections(comments: Comments) -> list[SectionDoc]:
 
     walk(Recipe, "")
     return found
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    for arg in typing.get_args(annotation) or (annotation,):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
 
 
 def type_text(info: FieldInfo) -> str:
@@ -205,7 +198,7 @@ def _section_markdown(section: SectionDoc, comments: Comments, docstrings: dict[
     lines += ["| Key | Type | Default | Meaning |", "| --- | --- | --- | --- |"]
     defaults = section.model().model_dump(mode="json")
     for name, info in section.model.model_fields.items():
-        if _section_model(info.annotation) is not None:
+        if section_model(info.annotation) is not None:
             continue  # a subsection: its own heading follows
         meaning = _inherited(section.model, {k: v.get(name, "") for k, v in comments.items()}, "")
         default = _escape(f"`{json.dumps(defaults[name])}`")

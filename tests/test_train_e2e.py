@@ -17,7 +17,15 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SMOKE, check_ok, launch_train, read_metrics, run_train, signal_after_checkpoint
+from tests.conftest import (
+    SMOKE,
+    assert_pinned,
+    check_ok,
+    launch_train,
+    read_metrics,
+    run_train,
+    signal_after_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,23 +81,6 @@ CONTRACT_KEYS = {
     "val/kl",
     "throughput/train_img_s",
 }
-
-
-def assert_pinned(rows: list[dict], pinned: list[dict]) -> None:
-    assert len(rows) == len(pinned)
-    for got, want in zip(rows, pinned):
-        for key, value in want.items():
-            if key in ("epoch", "step"):
-                assert got[key] == value, key
-            elif key.startswith("val/top") or key in ("val/agreement", "val/teacher_top1"):
-                assert got[key] == pytest.approx(value, abs=1 / 40 + 1e-9), key
-            elif key == "val/kl":
-                # A mean of small KLs over 40 images moves more across CPU kinds than the losses:
-                # the same commit (027baf9) logs 0.595396 on an AMD EPYC with avx512_bf16 against
-                # 0.595228 pinned elsewhere (2.8e-4 relative) while its losses agree to 1e-8.
-                assert got[key] == pytest.approx(value, rel=1e-3), key
-            else:
-                assert got[key] == pytest.approx(value, rel=1e-4), key
 
 
 def test_smoke_run_logs_the_pinned_numbers(smoke_run: Path) -> None:
