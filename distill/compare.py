@@ -3,6 +3,7 @@
     python -m distill.compare RECIPE.yaml --types none,soft,hard --seeds 0,1,2 [a.b=value ...]
     python -m distill.compare RECIPE.yaml --types soft,hard --seeds 0,1,2 \\
         --vary distillation.tau=1,3 --vary distillation.alpha=0.1,0.5
+    python -m distill.compare RECIPE.yaml --types none,soft,soft:tau=3:alpha=0.1,hard --seeds 0,1,2
     accelerate launch distill/compare.py RECIPE.yaml --types ... --seeds ... [a.b=value ...]
     python -m distill.launch [accelerate launch options] distill/compare.py RECIPE.yaml ...
         (the same launch; exits 2 on an error, 143 when stopped, where accelerate launch exits 1)
@@ -22,6 +23,11 @@ seeds, each cell a run named by its settings (``soft-tau3-alpha0.1-seed0``; the 
 validated before anything runs. Cells that share a seed share the data stream unless a varied key
 changes it (data.augment.*, train.batch_size: distill/keys.py), and the report pairs them over
 their shared seeds.
+
+A type may carry distillation settings of its own, ``soft:tau=3:alpha=0.1`` (tau, alpha,
+kl_norm, where they act): a variant beside plain ``soft``, run over the same seeds and data, named
+``soft-tau3-alpha0.1-seed0`` on disk and ``soft tau=3 alpha=0.1`` in the report, which compares it
+with every other variant (one study for the code's and the paper's soft settings).
 """
 
 from __future__ import annotations
@@ -45,26 +51,71 @@ from distill.errors import RecipeError
 TYPES = ("none", "soft", "hard")
 
 
+# Settings a named variant may carry (``soft:tau=3:alpha=0.1``): the distillation method's own,
+# the types each acts in (report.VARIANT_KEYS names variants by the same keys).
+VARIANT_SETTINGS = {"tau": ("soft",), "alpha": ("soft", "hard"), "kl_norm": ("soft",)}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A row of DeiT's Table 3: a distillation type, with or without the distillation token."""
+    """A row of DeiT's Table 3: a distillation type, with or without the distillation token, and
+    optionally its own distillation settings (``soft:tau=3:alpha=0.1``, the paper's soft setting
+    beside the code's tau 1 / alpha 0.5: DeiT issues #56, #61)."""
 
     type: str
     token: bool = True
+    settings: tuple[tuple[str, str], ...] = ()  # (short key, value as typed), e.g. (("tau", "3"),)
 
     @property
     def name(self) -> str:
-        return self.type if self.token else f"{self.type}-notoken"
+        from distill.report import value_text
+
+        base = self.type if self.token else f"{self.type}-notoken"
+        return base + "".join(f"-{k}{safe_name(value_text(yaml_value(v)))}" for k, v in self.settings)
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"distillation.{k}={v}" for k, v in self.settings]
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        kind, _, suffix = text.strip().partition("-")
+        head, *parts = text.strip().split(":")
+        kind, _, suffix = head.partition("-")
         if kind not in TYPES or suffix not in ("", "notoken"):
             raise RecipeError(
                 f"unknown study type '{text}'; use {', '.join(TYPES)} or their '-notoken' forms "
-                "(e.g. soft-notoken: plain ViT, both terms on the class head)"
+                "(e.g. soft-notoken: plain ViT, both terms on the class head), optionally with settings "
+                "of their own: soft:tau=3:alpha=0.1"
             )
-        return cls(kind, token=not suffix)
+        settings = []
+        for part in parts:
+            key, sep, value = part.partition("=")
+            key, value = key.strip().removeprefix("distillation."), value.strip()
+            if not sep or not value or key not in VARIANT_SETTINGS:
+                raise RecipeError(
+                    f"bad study type '{text}': after the type come KEY=VALUE settings separated by ':', "
+                    f"KEY one of {', '.join(VARIANT_SETTINGS)} (e.g. soft:tau=3:alpha=0.1); vary other keys "
+                    "with --vary"
+                )
+            if kind not in VARIANT_SETTINGS[key]:
+                raise RecipeError(
+                    f"study type '{text}': distillation.{key} acts only in {' and '.join(VARIANT_SETTINGS[key])} "
+                    f"distillation, so '{kind}' runs would not change with it"
+                )
+            if key in dict(settings):
+                raise RecipeError(f"study type '{text}' sets {key} twice")
+            settings.append((key, value))
+        return cls(kind, token=not suffix, settings=tuple(settings))
+
+
+def yaml_value(text: str) -> object:
+    """A value as typed on the command line, read as YAML (as overrides are): '3' -> 3."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -197,6 +248,15 @@ def study_plan(
     from distill.config import load_recipe
 
     base = load_recipe(recipe_path, overrides)  # validate once, before any run starts
+    named = [v.name for v in variants]
+    if len(set(named)) != len(named):
+        raise RecipeError(
+            f"--types names a variant twice: {', '.join(sorted({n for n in named if named.count(n) > 1}))}"
+        )
+    for v in variants:
+        both = sorted({f"distillation.{k}" for k, _ in v.settings} & {a.key for a in axes})
+        if both:
+            raise RecipeError(f"--types {v.name} sets {both[0]}, which --vary varies too; give it in one place")
     grid = cells(recipe_path, overrides, list(axes), data_seed) if axes else [Cell((), "")]
     study = Path(base.run.output_dir) / f"{base.run.name}-study"
     cache = base.teacher.cache_dir or Path(base.run.output_dir) / "teachers"
@@ -223,6 +283,7 @@ def study_plan(
                             *shared,
                             *overrides,
                             *cell.overrides,
+                            *v.overrides,
                             f"run.output_dir={study}",
                             f"run.name={name}",
                             f"run.seed={seed}",
@@ -251,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run: a.b=value")
-    parser.add_argument("--types", default="none,soft,hard", help="none, soft, hard, soft-notoken, hard-notoken, ...")
+    parser.add_argument(
+        "--types",
+        default="none,soft,hard",
+        help="none, soft, hard, soft-notoken, hard-notoken, ...; a type may carry its own distillation "
+        "settings: soft:tau=3:alpha=0.1 (a variant of its own, beside plain soft)",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--vary",
@@ -297,6 +363,19 @@ def main(argv: list[str] | None = None) -> int:
         from distill.trainer import DistillRun, make_accelerator
 
         variants = [Variant.parse(t) for t in parse_list(args.types, "types")]
+        methods: dict[tuple[object, ...], str] = {}
+        for v in variants:  # a named variant's settings, validated by the schema before anything runs
+            d = load_recipe(args.recipe, [*args.overrides, f"distillation.type={v.type}", *v.overrides]).distillation
+            method = (
+                v.type,
+                v.token,
+                *(getattr(d, k) if v.type in acts else None for k, acts in VARIANT_SETTINGS.items()),
+            )
+            if method in methods:
+                raise RecipeError(
+                    f"--types {methods[method]} and {v.name} are the same runs (same distillation settings)"
+                )
+            methods[method] = v.name
         try:
             seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
         except ValueError:

@@ -46,11 +46,18 @@ class RunRecord:
     recipe: dict[str, Any]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
+    method: str = ""  # type[-notoken] from the recipe; ``variant`` adds its distillation settings (name_cells)
     cell: str = ""  # the group it is reported in: the variant and its settings (name_cells)
     settings: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, the varied keys
 
     def __post_init__(self) -> None:
+        self.method = self.method or self.variant
         self.cell = self.cell or self.variant
+
+    @property
+    def kind(self) -> str:
+        """The distillation type: none, soft or hard."""
+        return str(self.recipe["distillation"]["type"])
 
     @property
     def final(self) -> dict[str, Any]:
@@ -124,10 +131,46 @@ def setting_value(recipe: dict[str, Any], key: str) -> Any:
     return node
 
 
+# The distillation settings that make a variant of their own (``--types soft:tau=3:alpha=0.1``),
+# with the types they act in: tau and kl_norm shape only the soft term, alpha weighs either term.
+VARIANT_KEYS = {
+    "distillation.tau": ("soft",),
+    "distillation.alpha": ("soft", "hard"),
+    "distillation.kl_norm": ("soft",),
+}
+
+
+def name_variants(runs: list[RunRecord], axes: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Fold the distillation settings that tell runs of one type apart into their variant's name
+    (``soft tau=3 alpha=0.1`` beside ``soft tau=1 alpha=0.5``), unless a study varies them as a
+    grid axis (``axes``, or it also differs between runs of types it does not act in); a setting
+    shows only in the types it acts in and where it differs between runs of that type, so
+    ``none`` and an unvaried ``hard`` keep their plain names.
+    Returns the keys folded in any variant: they are the variants' own, not cell settings."""
+    folded: list[str] = []
+    for key, kinds in VARIANT_KEYS.items():
+        elsewhere = {value_text(setting_value(r.recipe, key)) for r in runs if r.kind not in kinds}
+        if key in axes or len(elsewhere) > 1:  # it varies where it does not act: a grid axis
+            continue
+        for kind in kinds:
+            of_kind = [r for r in runs if r.kind == kind]
+            values = {value_text(setting_value(r.recipe, key)) for r in of_kind}
+            if len(values) < 2:
+                continue
+            folded += [key] if key not in folded else []
+            for r in of_kind:
+                r.variant += f" {setting_names([key])[key]}={value_text(setting_value(r.recipe, key))}"
+    return folded
+
+
 def name_cells(runs: list[RunRecord], order: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Name each run's cell after its variant and its values of the varied keys (``soft tau=3
-    alpha=0.1``); returns those keys. With none, a cell is its variant, as before grids."""
-    keys = varied_keys(runs, order)
+    """Name each run's variant (name_variants) and its cell after the variant and its values of
+    the varied keys (``soft tau=3 alpha=0.1``); returns those keys. With none, a cell is its
+    variant, as before grids."""
+    for run in runs:
+        run.variant = run.method
+    folded = name_variants(runs, order)
+    keys = [k for k in varied_keys(runs, order) if k not in folded]
     short = setting_names(keys)
     for run in runs:
         run.settings = {k: setting_value(run.recipe, k) for k in keys}
@@ -206,7 +249,11 @@ def _group(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
         values = tuple(
             (0, v, "") if isinstance(v, (int, float)) else (1, 0, value_text(v)) for v in first.settings.values()
         )
-        return (order.get(first.variant, len(order)), first.variant, values)
+        own = tuple(
+            (0, v, "") if isinstance(v, (int, float)) else (1, 0, value_text(v))
+            for v in (setting_value(first.recipe, k) for k in VARIANT_KEYS)
+        )
+        return (order.get(first.method, len(order)), first.method, own, values)
 
     return dict(sorted(groups.items(), key=rank))
 
@@ -364,11 +411,6 @@ def plot_bars(groups: dict[str, list[RunRecord]], path: Path) -> None:
     plt.close(fig)
 
 
-def _kind(variant: str) -> str:
-    """The distillation type of a variant: soft-notoken -> soft."""
-    return variant.removesuffix("-notoken")
-
-
 KL_NORM_NOTE = {"batchmean": "summed KL ÷ batch", "deit": "summed KL ÷ (batch × classes)"}
 
 
@@ -386,7 +428,7 @@ def _kd_panels(groups: dict[str, list[RunRecord]]) -> list[tuple[str, str, dict[
     """
     panels = []
     for kind in ("soft", "hard"):
-        runs_of_kind = {v: rs for v, rs in groups.items() if _kind(rs[0].variant) == kind}
+        runs_of_kind = {v: rs for v, rs in groups.items() if rs[0].kind == kind}
         if not runs_of_kind:
             continue
         if kind == "hard":
@@ -428,7 +470,7 @@ def loss_figure(groups: dict[str, list[RunRecord]]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     suptitle = "training loss parts (epoch means, mean over seeds)"
-    if any(_kind(rs[0].variant) == "none" for rs in groups.values()):
+    if any(rs[0].kind == "none" for rs in groups.values()):
         suptitle += "; runs of type none have no KD term (not plotted)"
     fig.suptitle(suptitle)
     fig.tight_layout()

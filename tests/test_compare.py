@@ -254,3 +254,47 @@ def test_a_grid_study_runs_every_cell_and_reports_them_by_name(tmp_path: Path, t
         or "soft tau=1 - soft tau=3" in report
     )
     assert "| soft tau=1 | 0 |" in report and "| soft tau=3 | 0 |" in report
+
+
+def test_a_type_with_settings_of_its_own_is_a_named_variant(tmp_path: Path) -> None:
+    paper = Variant.parse("soft:tau=3:alpha=0.1")
+    assert paper == Variant("soft", True, (("tau", "3"), ("alpha", "0.1")))
+    assert paper.name == "soft-tau3-alpha0.1" and Variant.parse("soft:tau=3.0").name == "soft-tau3"
+    assert Variant.parse("hard-notoken:distillation.alpha=0.9").name == "hard-notoken-alpha0.9"
+    _study, runs = study_plan(
+        str(SMOKE), [Variant("soft"), paper, Variant("hard")], [0, 1], [f"run.output_dir={tmp_path}", *SMOKE_BASE]
+    )
+    assert [name for name, _ in runs][:3] == ["soft-seed0", "soft-tau3-alpha0.1-seed0", "hard-seed0"]
+    recipe = load_recipe(SMOKE, dict(runs)["soft-tau3-alpha0.1-seed1"])
+    assert (recipe.distillation.type, recipe.distillation.tau, recipe.distillation.alpha) == ("soft", 3.0, 0.1)
+    plain = load_recipe(SMOKE, dict(runs)["soft-seed1"])
+    assert (plain.distillation.tau, plain.distillation.alpha) == (1.0, 0.5)  # the recipe's own
+    # same seed, same data stream: the settings change the loss only
+    for a, b in zip(first_batches(dict(runs)["soft-seed0"], 2), first_batches(runs[1][1], 2), strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("soft:temperature=3", r"KEY one of tau, alpha, kl_norm"),
+        ("soft:tau", r"KEY=VALUE settings separated by ':'"),
+        ("hard:tau=3", r"distillation.tau acts only in soft distillation, so 'hard' runs would not change"),
+        ("none:alpha=0.1", r"acts only in soft and hard distillation"),
+        ("soft:tau=3:tau=2", r"sets tau twice"),
+    ],
+)
+def test_bad_named_variants_are_refused(text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        Variant.parse(text)
+
+
+def test_named_variants_are_checked_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = [str(SMOKE), "--seeds", "0", f"run.output_dir={tmp_path}"]
+    assert main([*base, "--types", "soft,soft:tau=-1"]) == 2  # the schema's message
+    assert "distillation.tau" in capsys.readouterr().err
+    assert main([*base, "--types", "soft,soft:tau=1:alpha=0.5"]) == 2  # the recipe's own values
+    assert "--types soft and soft-tau1-alpha0.5 are the same runs" in capsys.readouterr().err
+    assert main([*base, "--types", "soft:tau=3", "--vary", "distillation.tau=1,2"]) == 2
+    assert "sets distillation.tau, which --vary varies too" in capsys.readouterr().err
+    assert not (tmp_path / "smoke-study").exists()

@@ -335,3 +335,27 @@ def test_int8_columns_appear_when_the_study_quantized_its_runs(tmp_path: Path) -
         (r.path / INT8_FILE).write_text(json.dumps({"top1_fp32": q, "top1_int8": q, "drop_points": drop}))
     row = variant_rows({"hard": runs})[0]
     assert row["int8 fused"] == "82.00 ± 2.00" and row["int8 drop (points)"] == "0.50 ± 0.50"
+
+
+def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_path: Path) -> None:
+    """--types none,soft,soft:tau=3:alpha=0.1,hard: the paper's soft setting beside the code's,
+    every pair of variants compared (they differ in the variant only), hard and none keep their names."""
+    dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED]
+    for seed, top1 in ((0, 0.86), (1, 0.86), (2, 0.88)):
+        run = fake_run(tmp_path / "paper", "soft", seed)
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        recipe["distillation"].update(tau=3.0, alpha=0.1)
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows[-1]["val/top1_fused"] = top1
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(run)
+    text = build_report(dirs, tmp_path / "report").read_text()
+    assert "## Results per variant" in text  # no grid: tau and alpha belong to the soft variants
+    for name in ("hard", "none", "soft tau=1 alpha=0.5", "soft tau=3 alpha=0.1"):
+        assert f"| {name} | 0,1,2 |" in text, name
+    # soft tau=3 alpha=0.1 - hard: 3, 2, 3 points; against none 6, 6, 8: every pair is compared
+    assert "- soft tau=3 alpha=0.1 beats hard by 2.67 points" in text
+    assert "- soft tau=3 alpha=0.1 beats none by 6.67 points" in text
+    assert "- soft tau=3 alpha=0.1 beats soft tau=1 alpha=0.5 by 5.33 points" in text
+    assert text.count(" - ") >= 6  # 4 variants: 6 pairs in the paired-differences table
