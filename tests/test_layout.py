@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 # Thin command modules. export and report are library modules that also have a main().
-COMMANDS = {"train", "compare", "evaluate", "bench", "scan", "analyze", "launch"}
+COMMANDS = {"train", "compare", "evaluate", "bench", "profile_step", "scan", "analyze", "launch"}
 INIT = "__init__"  # `from distill import __version__` imports the package itself
 MAX_FUNCTION_LINES = 120  # exclusive
 MAX_DISTILL_RUN_LINES = 260

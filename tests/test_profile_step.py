@@ -1,0 +1,68 @@
+"""python -m distill.profile_step: runs end to end on the smoke recipe and its figures add up.
+Never asserts speed (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import profile_step
+from distill.bench import bf16_available
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "recipes" / "smoke.yaml")
+QUICK = ["--steps", "2", "--repeats", "2", "--peak-seconds", "0.05", "--peak-size", "256"]
+
+
+def test_category_and_gemm_flops() -> None:
+    assert profile_step.category_of("aten::addmm") == "matmul"
+    assert profile_step.category_of("aten::mm") == "matmul"
+    assert profile_step.category_of("aten::native_layer_norm_backward") == "norms"
+    assert profile_step.category_of("aten::_to_copy") == "casts and copies"
+    assert profile_step.category_of("aten::copy_") == "casts and copies"
+    assert profile_step.category_of("aten::addcdiv_") == "optimizer"
+    assert profile_step.category_of("aten::gelu_backward") == "activations and softmax"
+    assert profile_step.category_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profile_step.category_of("aten::mkldnn_convolution") == "convolution"
+    assert profile_step.category_of("aten::_fused_adamw_") == "optimizer"
+    assert profile_step.category_of("aten::mul") == "other"
+    assert profile_step.category_of("forward + loss") == "other"
+    assert profile_step.gemm_flops("aten::mm", [[8, 4], [4, 3]]) == 2 * 8 * 4 * 3
+    assert profile_step.gemm_flops("aten::addmm", [[3], [8, 4], [4, 3]]) == 2 * 8 * 4 * 3
+    assert profile_step.gemm_flops("aten::bmm", [[2, 8, 4], [2, 4, 3]]) == 2 * 2 * 8 * 4 * 3
+    assert profile_step.gemm_flops("aten::mm", [[8]]) == 0
+
+
+def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    precisions = "fp32,bf16" if bf16_available(torch.device("cpu")) else "fp32"
+    out = tmp_path / "profile.json"
+    # aot_eager: the compile path without inductor's C++ build (seconds, not a minute)
+    args = [SMOKE, "--precisions", precisions, "--compile", "--backend", "aot_eager", *QUICK, "--json", str(out)]
+    assert profile_step.main(args) == 0
+    r = json.loads(out.read_text())
+    keys = precisions.split(",")
+    assert set(r["variants"]) == set(keys) | {f"{k} compiled" for k in keys}
+    assert r["gflop_per_step"] > 0 and r["compile_backend"] == "aot_eager"
+    for _key, v in r["variants"].items():
+        assert len(v["img_s_values"]) == 2 and v["img_s"] > 0
+        assert v["achieved_gflops"] == pytest.approx(r["gflop_per_step"] / r["batch_size"] * v["img_s"])
+        if v["compiled"]:
+            assert v["compile_s"] > 0 and "profile" not in v
+            continue
+        p = v["profile"]
+        assert sum(p["share"].values()) == pytest.approx(1.0)
+        assert set(p["phases_ms"]) == set(profile_step.PHASES)
+        # the smoke student's 2 blocks: qkv, proj, fc1, fc2 forward, each with backward products
+        assert p["share"]["matmul"] > 0 and len(p["gemms"]) >= 4 and p["gemm_gflops"] > 0
+        assert all(g["flops_per_call"] > 0 for g in p["gemms"])
+    _m, k, _n = r["largest_gemm"]["mkn"]
+    assert k in (32, 128) and min(r["largest_gemm"]["bare_mm_gflops"].values()) > 0  # embed 32, mlp 128
+    text = capsys.readouterr().out
+    assert "where the time goes" in text and "the largest product alone" in text
+
+
+def test_refuses_unknown_precision() -> None:
+    assert profile_step.main([SMOKE, "--precisions", "fp8", *QUICK]) == 2
