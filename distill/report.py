@@ -655,6 +655,24 @@ def grid_notes(keys: list[str], pairs: list[tuple[str, str, Paired]]) -> list[st
     return notes
 
 
+def reading_notes(keys: list[str], pairs: list[tuple[str, str, Paired]]) -> list[str]:
+    """What the findings can and cannot say, for a study of variants (a grid has grid_notes)."""
+    if keys or len(pairs) < 3:
+        return []
+    widths = sorted((p.hi - p.lo) / 2 for _, _, p in pairs if p.n > 1 and math.isfinite(p.hi))
+    notes = [
+        f"Every pair of variants is compared: with {len(pairs)} comparisons at 95% each, about "
+        f"{len(pairs) / 20:.1f} can fall outside noise by chance alone."
+    ]
+    if widths:
+        notes.append(
+            f"'No difference beyond noise' is not 'equal': the intervals' half-widths run from {widths[0]:.2f} to "
+            f"{widths[-1]:.2f} points (median {statistics.median(widths):.2f}), so differences smaller than that "
+            "are ones these seeds cannot separate; more seeds narrow them."
+        )
+    return notes
+
+
 def _beyond_noise(p: Paired) -> bool:
     return p.n > 1 and (p.lo > 0 or p.hi < 0)
 
@@ -675,7 +693,7 @@ def build_report(run_dirs: list[Path], out: Path, axes: list[str] | tuple[str, .
     plot_bars(groups, out / "final_top1_per_head.png")
     plot_losses(groups, out / "train_loss_parts.png")
     pairs = comparisons(groups)
-    if keys:  # a grid: what stands out first
+    if keys or len(pairs) >= 3:  # a grid or many variants: what stands out first
         pairs.sort(key=lambda pair: not _beyond_noise(pair[2]))
     lines = [
         "# Distillation study",
@@ -686,7 +704,7 @@ def build_report(run_dirs: list[Path], out: Path, axes: list[str] | tuple[str, .
         "",
         "## Findings (final fused top-1, paired over shared seeds)",
         "",
-        *[f"{note}\n" for note in grid_notes(keys, pairs)],
+        *[f"{note}\n" for note in grid_notes(keys, pairs) + reading_notes(keys, pairs)],
         *[f"- {verdict(a, b, p)}" for a, b, p in pairs],
         *[f"- {note}" for note in convergence_notes(groups)],
         "",

@@ -359,3 +359,12 @@ def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_p
     assert "- soft tau=3 alpha=0.1 beats none by 6.67 points" in text
     assert "- soft tau=3 alpha=0.1 beats soft tau=1 alpha=0.5 by 5.33 points" in text
     assert text.count(" - ") >= 6  # 4 variants: 6 pairs in the paired-differences table
+
+
+def test_a_study_of_many_variants_says_what_it_cannot_conclude(tmp_path: Path) -> None:
+    text = build_report([fake_run(tmp_path / "s", v, s) for (v, s) in FUSED], tmp_path / "report").read_text()
+    findings = text.split("## Findings")[1].split("## Results")[0]
+    assert "with 3 comparisons at 95% each, about 0.1 can fall outside noise by chance alone" in findings
+    # soft - none: 1, 1, 2 -> sd 0.577, half-width 4.303 * 0.577 / sqrt(3) = 1.43; hard - none: 2.48
+    assert "half-widths run from 1.43 to 2.48 points" in findings
+    assert findings.index("beats") < findings.index("no difference")
