@@ -396,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             accelerator.print(f"study: [{i + 1}/{len(runs)}] {name}")
             start = time.perf_counter()
-            DistillRun(recipe, [args.recipe, *overrides], accelerator=accelerator).run()
-            progress.finished(i, time.perf_counter() - start)
-            accelerator.print(progress.line(i, name, time.perf_counter() - start))
+            summary = DistillRun(recipe, [args.recipe, *overrides], accelerator=accelerator).run()
+            seconds = time.perf_counter() - start
+            one_off = (summary.get("teacher") or {}).get("train_time_s") or 0.0  # later runs reuse the teacher
+            progress.finished(i, seconds, one_off)
+            accelerator.print(progress.line(i, name, seconds, one_off))
         if accelerator.is_main_process and not args.no_analysis:
             from distill.analysis import analyze_run
 

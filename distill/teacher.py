@@ -69,6 +69,7 @@ class ConvnetTeacher:
         self.module, self.spec, self.architecture, self.weights = module, spec, architecture, weights
         self.sha256 = file_sha256(weights) if weights is not None else "unsaved"  # the bench's random weights
         self.trained_here = trained_here  # trained by this command (False: a file or the cache)
+        self.train_time_s: float | None = None  # the teacher stage's training, when trained_here
         self.val_top1 = math.nan  # set by teacher_stage.check_teacher
         self._autocast = autocast
 
@@ -97,6 +98,7 @@ class ConvnetTeacher:
             "sha256": self.sha256,
             "val_top1": self.val_top1,
             "trained_here": self.trained_here,
+            **({"train_time_s": self.train_time_s} if self.train_time_s is not None else {}),
             "input": {"size": list(self.spec.size), "mean": list(self.spec.mean), "std": list(self.spec.std)},
             **({"class_order": self.module.class_order.tolist()} if self.module.class_order is not None else {}),
         }

@@ -212,7 +212,7 @@ def obtain_teacher(
     """The frozen teacher on the device, fed student-space batches of ``spec`` (resized to its own
     input size inside), or None when the recipe has none and needs none."""
     cfg = recipe.teacher
-    trained_here = False
+    trained_here, train_time_s = False, None
     if cfg.checkpoint is not None:
         folder = Path(str(cfg.checkpoint)).expanduser()
         size = teacher_size(accelerator, recipe, spec, folder)
@@ -227,8 +227,9 @@ def obtain_teacher(
         train_spec = InputSpec(size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
         folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, train_spec, split.num_classes)}"
         if not (folder / TEACHER_INFO).is_file():
+            start = time.perf_counter()
             train_teacher(accelerator, recipe, split, train_spec, folder)
-            trained_here = True
+            trained_here, train_time_s = True, time.perf_counter() - start
         else:
             accelerator.print(f"teacher: reusing {folder} (same teacher settings)")
         # Saved with this split's class names (_save_teacher): a check that they still agree.
@@ -249,7 +250,9 @@ def obtain_teacher(
     )  # fmt: skip
     module.to(accelerator.device)
     own = InputSpec(size, mean, std, spec.crop_pct, spec.interpolation)  # type: ignore[arg-type]
-    return ConvnetTeacher(module, own, arch, weights, trained_here, accelerator.autocast)
+    teacher = ConvnetTeacher(module, own, arch, weights, trained_here, accelerator.autocast)
+    teacher.train_time_s = train_time_s
+    return teacher
 
 
 def check_teacher(

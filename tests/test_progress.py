@@ -87,3 +87,13 @@ def test_study_eta_from_seconds_per_epoch_of_the_runs_trained_here() -> None:
     study.finished(2, 60.0)
     study.finished(3, 30.0)
     assert study.line(3, "hard-seed1", 30.0) == "study: [4/4] hard-seed1 finished in 30s; done"
+
+
+def test_study_eta_leaves_out_the_teacher_training_the_other_runs_reuse() -> None:
+    from distill.progress import StudyProgress
+
+    study = StudyProgress([8, 8, 8])
+    study.finished(0, 400.0, one_off=200.0)  # the first run trained the teacher for 200 s
+    assert study.eta_s() == pytest.approx(200.0 / 8 * 16)  # 25 s per epoch, not 50
+    line = study.line(0, "none-seed0", 400.0, 200.0)
+    assert line == "study: [1/3] none-seed0 finished in 6m40s (teacher training 3m20s, once); 2 runs left, eta 6m40s"
