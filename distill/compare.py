@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file by accelerate launch: see distill/train.py
     _here = Path(__file__).resolve().parent
@@ -105,17 +106,32 @@ class Variant:
             if key in dict(settings):
                 raise RecipeError(f"study type '{text}' sets {key} twice")
             settings.append((key, value))
+        # One order whatever the typing (soft:alpha=0.1:tau=3 is soft:tau=3:alpha=0.1): a
+        # restarted study finds its runs, and names read as the report's (report.VARIANT_KEYS).
+        settings.sort(key=lambda kv: list(VARIANT_SETTINGS).index(kv[0]))
         return cls(kind, token=not suffix, settings=tuple(settings))
+
+    @property
+    def shown(self) -> list[str]:
+        """The recipe keys this variant sets (the report names its type's variants by them)."""
+        return [f"distillation.{k}" for k, _ in self.settings]
 
 
 def yaml_value(text: str) -> object:
-    """A value as typed on the command line, read as YAML (as overrides are): '3' -> 3."""
+    """A value as typed on the command line, read as YAML (as overrides are): '3' -> 3, and a
+    number PyYAML leaves as text as the schema reads it: '1e-1' -> 0.1."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # PyYAML reads 1e-1 as a string; the schema reads it as 0.1
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -230,6 +246,20 @@ def cells(recipe_path: str, overrides: list[str], axes: list[Axis], data_seed: i
     return out
 
 
+def study_layout(variants: list[Variant], axes: list[Axis]) -> dict[str, Any]:
+    """What the report needs beyond the runs' recipes: the grid's axes in --vary order, and per
+    type the keys its named variants set (report.name_variants)."""
+    shown: dict[str, list[str]] = {}
+    for v in variants:
+        shown.setdefault(v.type, [])
+        shown[v.type] += [k for k in v.shown if k not in shown[v.type]]
+    return {
+        "types": [v.name for v in variants],
+        "axes": [a.key for a in axes],
+        "variant_settings": {t: keys for t, keys in shown.items() if keys},
+    }
+
+
 def study_plan(
     recipe_path: str,
     variants: list[Variant],
@@ -253,10 +283,17 @@ def study_plan(
         raise RecipeError(
             f"--types names a variant twice: {', '.join(sorted({n for n in named if named.count(n) > 1}))}"
         )
+    methods: dict[tuple[object, ...], str] = {}
     for v in variants:
-        both = sorted({f"distillation.{k}" for k, _ in v.settings} & {a.key for a in axes})
+        both = sorted(set(v.shown) & {a.key for a in axes})
         if both:
             raise RecipeError(f"--types {v.name} sets {both[0]}, which --vary varies too; give it in one place")
+        # the variant's settings, validated by the schema before anything runs
+        d = load_recipe(recipe_path, [*overrides, f"distillation.type={v.type}", *v.overrides]).distillation
+        method = (v.type, v.token, *(getattr(d, k) if v.type in acts else None for k, acts in VARIANT_SETTINGS.items()))
+        if method in methods:
+            raise RecipeError(f"--types {methods[method]} and {v.name} are the same runs (same distillation settings)")
+        methods[method] = v.name
     grid = cells(recipe_path, overrides, list(axes), data_seed) if axes else [Cell((), "")]
     study = Path(base.run.output_dir) / f"{base.run.name}-study"
     cache = base.teacher.cache_dir or Path(base.run.output_dir) / "teachers"
@@ -357,25 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         from distill.config import load_recipe
         from distill.progress import StudyProgress
-        from distill.report import build_report
+        from distill.report import STUDY_FILE, build_report
         from distill.rundir import RunDir
         from distill.tracking import check_trackers
         from distill.trainer import DistillRun, make_accelerator
 
         variants = [Variant.parse(t) for t in parse_list(args.types, "types")]
-        methods: dict[tuple[object, ...], str] = {}
-        for v in variants:  # a named variant's settings, validated by the schema before anything runs
-            d = load_recipe(args.recipe, [*args.overrides, f"distillation.type={v.type}", *v.overrides]).distillation
-            method = (
-                v.type,
-                v.token,
-                *(getattr(d, k) if v.type in acts else None for k, acts in VARIANT_SETTINGS.items()),
-            )
-            if method in methods:
-                raise RecipeError(
-                    f"--types {methods[method]} and {v.name} are the same runs (same distillation settings)"
-                )
-            methods[method] = v.name
         try:
             seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
         except ValueError:
@@ -385,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             args.recipe, variants, seeds, args.overrides, not args.no_teacher_cache, args.data_seed, axes
         )
         recipes = [load_recipe(args.recipe, overrides) for _, overrides in runs]  # every cell, before any run
+        layout = study_layout(variants, axes)
         for recipe in recipes:
             check_trackers(recipe.run.trackers)
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
+        if accelerator.is_main_process:  # for python -m distill.report on the folder later
+            study.mkdir(parents=True, exist_ok=True)
+            (study / STUDY_FILE).write_text(json.dumps(layout | {"recipe": args.recipe, "seeds": seeds}, indent=1))
         progress = StudyProgress([r.train.epochs for r in recipes])
         for i, ((name, overrides), recipe) in enumerate(zip(runs, recipes, strict=True)):
             if RunDir(study / name).finished():
@@ -420,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                     done.write_text(json.dumps(int8_top1(study / name), indent=1))
         if accelerator.is_main_process:
             out = Path(args.out) if args.out else study / "report"
-            build_report([study / name for name, _ in runs], out, axes=[a.key for a in axes])
+            build_report([study / name for name, _ in runs], out, layout["axes"], layout["variant_settings"])
             print(f"study: report in {out / 'report.md'}")
         accelerator.wait_for_everyone()
 

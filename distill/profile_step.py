@@ -61,8 +61,17 @@ from distill.errors import RecipeError
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "matmul": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation"),
     "attention": ("_scaled_dot_product", "scaled_dot_product"),
-    "convolution": ("convolution", "mkldnn_convolution", "_convolution", "conv2d", "cudnn_convolution"),
-    "casts and copies": ("_to_copy", "to", "copy_", "_autocast_to"),
+    "convolution": (
+        "convolution",
+        "mkldnn_convolution",
+        "_convolution",
+        "conv2d",
+        "cudnn_convolution",
+        "_slow_conv2d",
+        "thnn_conv2d",
+        "_nnpack_spatial_convolution",
+    ),
+    "casts and copies": ("_to_copy", "to", "copy_", "_autocast_to", "clone", "contiguous"),
     "norms": ("native_layer_norm", "layer_norm", "native_batch_norm", "batch_norm", "_native_batch_norm"),
     "activations and softmax": ("gelu", "softmax", "_softmax", "log_softmax", "_log_softmax", "relu", "threshold"),
     "optimizer": ("_fused_adamw", "_fused_adam", "_foreach", "lerp", "addcdiv", "addcmul"),
@@ -110,7 +119,9 @@ class Variant:
 
 
 class PhasedStep:
-    """OursStep's update with the three phases marked for the profiler (same arithmetic)."""
+    """OursStep's update (loss, backward, optimizer step) with the three phases marked for the
+    profiler; without OursStep's per-step reseeding, loss meter and fp16 scaler, which the timed
+    steps keep (the profile is of bf16 and fp32, which need no scaler)."""
 
     def __init__(self, step: OursStep) -> None:
         self.step = step
@@ -155,6 +166,7 @@ def time_variants(steps: dict[str, OursStep], problem: Problem, n: int, repeats:
 
 def profile_eager(step: OursStep, n: int) -> dict[str, Any]:
     """Self time per operator class and phase, and every matrix-product shape, over n steps."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     phased = PhasedStep(step)
@@ -165,29 +177,37 @@ def profile_eager(step: OursStep, n: int) -> dict[str, Any]:
         for _ in range(n):
             phased()
         synchronize(step.problem.device)
-    events = prof.key_averages()
+    cuda = step.problem.device.type == "cuda"
+
+    def operator_rows(averages: Any) -> list[Any]:
+        # On a GPU key_averages also has a row per kernel (its device time again, under the
+        # kernel's name) and per annotation on the device: keep the operators, recorded on the CPU.
+        return [e for e in averages if not cuda or e.device_type == DeviceType.CPU]
+
+    def self_us(e: Any) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = operator_rows(prof.key_averages())
     categories: dict[str, float] = {}
     total = 0.0
     for e in events:
         if e.key in PHASES:
             continue
-        self_us = e.self_device_time_total if step.problem.device.type == "cuda" else e.self_cpu_time_total
-        categories[category_of(e.key)] = categories.get(category_of(e.key), 0.0) + self_us
-        total += self_us
-    phases = {e.key: e.cpu_time_total / n / 1e3 for e in events if e.key in PHASES}
+        categories[category_of(e.key)] = categories.get(category_of(e.key), 0.0) + self_us(e)
+        total += self_us(e)
+    phases = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / n / 1e3 for e in events if e.key in PHASES}
     gemms = []
-    for e in prof.key_averages(group_by_input_shape=True):
+    for e in operator_rows(prof.key_averages(group_by_input_shape=True)):
         if e.key not in ("aten::mm", "aten::addmm", "aten::bmm"):
             continue
-        flops = gemm_flops(e.key, e.input_shapes)
-        self_us = e.self_cpu_time_total
+        flops, us = gemm_flops(e.key, e.input_shapes), self_us(e)
         gemms.append(
             {
                 "op": e.key.removeprefix("aten::"),
                 "shapes": [s for s in e.input_shapes if s],
                 "calls_per_step": e.count / n,
-                "ms_per_step": self_us / n / 1e3,
-                "gflops": flops * e.count / (self_us / 1e6) / 1e9 if flops and self_us else None,
+                "ms_per_step": us / n / 1e3,
+                "gflops": flops * e.count / (us / 1e6) / 1e9 if flops and us else None,
                 "flops_per_call": flops,
             }
         )
@@ -217,8 +237,14 @@ def bare_mm_gflops(shape: tuple[int, int, int], dtype: torch.dtype, device: torc
 
 
 def largest_gemm(gemms: list[dict[str, Any]]) -> tuple[int, int, int] | None:
-    """(m, k, n) of the mm/addmm doing the most FLOPs per step."""
-    for g in sorted(gemms, key=lambda g: -g["flops_per_call"] * g["calls_per_step"]):
+    """(m, k, n) of the mm/addmm doing the most FLOPs per step; on a tie (a block's fc1 and fc2,
+    forward and backward, do the same FLOPs) a forward addmm, then the smallest k: a fixed choice."""
+
+    def rank(g: dict[str, Any]) -> tuple[float, bool, int]:
+        k = g["shapes"][1][1] if g["op"] == "addmm" and len(g["shapes"]) >= 3 else g["shapes"][0][-1]
+        return (-g["flops_per_call"] * g["calls_per_step"], g["op"] != "addmm", k)
+
+    for g in sorted(gemms, key=rank):
         shapes = g["shapes"]
         if g["op"] == "mm" and len(shapes) >= 2:
             return shapes[0][0], shapes[0][1], shapes[1][1]

@@ -131,8 +131,9 @@ def setting_value(recipe: dict[str, Any], key: str) -> Any:
     return node
 
 
-# The distillation settings that make a variant of their own (``--types soft:tau=3:alpha=0.1``),
-# with the types they act in: tau and kl_norm shape only the soft term, alpha weighs either term.
+# The distillation settings a named variant may set (``--types soft:tau=3:alpha=0.1``; compare's
+# VARIANT_SETTINGS), with the types they act in: tau and kl_norm shape only the soft term, alpha
+# weighs either term. This order names them.
 VARIANT_KEYS = {
     "distillation.tau": ("soft",),
     "distillation.alpha": ("soft", "hard"),
@@ -140,36 +141,40 @@ VARIANT_KEYS = {
 }
 
 
-def name_variants(runs: list[RunRecord], axes: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Fold the distillation settings that tell runs of one type apart into their variant's name
-    (``soft tau=3 alpha=0.1`` beside ``soft tau=1 alpha=0.5``), unless a study varies them as a
-    grid axis (``axes``, or it also differs between runs of types it does not act in); a setting
-    shows only in the types it acts in and where it differs between runs of that type, so
-    ``none`` and an unvaried ``hard`` keep their plain names.
-    Returns the keys folded in any variant: they are the variants' own, not cell settings."""
+STUDY_FILE = "study.json"  # <study>/study.json: written by distill.compare, read by the report command
+
+
+def study_layout(run_dirs: list[Path]) -> dict[str, Any]:
+    """What distill.compare recorded about the study holding ``run_dirs`` (its --vary axes and
+    the settings its named variants set), or {} when they are not one study's runs."""
+    parents = {Path(p).resolve().parent for p in run_dirs}
+    if len(parents) == 1 and (path := parents.pop() / STUDY_FILE).is_file():
+        return json.loads(path.read_text())
+    return {}
+
+
+def name_variants(runs: list[RunRecord], shown: dict[str, list[str]]) -> list[str]:
+    """Name each run's variant: its type, then its values of the distillation settings that the
+    study's named variants of that type set (``shown``: type -> keys, e.g. {"soft":
+    ["distillation.tau", "distillation.alpha"]} for ``--types soft,soft:tau=3:alpha=0.1``), so
+    ``soft tau=1 alpha=0.5`` sits beside ``soft tau=3 alpha=0.1`` while ``none`` and ``hard`` keep
+    their names. Returns those keys: the variants' own, never cell settings."""
     folded: list[str] = []
-    for key, kinds in VARIANT_KEYS.items():
-        elsewhere = {value_text(setting_value(r.recipe, key)) for r in runs if r.kind not in kinds}
-        if key in axes or len(elsewhere) > 1:  # it varies where it does not act: a grid axis
-            continue
-        for kind in kinds:
-            of_kind = [r for r in runs if r.kind == kind]
-            values = {value_text(setting_value(r.recipe, key)) for r in of_kind}
-            if len(values) < 2:
-                continue
-            folded += [key] if key not in folded else []
-            for r in of_kind:
-                r.variant += f" {setting_names([key])[key]}={value_text(setting_value(r.recipe, key))}"
+    for run in runs:
+        keys = [k for k in VARIANT_KEYS if k in shown.get(run.kind, ())]
+        names = setting_names(keys)
+        run.variant = " ".join([run.method, *(f"{names[k]}={value_text(setting_value(run.recipe, k))}" for k in keys)])
+        folded += [k for k in keys if k not in folded]
     return folded
 
 
-def name_cells(runs: list[RunRecord], order: list[str] | tuple[str, ...] = ()) -> list[str]:
+def name_cells(
+    runs: list[RunRecord], order: list[str] | tuple[str, ...] = (), shown: dict[str, list[str]] | None = None
+) -> list[str]:
     """Name each run's variant (name_variants) and its cell after the variant and its values of
-    the varied keys (``soft tau=3 alpha=0.1``); returns those keys. With none, a cell is its
-    variant, as before grids."""
-    for run in runs:
-        run.variant = run.method
-    folded = name_variants(runs, order)
+    the varied keys (``soft tau=3``); returns those keys. With none, a cell is its variant, as
+    before grids."""
+    folded = name_variants(runs, shown or {})
     keys = [k for k in varied_keys(runs, order) if k not in folded]
     short = setting_names(keys)
     for run in runs:
@@ -661,7 +666,7 @@ def reading_notes(keys: list[str], pairs: list[tuple[str, str, Paired]]) -> list
         return []
     widths = sorted((p.hi - p.lo) / 2 for _, _, p in pairs if p.n > 1 and math.isfinite(p.hi))
     notes = [
-        f"Every pair of variants is compared: with {len(pairs)} comparisons at 95% each, about "
+        f"Every pair of variants that shares seeds is compared: with {len(pairs)} comparisons at 95% each, about "
         f"{len(pairs) / 20:.1f} can fall outside noise by chance alone."
     ]
     if widths:
@@ -677,15 +682,25 @@ def _beyond_noise(p: Paired) -> bool:
     return p.n > 1 and (p.lo > 0 or p.hi < 0)
 
 
-def build_report(run_dirs: list[Path], out: Path, axes: list[str] | tuple[str, ...] = ()) -> Path:
+def build_report(
+    run_dirs: list[Path],
+    out: Path,
+    axes: list[str] | tuple[str, ...] | None = None,
+    variant_settings: dict[str, list[str]] | None = None,
+) -> Path:
     """report.md, results.csv and plots for ``run_dirs``; ``axes``: a study's --vary keys, the
-    order its cells' names list them in (found from the recipes either way)."""
+    order its cells' names list them in (found from the recipes either way); ``variant_settings``:
+    type -> the keys its named variants set (name_variants). Either, when not given, from the
+    study's study.json (distill.compare writes it), else none."""
     runs = [load_run(p) for p in run_dirs]
     if not runs:
         raise DistillError("no runs given")
+    layout = study_layout(run_dirs) if axes is None or variant_settings is None else {}
+    axes = layout.get("axes", []) if axes is None else axes
+    variant_settings = layout.get("variant_settings", {}) if variant_settings is None else variant_settings
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = name_cells(runs, axes)
+    keys = name_cells(runs, axes, variant_settings)
     unit = "cell" if keys else "variant"
     groups = _group(runs)
     write_csv(runs, out / "results.csv")

@@ -247,6 +247,8 @@ def test_a_grid_study_runs_every_cell_and_reports_them_by_name(tmp_path: Path, t
     summaries = [json.loads((study / f"soft-tau{t}-seed0" / "summary.json").read_text()) for t in (1, 3)]
     assert summaries[0]["final"]["train/loss_kd"] != summaries[1]["final"]["train/loss_kd"]
     assert summaries[1]["teacher_cache"]["train_replayed_images"] > 0  # one data stream: outputs replayed
+    layout = json.loads((study / "study.json").read_text())  # for python -m distill.report later
+    assert layout["axes"] == ["distillation.tau"] and layout["types"] == ["soft"] and layout["seeds"] == [0]
     report = (study / "report" / "report.md").read_text()
     assert (
         "- soft tau=1 vs soft tau=3" in report
@@ -260,6 +262,8 @@ def test_a_type_with_settings_of_its_own_is_a_named_variant(tmp_path: Path) -> N
     paper = Variant.parse("soft:tau=3:alpha=0.1")
     assert paper == Variant("soft", True, (("tau", "3"), ("alpha", "0.1")))
     assert paper.name == "soft-tau3-alpha0.1" and Variant.parse("soft:tau=3.0").name == "soft-tau3"
+    assert Variant.parse("soft:alpha=1e-1:tau=3") == paper.__class__("soft", True, (("tau", "3"), ("alpha", "1e-1")))
+    assert Variant.parse("soft:alpha=1e-1:tau=3").name == paper.name  # a restart typed otherwise finds its runs
     assert Variant.parse("hard-notoken:distillation.alpha=0.9").name == "hard-notoken-alpha0.9"
     _study, runs = study_plan(
         str(SMOKE), [Variant("soft"), paper, Variant("hard")], [0, 1], [f"run.output_dir={tmp_path}", *SMOKE_BASE]

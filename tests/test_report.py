@@ -337,12 +337,11 @@ def test_int8_columns_appear_when_the_study_quantized_its_runs(tmp_path: Path) -
     assert row["int8 fused"] == "82.00 ± 2.00" and row["int8 drop (points)"] == "0.50 ± 0.50"
 
 
-def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_path: Path) -> None:
-    """--types none,soft,soft:tau=3:alpha=0.1,hard: the paper's soft setting beside the code's,
-    every pair of variants compared (they differ in the variant only), hard and none keep their names."""
-    dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED]
-    for seed, top1 in ((0, 0.86), (1, 0.86), (2, 0.88)):
-        run = fake_run(tmp_path / "paper", "soft", seed)
+def paper_soft_runs(root: Path, tops: tuple[float, ...] = (0.86, 0.86, 0.88)) -> list[Path]:
+    """soft:tau=3:alpha=0.1 runs for seeds 0, 1, 2 with final fused top-1 ``tops``."""
+    dirs = []
+    for seed, top1 in enumerate(tops):
+        run = fake_run(root / "paper", "soft", seed)
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         recipe["distillation"].update(tau=3.0, alpha=0.1)
         (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -350,7 +349,19 @@ def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_p
         rows[-1]["val/top1_fused"] = top1
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         dirs.append(run)
-    text = build_report(dirs, tmp_path / "report").read_text()
+    return dirs
+
+
+PAPER = {"soft": ["distillation.tau", "distillation.alpha"]}  # what compare records for soft:tau=3:alpha=0.1
+
+
+def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_path: Path) -> None:
+    """--types none,soft,soft:tau=3:alpha=0.1,hard: the paper's soft setting beside the code's,
+    every pair of variants compared (they differ in the variant only), hard and none keep their names."""
+    from distill.report import _group, comparisons, load_run, name_cells
+
+    dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED] + paper_soft_runs(tmp_path)
+    text = build_report(dirs, tmp_path / "report", [], PAPER).read_text()
     assert "## Results per variant" in text  # no grid: tau and alpha belong to the soft variants
     for name in ("hard", "none", "soft tau=1 alpha=0.5", "soft tau=3 alpha=0.1"):
         assert f"| {name} | 0,1,2 |" in text, name
@@ -358,7 +369,35 @@ def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_p
     assert "- soft tau=3 alpha=0.1 beats hard by 2.67 points" in text
     assert "- soft tau=3 alpha=0.1 beats none by 6.67 points" in text
     assert "- soft tau=3 alpha=0.1 beats soft tau=1 alpha=0.5 by 5.33 points" in text
-    assert text.count(" - ") >= 6  # 4 variants: 6 pairs in the paired-differences table
+    runs = [load_run(d) for d in dirs]
+    assert name_cells(runs, [], PAPER) == [] and len(comparisons(_group(runs))) == 6
+
+
+def test_a_lone_named_variant_keeps_its_settings_in_its_name_and_is_compared(tmp_path: Path) -> None:
+    """--types none,soft:tau=3:alpha=0.1,hard: no plain soft, so tau and alpha differ between types
+    only; they still name the soft variant, never make cells, and every pair is compared."""
+    dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED if v != "soft"] + paper_soft_runs(tmp_path)
+    text = build_report(dirs, tmp_path / "report", [], PAPER).read_text()
+    assert "## Results per variant" in text and "| soft tau=3 alpha=0.1 | 0,1,2 |" in text
+    assert "| none | 0,1,2 |" in text and "| hard | 0,1,2 |" in text
+    assert "- soft tau=3 alpha=0.1 beats hard by 2.67 points" in text and "- hard beats none by 4.00 points" in text
+
+
+def test_the_report_command_reads_the_study_layout_compare_wrote(tmp_path: Path) -> None:
+    from distill.report import STUDY_FILE, main
+
+    study = tmp_path / "study"
+    for v, s in FUSED:
+        fake_run(study, v, s)
+    for i, run in enumerate(paper_soft_runs(tmp_path)):  # move them into the study folder
+        run.rename(study / f"soft-tau3-alpha0.1-seed{i}")
+    (study / STUDY_FILE).write_text(json.dumps({"axes": [], "variant_settings": PAPER}))
+    assert main([str(study), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| soft tau=3 alpha=0.1 | 0,1,2 |" in text and "| soft tau=1 alpha=0.5 | 0,1,2 |" in text
+    (study / STUDY_FILE).unlink()  # without it: tau and alpha are taken for grid settings
+    assert main([str(study), "--out", str(tmp_path / "plain")]) == 0
+    assert "## Results per cell" in (tmp_path / "plain" / "report.md").read_text()
 
 
 def test_a_study_of_many_variants_says_what_it_cannot_conclude(tmp_path: Path) -> None:
