@@ -319,11 +319,13 @@ def comparisons(groups: dict[str, list[RunRecord]], key: str = "val/top1_fused")
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Columns: every row's keys in order of first appearance; a row without one shows '-' (a
+    variant without the distillation token has no dist head to report)."""
     if not rows:
         return "(none)"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(k, "-")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -407,3 +407,28 @@ def test_a_study_of_many_variants_says_what_it_cannot_conclude(tmp_path: Path) -
     # soft - none: 1, 1, 2 -> sd 0.577, half-width 4.303 * 0.577 / sqrt(3) = 1.43; hard - none: 2.48
     assert "half-widths run from 1.43 to 2.48 points" in findings
     assert findings.index("beats") < findings.index("no difference")
+
+
+def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path: Path, monkeypatch) -> None:
+    """The CIFAR-10 study's report failed here (KeyError 'dist'): hard-notoken has no dist head."""
+    import distill.analysis
+    from distill.report import _group, analysis_section, load_run
+
+    runs = [load_run(fake_run(tmp_path / "s", "hard", 0)), load_run(fake_run(tmp_path / "s", "none", 0))]
+    for r in runs:
+        (r.path / "analysis").mkdir()
+        (r.path / "analysis" / "analysis.json").write_text("{}")
+    runs[1].method = runs[1].variant = runs[1].cell = "hard-notoken"
+    heads = {"hard": {"cls": 0.2, "dist": 0.1, "fused": 0.15}, "hard-notoken": {"cls": 0.3}}
+
+    def summary(path: Path) -> dict:
+        v = "hard" if "hard-seed" in str(path) else "hard-notoken"
+        return {
+            "attention_distance_px": [4.0, 6.0], "uniform_distance_px": 8.0,
+            "token_cosine": {"block 1": 0.9} if v == "hard" else None, "disagreement_with_teacher": heads[v],
+        }  # fmt: skip
+
+    monkeypatch.setattr(distill.analysis, "analysis_summary", summary)
+    text = "\n".join(analysis_section(_group(runs)))
+    assert "| variant | cls | dist | fused |" in text
+    assert "| hard | 20.0 | 10.0 | 15.0 |" in text and "| hard-notoken | 30.0 | - | - |" in text  # one seed: no spread
