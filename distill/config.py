@@ -165,6 +165,12 @@ class TrainConfig(OptimConfig):
     # torch.compile the student's forward (Inductor). Off by default: compiling costs tens of
     # seconds per run, which only pays off on long runs (figures: python -m distill.bench).
     compile: bool = False
+    # The student's attention: 'fused' is F.scaled_dot_product_attention (torch picks the kernel),
+    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False). On a CPU with
+    # bf16, torch's flash kernel is the bottleneck: measured on AMD EPYC (avx512_bf16) with
+    # recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against 893 manual (fp32: 460 fused,
+    # 441 manual); python -m distill.profile_step shows where the time goes.
+    attention: Literal["fused", "manual"] = "fused"
 
 
 class TeacherTrainConfig(OptimConfig):

@@ -77,6 +77,16 @@ def hybrid_embed(cfg: StudentConfig) -> Any:
     return partial(HybridEmbed, backbone=backbone)
 
 
+def set_attention(model: nn.Module, attention: str) -> int:
+    """``train.attention``: 'manual' makes every timm attention block compute softmax(q k^T) v
+    with plain matrix products (``fused_attn = False``), 'fused' with
+    F.scaled_dot_product_attention. Returns the number of blocks switched."""
+    blocks = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in blocks:
+        m.fused_attn = attention == "fused"
+    return len(blocks)
+
+
 def build_student(cfg: StudentConfig, num_classes: int, token: bool = True) -> nn.Module:
     """timm's ``VisionTransformerDistilled`` by registry name, resized by the recipe; with
     ``token=False`` the plain ViT of the same size (DeiT's no-distillation-token rows)."""

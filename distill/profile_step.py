@@ -1,7 +1,8 @@
 """Where a training step's time goes, per precision: why bf16 stays far from its matmul peak.
 
     python -m distill.profile_step RECIPE.yaml [dotted.key=value ...] [--num-classes 10]
-        [--precisions fp32,bf16] [--compile] [--steps 10] [--repeats 3] [--json OUT.json]
+        [--precisions fp32,bf16] [--attention fused,manual] [--compile] [--steps 10] [--repeats 3]
+        [--json OUT.json]
 
 The step is the bench's ``OursStep`` (the trainer's ``distill.step.Step`` with the engine's update:
 the student's forward under autocast cast back to fp32 as Accelerate wraps it, the teacher under
@@ -56,6 +57,7 @@ from distill.bench import (
 )
 from distill.config import load_recipe
 from distill.errors import RecipeError
+from distill.models import set_attention
 
 # Operator classes by aten name (self time). Matching is by prefix after "aten::".
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -112,10 +114,35 @@ def gemm_flops(name: str, shapes: list[list[int]]) -> int:
 class Variant:
     precision: str
     compiled: bool
+    attention: str = "fused"  # ATTENTION: train.attention's two, or one SDPA kernel forced
 
     @property
     def key(self) -> str:
-        return self.precision + (" compiled" if self.compiled else "")
+        suffix = (f" {self.attention}" if self.attention != "fused" else "") + (" compiled" if self.compiled else "")
+        return self.precision + suffix
+
+
+# --attention: 'fused' (F.scaled_dot_product_attention, torch picks the kernel) and 'manual'
+# (timm's plain matrix products) are train.attention's choices; 'math', 'flash', 'efficient'
+# force one SDPA kernel. On a CPU torch picks its flash kernel, which in bf16 took 49.5 ms
+# forward + backward per layer of the CIFAR-10 study's student against 12.0 ms in fp32 and
+# 17.2 ms for the math kernel in bf16 (AMD EPYC, avx512_bf16, 2026-11-30): 58% of the bf16 step.
+ATTENTION = ("fused", "manual", "math", "flash", "efficient")
+
+
+def force_sdpa(forward: Any, name: str) -> Any:
+    """``forward`` with scaled_dot_product_attention limited to kernel ``name`` (backward follows
+    the kernel its forward recorded)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    backend = chosen[name]
+
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel([backend]):
+            return forward(*args, **kwargs)
+
+    return limited
 
 
 class PhasedStep:
@@ -143,8 +170,11 @@ class PhasedStep:
 def build_step(problem: Problem, v: Variant, backend: str) -> OursStep:
     settings = Settings(v.precision, True, False, True, True, False)  # type: ignore[arg-type]
     step = OursStep(problem, settings, problem.kd, make_teacher(problem, settings))
+    set_attention(step.model, "manual" if v.attention == "manual" else "fused")
     if v.compiled:
         step.forward = torch.compile(step.model, backend=backend)
+    if v.attention not in ("fused", "manual"):
+        step.forward = force_sdpa(step.forward, v.attention)
     step()  # priming: optimizer state, first-call allocations, compilation
     return step
 
@@ -259,6 +289,7 @@ def run_profile(
     precisions: list[str],
     compile_: bool,
     backend: str,
+    attention: list[str],
     steps: int,
     repeats: int,
     num_classes: int | None,
@@ -278,7 +309,11 @@ def run_profile(
     problem = build_problem(recipe, num_classes_of(recipe, num_classes), kd, device)
     size = peak_size or PEAK_SIZE.get(device.type, 2048)
     peaks = {p: matmul_peak_gflops(device, DTYPES[p], size, peak_seconds) for p in precisions}
-    variants = [Variant(p, c) for c in ([False, True] if compile_ else [False]) for p in precisions]
+    for name in attention:
+        if name not in ATTENTION:
+            raise RecipeError(f"--attention: {name!r} is not one of {', '.join(ATTENTION)}")
+    grid = [(c, a, p) for c in ([False, True] if compile_ else [False]) for a in attention for p in precisions]
+    variants = [Variant(p, c, a) for c, a, p in grid]
     built: dict[str, OursStep] = {}
     compile_s: dict[str, float] = {}
     for v in variants:
@@ -315,6 +350,7 @@ def run_profile(
         row: dict[str, Any] = {
             "precision": v.precision,
             "compiled": v.compiled,
+            "attention": v.attention,
             "img_s": img_s,
             "img_s_values": timed[v.key],
             "step_ms": problem.batch_size / img_s * 1e3,
@@ -347,12 +383,12 @@ def format_report(r: dict[str, Any]) -> str:
         + f"{r['matmul_peak_size']}^2): "
         + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in r["matmul_peak_gflops"].items()),
         "",
-        f"{'variant':<14} {'img/s':>8} {'step ms':>8} {'GFLOP/s':>8} {'of peak':>8}",
+        f"{'variant':<24} {'img/s':>8} {'step ms':>8} {'GFLOP/s':>8} {'of peak':>8}",
     ]
     for key, v in r["variants"].items():
         extra = f"   (compiled in {v['compile_s']:.0f} s)" if "compile_s" in v else ""
         lines.append(
-            f"{key:<14} {v['img_s']:8.0f} {v['step_ms']:8.1f} {v['achieved_gflops']:8.1f} "
+            f"{key:<24} {v['img_s']:8.0f} {v['step_ms']:8.1f} {v['achieved_gflops']:8.1f} "
             f"{v['fraction_of_peak']:8.1%}{extra}"
         )
     for key, v in r["variants"].items():
@@ -393,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (fp16 on a GPU)")
     parser.add_argument("--compile", action="store_true", help="also time each precision with the student compiled")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument(
+        "--attention",
+        default="fused,manual",
+        help="comma-separated: fused, manual (train.attention's choices), or one SDPA kernel forced: math, "
+        "flash, efficient",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
     parser.add_argument("--repeats", type=int, default=3, help="alternated repetitions per variant")
     parser.add_argument("--num-classes", type=int, default=None, help="needed unless the source is digits/synthetic")
@@ -411,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             [p.strip() for p in args.precisions.split(",") if p.strip()],
             args.compile,
             args.backend,
+            [a.strip() for a in args.attention.split(",") if a.strip()],
             args.steps,
             args.repeats,
             args.num_classes,

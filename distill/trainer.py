@@ -24,7 +24,7 @@ from distill.data import SplitData, load_source, seeded
 from distill.engine import STOP, Progress, evaluate_student, evaluate_teacher, train_one_epoch
 from distill.errors import LaunchError, RecipeError
 from distill.export import export_run_student
-from distill.models import build_student
+from distill.models import build_student, set_attention
 from distill.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.pipeline import InputPipeline, InputSpec, build_pipeline, data_seed, student_input_spec
 from distill.progress import ProgressReport
@@ -87,6 +87,7 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     # on whether the teacher was trained now or found in the cache.
     with seeded(r.run.seed):
         student = build_student(r.student, split.num_classes, r.distillation.token)
+    set_attention(student, r.train.attention)  # the EMA, a copy, and evaluation keep it
     init = initialise(student, r.student)
     if init is not None:
         acc.print(f"student: initialised from {init[0].path} ({init[0].what}) {init[1]}")

@@ -40,13 +40,14 @@ def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     precisions = "fp32,bf16" if bf16_available(torch.device("cpu")) else "fp32"
     out = tmp_path / "profile.json"
     # aot_eager: the compile path without inductor's C++ build (seconds, not a minute)
-    args = [SMOKE, "--precisions", precisions, "--compile", "--backend", "aot_eager", *QUICK, "--json", str(out)]
-    assert profile_step.main(args) == 0
+    args = [SMOKE, "--precisions", precisions, "--attention", "fused,manual", "--compile", "--backend", "aot_eager"]
+    assert profile_step.main([*args, *QUICK, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    keys = precisions.split(",")
+    keys = [f"{p}{a}" for p in precisions.split(",") for a in ("", " manual")]
     assert set(r["variants"]) == set(keys) | {f"{k} compiled" for k in keys}
+    assert {v["attention"] for v in r["variants"].values()} == {"fused", "manual"}
     assert r["gflop_per_step"] > 0 and r["compile_backend"] == "aot_eager"
-    for _key, v in r["variants"].items():
+    for v in r["variants"].values():
         assert len(v["img_s_values"]) == 2 and v["img_s"] > 0
         assert v["achieved_gflops"] == pytest.approx(r["gflop_per_step"] / r["batch_size"] * v["img_s"])
         if v["compiled"]:
@@ -58,6 +59,9 @@ def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         # the smoke student's 2 blocks: qkv, proj, fc1, fc2 forward, each with backward products
         assert p["share"]["matmul"] > 0 and len(p["gemms"]) >= 4 and p["gemm_gflops"] > 0
         assert all(g["flops_per_call"] > 0 for g in p["gemms"])
+    # manual attention: the attention's own products appear as bmm (q k^T and attn v, per head)
+    assert any(g["op"] == "bmm" for g in r["variants"]["fp32 manual"]["profile"]["gemms"])
+    assert not any(g["op"] == "bmm" for g in r["variants"]["fp32"]["profile"]["gemms"])
     m, k, n = r["largest_gemm"]["mkn"]
     fp32 = r["variants"]["fp32"]["profile"]["gemms"]
     assert [[k], [m, k], [k, n]] in [g["shapes"] for g in fp32 if g["op"] == "addmm"] or [[m, k], [k, n]] in [
@@ -69,5 +73,6 @@ def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "where the time goes" in text and "the largest product alone" in text
 
 
-def test_refuses_unknown_precision() -> None:
+def test_refuses_unknown_precision_and_attention() -> None:
     assert profile_step.main([SMOKE, "--precisions", "fp8", *QUICK]) == 2
+    assert profile_step.main([SMOKE, "--attention", "sparse", *QUICK]) == 2

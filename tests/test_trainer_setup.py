@@ -152,3 +152,26 @@ def test_step_feeds_the_teacher_the_prepared_images() -> None:
     ce = torch.nn.functional.cross_entropy(student[0], torch.tensor([0, 0]))
     kd = torch.nn.functional.cross_entropy(student[1], torch.tensor([1, 0]))
     assert float(parts.total) == pytest.approx(0.5 * float(ce) + 0.5 * float(kd), rel=1e-6)
+
+
+def test_train_attention_manual_switches_every_block_and_computes_the_same() -> None:
+    """train.attention=manual: timm's plain matrix products instead of F.scaled_dot_product_attention
+    (the bf16 CPU step's bottleneck, README Speed); the same function, rounded differently."""
+    from distill.models import build_student, set_attention
+
+    recipe = smoke("train.attention=manual", "train.ema_decay=0.99")
+    split = load_source(recipe.data)
+    student = setup_student(Accelerator(cpu=True), recipe, split, student_input_spec(recipe))
+    blocks = [m for m in student.model.modules() if hasattr(m, "fused_attn")]
+    assert len(blocks) == recipe.student.depth and not any(m.fused_attn for m in blocks)
+    ema_blocks = [m for m in student.ema.module.modules() if hasattr(m, "fused_attn")]  # a copy: evaluated too
+    assert len(ema_blocks) == recipe.student.depth and not any(m.fused_attn for m in ema_blocks)
+    default = setup_student(Accelerator(cpu=True), smoke(), split, student_input_spec(recipe))
+    assert all(m.fused_attn for m in default.model.modules() if hasattr(m, "fused_attn"))
+    model = build_student(recipe.student, 4).eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        fused = model(x)
+        assert set_attention(model, "manual") == recipe.student.depth
+        manual = model(x)
+    assert torch.allclose(fused, manual, atol=1e-5)
