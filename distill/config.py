@@ -159,7 +159,9 @@ class TrainConfig(OptimConfig):
     # One precision per launch (Accelerate fixes it at start-up); the teacher stage uses it too.
     # bf16 autocast: fast on GPUs and on CPUs with AMX or avx512_bf16; elsewhere it is emulated
     # (this project's 2-core avx512f machines: a whole step 3x slower than fp32, measured by
-    # python -m distill.bench). fp16: GPU only.
+    # python -m distill.bench). On a CPU with bf16 pair it with train.attention=manual (the CPU
+    # flash-attention kernel is slow in bf16: 1.8x fp32's training throughput with it, README
+    # Speed). fp16: GPU only.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA (DeiT never used it)
     # torch.compile the student's forward (Inductor). Off by default: compiling costs tens of
