@@ -114,6 +114,7 @@ class Settings:
     teacher_inference_mode: bool = True
     teacher_channels_last: bool = True
     teacher_compile: bool = False
+    attention: str = "fused"  # train.attention: the student's attention kernel
 
     @classmethod
     def of_recipe(cls, recipe: Recipe) -> Settings:
@@ -125,6 +126,7 @@ class Settings:
             t.inference_mode,
             t.channels_last,
             t.compile,
+            recipe.train.attention,
         )
 
     def teacher_text(self) -> str:
@@ -347,12 +349,14 @@ class OursStep:
         from accelerate.utils import convert_outputs_to_fp32
 
         from distill.engine import LossMeter
+        from distill.models import set_attention
         from distill.optim import build_optimizer
         from distill.step import Step, as_prepared
 
         p, r = problem, problem.recipe
         self.problem, self.settings, self.distillation, self.teacher = p, settings, distillation, teacher
         self.model = copy.deepcopy(p.student).to(p.device).train()
+        set_attention(self.model, settings.attention)  # as the trainer sets train.attention
         if settings.precision != "fp32":
             # Accelerator.prepare_model: forward under autocast, outputs cast back to fp32, so the
             # loss runs in fp32 (accelerate/accelerator.py, native_amp branch).

@@ -181,3 +181,18 @@ def test_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "distillation token" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--student", "deit_tiny_distilled_patch16_224"])  # no teacher, no recipe
+
+
+def test_the_recipes_attention_reaches_our_step_and_nothing_else() -> None:
+    """train.attention=manual (README Speed): the recipe's rows time it; identical settings keep
+    timm's fused attention, as the reference runs it."""
+    recipe = load_recipe(SMOKE, ["train.attention=manual"])
+    settings = bench.Settings.of_recipe(recipe)
+    assert settings.attention == "manual" and bench.Settings().attention == "fused"
+    problem = bench.build_problem(recipe, 4, "hard", torch.device("cpu"))
+
+    def fused(s: bench.Settings) -> set[bool]:
+        step = bench.OursStep(problem, s, "hard", bench.make_teacher(problem, s))
+        return {m.fused_attn for m in step.model.modules() if hasattr(m, "fused_attn")}
+
+    assert fused(settings) == {False} and fused(bench.Settings()) == {True}
