@@ -330,8 +330,8 @@ def run_profile(
         "device": {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads()},
         "torch": torch.__version__,
         "student": {
-            "embed_dim": recipe.student.embed_dim,
-            "depth": recipe.student.depth,
+            "embed_dim": problem.student.embed_dim,  # the recipe may leave them to the timm model
+            "depth": len(problem.student.blocks),
             "img_size": recipe.student.img_size,
             "patch_size": recipe.student.patch_size,
         },
