@@ -698,23 +698,31 @@ def time_step_precisions(problem: Problem, kd: str, opts: Options, rounds: int =
     """Median img/s of the recipe's own step (distill.step.Step, fast-path switches) in fp32 and in
     bf16, timed alternately: what decides the fast path's precision, since a fast bf16 matmul
     does not make a small student's step fast (measured: 0.59x fp32 on the quickstart with AMX)."""
-    steps = max(3, opts.steps // 2)
-    timed: dict[str, list[float]] = {"fp32": [], "bf16": []}
     runs = {}
-    for precision in timed:
+    for precision in ("fp32", "bf16"):
         s = Settings(precision, True, opts.compile, True, True, opts.compile)  # type: ignore[arg-type]
         runs[precision] = OursStep(problem, s, kd, make_teacher(problem, s))
         runs[precision]()  # priming: optimizer state, first-call allocations, compilation
+    timed = time_alternated(runs, problem, max(3, opts.steps // 2), rounds)
+    return {precision: statistics.median(values) for precision, values in timed.items()}
+
+
+def time_alternated(
+    steps: dict[str, Callable[[], object]], problem: Problem, n: int, rounds: int
+) -> dict[str, list[float]]:
+    """img/s of each step per round: one warm-up call, then ``n`` calls between device
+    synchronisations, the steps taking turns so that machine drift lands on all alike."""
+    timed: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(rounds):
-        for precision, step in runs.items():
-            step()
+        for key, step in steps.items():
+            step()  # warm-up after the other steps ran
             synchronize(problem.device)
             start = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(n):
                 step()
             synchronize(problem.device)
-            timed[precision].append(problem.batch_size * steps / (time.perf_counter() - start))
-    return {precision: statistics.median(values) for precision, values in timed.items()}
+            timed[key].append(problem.batch_size * n / (time.perf_counter() - start))
+    return timed
 
 
 def _configurations(

@@ -54,6 +54,7 @@ from distill.bench import (
     matmul_peak_gflops,
     num_classes_of,
     synchronize,
+    time_alternated,
 )
 from distill.config import load_recipe
 from distill.errors import RecipeError
@@ -177,21 +178,6 @@ def build_step(problem: Problem, v: Variant, backend: str) -> OursStep:
         step.forward = force_sdpa(step.forward, v.attention)
     step()  # priming: optimizer state, first-call allocations, compilation
     return step
-
-
-def time_variants(steps: dict[str, OursStep], problem: Problem, n: int, repeats: int) -> dict[str, list[float]]:
-    """img/s per variant, alternated so machine drift lands on all alike."""
-    timed: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            step()  # warm-up after the other variants ran
-            synchronize(problem.device)
-            start = time.perf_counter()
-            for _ in range(n):
-                step()
-            synchronize(problem.device)
-            timed[key].append(problem.batch_size * n / (time.perf_counter() - start))
-    return timed
 
 
 def profile_eager(step: OursStep, n: int) -> dict[str, Any]:
@@ -322,7 +308,7 @@ def run_profile(
         if v.compiled:
             compile_s[v.key] = time.perf_counter() - start
     flops = built[variants[0].key].flops()
-    timed = time_variants(built, problem, steps, repeats)
+    timed = time_alternated(built, problem, steps, repeats)
     result: dict[str, Any] = {
         "tool": "distill.profile_step",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
