@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from distill.errors import DistillError
 
 if TYPE_CHECKING:
-    from distill.artifacts import LoadedModel
+    from distill.exports.artifacts import LoadedModel
 
 
 def parse_images(value: str) -> int | None:
@@ -45,7 +45,7 @@ def default_out(loaded: LoadedModel, model: Path, checkpoint: str, ema: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.cli import run_guarded
+    from distill.entrypoint import run_guarded
 
     parser = argparse.ArgumentParser(prog="distill-analyze", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="run directory, checkpoint directory or export folder")
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         import torch
 
-        from distill import analysis
-        from distill.artifacts import load_artifact
+        from distill.analysis import core as analysis
+        from distill.exports.artifacts import load_artifact
 
         model = Path(args.model)
         if not model.exists():

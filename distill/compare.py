@@ -69,7 +69,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        from distill.report import value_text
+        from distill.study.report import value_text
 
         base = self.type if self.token else f"{self.type}-notoken"
         return base + "".join(f"-{k}{safe_name(value_text(yaml_value(v)))}" for k, v in self.settings)
@@ -211,9 +211,9 @@ def cells(recipe_path: str, overrides: list[str], axes: list[Axis], data_seed: i
     """Every combination of the axes' values, validated by the recipe schema (a bad key or value
     is the schema's message) and named by the values the recipe resolves them to, so that 3 and
     3.0 are one value (refused as a repeat) and names match the report's (report.value_text)."""
-    from distill.config import load_recipe, recipe_to_dict
-    from distill.keys import NO_EFFECT, effects
-    from distill.report import setting_names, setting_value, value_text
+    from distill.recipe.keys import NO_EFFECT, effects
+    from distill.recipe.schema import load_recipe, recipe_to_dict
+    from distill.study.report import setting_names, setting_value, value_text
 
     keys = [a.key for a in axes]
     if len(set(keys)) != len(keys):
@@ -275,7 +275,7 @@ def study_plan(
     ``<study>/teacher_outputs`` (unless the recipe names another directory); the user's own
     overrides come after ours, so they win. ``data_seed``: one data stream for every seed.
     ``axes``: the ``--vary`` grid; without it, one cell per variant named as before."""
-    from distill.config import load_recipe
+    from distill.recipe.schema import load_recipe
 
     base = load_recipe(recipe_path, overrides)  # validate once, before any run starts
     named = [v.name for v in variants]
@@ -341,7 +341,7 @@ def study_plan(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.cli import run_guarded
+    from distill.entrypoint import run_guarded
 
     parser = argparse.ArgumentParser(
         prog="distill-compare",
@@ -392,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow --types/--seeds
 
     def go() -> None:
-        from distill.config import load_recipe
-        from distill.progress import StudyProgress
-        from distill.report import STUDY_FILE, build_report
-        from distill.rundir import RunDir
-        from distill.tracking import check_trackers
-        from distill.trainer import DistillRun, make_accelerator
+        from distill.recipe.schema import load_recipe
+        from distill.run.rundir import RunDir
+        from distill.run.tracking import check_trackers
+        from distill.study.report import STUDY_FILE, build_report
+        from distill.training.progress import StudyProgress
+        from distill.training.trainer import DistillRun, make_accelerator
 
         variants = [Variant.parse(t) for t in parse_list(args.types, "types")]
         try:
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.finished(i, seconds, one_off)
             accelerator.print(progress.line(i, name, seconds, one_off))
         if accelerator.is_main_process and not args.no_analysis:
-            from distill.analysis import analyze_run
+            from distill.analysis.core import analyze_run
 
             for name, _ in runs:  # once per finished run: a restarted study keeps what is current
                 done = study / name / "analysis" / "analysis.json"
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"study: analysing {name}")
                     analyze_run(study / name, args.analysis_images)
         if accelerator.is_main_process and args.int8:
-            from distill.export import int8_top1
-            from distill.report import INT8_FILE
+            from distill.exports.export import int8_top1
+            from distill.study.report import INT8_FILE
 
             for name, _ in runs:  # once per finished run, as the analyses
                 done = study / name / INT8_FILE

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import load_artifact, score
 from distill.errors import DistillError
+from distill.exports.artifacts import load_artifact, score
 
 
 def folder_overrides(folder: Path) -> list[str]:
@@ -45,8 +45,8 @@ def folder_overrides(folder: Path) -> list[str]:
 def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list[str], str]:
     """(HF dataset with image/label columns, its class names, description) from a recipe, a
     folder or the run."""
-    from distill.config import load_recipe
-    from distill.data import load_source
+    from distill.data.sources import load_source
+    from distill.recipe.schema import load_recipe
 
     if data is None:
         if fallback is None:
@@ -76,7 +76,7 @@ def format_table(result: dict[str, Any], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.cli import run_guarded
+    from distill.entrypoint import run_guarded
 
     parser = argparse.ArgumentParser(prog="distill-evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="run directory, checkpoint directory, export folder or exported file")

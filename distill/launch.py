@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from distill.cli import print_error
+from distill.entrypoint import print_error
 
 # Statuses with which a distill command reports its own verdict after printing why (cli.run_guarded):
 # 2 = DistillError, 143 = Preempted (checkpointed after SIGTERM / Ctrl-C), 130 = a second Ctrl-C.

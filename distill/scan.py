@@ -14,7 +14,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from distill.cli import run_guarded
+    from distill.entrypoint import run_guarded
 
     parser = argparse.ArgumentParser(prog="distill-scan", description="List undecodable images of a recipe's data.")
     parser.add_argument("recipe")
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     found: list[int] = []
 
     def go() -> None:
-        from distill.config import load_recipe
-        from distill.data import bad_images, load_source
+        from distill.data.sources import bad_images, load_source
+        from distill.recipe.schema import load_recipe
 
         recipe = load_recipe(args.recipe, [*args.overrides, "data.on_bad_image=error"])
         split = load_source(recipe.data)

@@ -41,17 +41,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.cli import run_guarded
+    from distill.entrypoint import run_guarded
 
     args = parse_args(argv)
 
     def go() -> None:
-        from distill.config import load_recipe
-        from distill.trainer import DistillRun
+        from distill.recipe.schema import load_recipe
+        from distill.training.trainer import DistillRun
 
         recipe = load_recipe(args.recipe, args.overrides)
         if args.print_recipe:
-            from distill.config import resolved_recipe_yaml
+            from distill.recipe.schema import resolved_recipe_yaml
 
             sys.stdout.write(resolved_recipe_yaml(recipe))
             return

@@ -46,7 +46,7 @@ def disk_full(nth: int) -> None:
 def nan_rank(rank: int, nth: int) -> None:
     import torch
 
-    from distill.step import Step
+    from distill.training.step import Step
 
     real_call, calls = Step.__call__, [0]
 

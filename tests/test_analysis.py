@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import analysis
+from distill.analysis import core as analysis
 from distill.analyze import main
 from tests.conftest import SMOKE
 
@@ -279,10 +279,10 @@ def test_select_images_is_seeded_and_sorted() -> None:
 def test_analyze_writes_every_file(tmp_path: Path) -> None:
     """A hand-built student on the smoke recipe's synthetic data, no teacher: every figure, the
     JSON, the markdown and the summary."""
-    from distill.artifacts import LoadedModel
-    from distill.config import load_recipe
-    from distill.data import load_source
-    from distill.pipeline import InputSpec
+    from distill.data.sources import load_source
+    from distill.exports.artifacts import LoadedModel
+    from distill.models.spec import InputSpec
+    from distill.recipe.schema import load_recipe
 
     model = tiny_vit(classes=4)  # the smoke data's 4 classes
     spec = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bilinear")

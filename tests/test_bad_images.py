@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.config import load_recipe
-from distill.data import bad_images, load_source
+from distill.data.pipeline import AugmentedDataset, build_transforms, make_loader
+from distill.data.sources import bad_images, load_source
 from distill.errors import DataError
-from distill.pipeline import AugmentedDataset, InputSpec, build_transforms, make_loader
+from distill.models.spec import InputSpec
+from distill.recipe.schema import load_recipe
 from tests.conftest import SMOKE, run_train
 
 

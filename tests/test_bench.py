@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from distill import bench
-from distill.config import load_recipe
-from distill.teacher import ConvnetTeacher, FrozenTeacher
+from distill import bench as bench_command
+from distill.models.teacher import ConvnetTeacher, FrozenTeacher
+from distill.perf import bench
+from distill.recipe.schema import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
@@ -48,7 +49,7 @@ STATS_KEYS = {"median", "min", "max", "iqr", "values"}
 
 def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     out = tmp_path / "bench.json"
-    assert bench.main([*args, *QUICK, "--json", str(out)]) == 0
+    assert bench_command.main([*args, *QUICK, "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -175,12 +176,12 @@ def test_count_flops_sees_cpu_attention() -> None:
 
 
 def test_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main([str(SMOKE), "data.source=imagefolder", f"data.path={tmp_path}"]) == 2
+    assert bench_command.main([str(SMOKE), "data.source=imagefolder", f"data.path={tmp_path}"]) == 2
     assert "--num-classes" in capsys.readouterr().err
-    assert bench.main([str(SMOKE), "distillation.token=false"]) == 2
+    assert bench_command.main([str(SMOKE), "distillation.token=false"]) == 2
     assert "distillation token" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--student", "deit_tiny_distilled_patch16_224"])  # no teacher, no recipe
+        bench_command.main(["--student", "deit_tiny_distilled_patch16_224"])  # no teacher, no recipe
 
 
 def test_the_recipes_attention_reaches_our_step_and_nothing_else() -> None:

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from distill.compare import Axis, Variant, main, split_values, study_plan
-from distill.config import load_recipe
-from distill.data import load_source
+from distill.data.pipeline import build_pipeline, data_seed
+from distill.data.sources import load_source
 from distill.errors import RecipeError
-from distill.pipeline import build_pipeline, data_seed, student_input_spec
+from distill.models.student import student_input_spec
+from distill.recipe.schema import load_recipe
 from tests.conftest import SMOKE, check_ok, subprocess_env
 
 SMOKE_BASE = ["data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25"]

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from distill.config import Recipe, flatten, load_recipe, parse_override, recipe_to_dict
 from distill.errors import DistillError, RecipeError
+from distill.recipe.schema import Recipe, flatten, load_recipe, parse_override, recipe_to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))

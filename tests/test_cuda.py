@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.config import AugmentConfig
-from distill.tensor_store import BatchAugment
+from distill.data.tensor_store import BatchAugment
+from distill.recipe.schema import AugmentConfig
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA)"), pytest.mark.slow]
@@ -67,10 +67,10 @@ def test_compiled_student_and_teacher_train_on_the_gpu(tmp_path: Path, teacher_c
 def test_every_module_and_the_ema_are_on_the_students_device() -> None:
     from accelerate import Accelerator
 
-    from distill.config import load_recipe
-    from distill.data import load_source
-    from distill.pipeline import student_input_spec
-    from distill.trainer import setup_student
+    from distill.data.sources import load_source
+    from distill.models.student import student_input_spec
+    from distill.recipe.schema import load_recipe
+    from distill.training.trainer import setup_student
 
     recipe = load_recipe(SMOKE, ["train.ema_decay=0.99"])
     acc = Accelerator()

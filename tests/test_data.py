@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from distill.config import AugmentConfig, DataConfig, load_recipe
-from distill.data import SplitData, load_source, sample_seed
-from distill.errors import DataError
-from distill.pipeline import (
+from distill.data.pipeline import (
     ORDER_KEY,
     AugmentedDataset,
     EpochSampler,
-    InputSpec,
     build_mixup,
     build_transforms,
     make_loader,
 )
+from distill.data.sources import SplitData, load_source, sample_seed
+from distill.errors import DataError
+from distill.models.spec import InputSpec
+from distill.recipe.schema import AugmentConfig, DataConfig, load_recipe
 
 DATA_CONFIG = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bicubic")
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.config import DataConfig, load_recipe
-from distill.data import SplitData, _hub_reachable, load_source
+from distill.data.sources import SplitData, _hub_reachable, load_source
 from distill.errors import DataError, RecipeError
+from distill.recipe.schema import DataConfig, load_recipe
 
 CLASSES = ("cat", "dog", "emu")
 

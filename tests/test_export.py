@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.artifacts import load_artifact
 from distill.errors import DistillError
 from distill.export import main as export_main
-from distill.export import run_export
-from distill.models import student_heads
+from distill.exports.artifacts import load_artifact
+from distill.exports.export import run_export
+from distill.models.student import student_heads
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
@@ -105,8 +105,8 @@ def test_the_transformers_pipeline_scores_the_runs_top1(full_export: Path, smoke
     """Through the timm folder (TimmWrapper: timm's transform) and the native DeiT folder."""
     from transformers import pipeline
 
-    from distill.config import load_recipe
-    from distill.data import load_source
+    from distill.data.sources import load_source
+    from distill.recipe.schema import load_recipe
 
     split = load_source(load_recipe(SMOKE).data)
     images, labels = [r["image"] for r in split.val], [split.class_names[r["label"]] for r in split.val]
@@ -201,8 +201,8 @@ def test_evaluate_command_reports_every_head(smoke_run: Path, full_export: Path,
 def test_a_fresh_process_with_only_timm_reproduces_the_run(smoke_run: Path, full_export: Path, tmp_path: Path) -> None:
     """Dump the validation images as PNG files, then score the export in a process that imports
     timm, torch and PIL only: the fused top-1 must be the run's."""
-    from distill.config import load_recipe
-    from distill.data import load_source
+    from distill.data.sources import load_source
+    from distill.recipe.schema import load_recipe
 
     split = load_source(load_recipe(SMOKE).data)
     for i in range(len(split.val)):
@@ -229,9 +229,9 @@ def test_a_student_initialised_from_a_plain_vit_trains(tmp_path: Path, teacher_c
     import timm
     from safetensors.torch import save_file
 
-    from distill.config import StudentConfig
-    from distill.models import build_student
-    from distill.student_init import init_student, resolve_init
+    from distill.models.student import build_student
+    from distill.models.student_init import init_student, resolve_init
+    from distill.recipe.schema import StudentConfig
 
     plain = timm.create_model(
         "deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2

@@ -8,7 +8,7 @@ import pytest
 
 
 def test_model_card_says_whose_epochs_it_shows() -> None:
-    from distill.export import _epochs_note
+    from distill.exports.export import _epochs_note
 
     assert _epochs_note({"epochs": 3, "run_epochs": 10}) == " (the exported checkpoint's; the run trained 10)"
     assert _epochs_note({"epochs": 10, "run_epochs": 10}) == ""

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from distill.artifacts import load_artifact, score
-from distill.config import StudentConfig
+from distill.data.pipeline import eval_transform
 from distill.evaluate import main as evaluate_main
-from distill.export import export_timm, run_export
 from distill.export import main as export_main
-from distill.export_formats import (
+from distill.exports.artifacts import load_artifact, score
+from distill.exports.export import export_timm, run_export
+from distill.exports.formats import (
     ExportError,
     MissingPackageError,
     load_timm,
@@ -32,8 +32,9 @@ from distill.export_formats import (
     write_torchscript,
     write_transformers,
 )
-from distill.models import build_student, student_heads, student_model_args
-from distill.pipeline import InputSpec, eval_transform
+from distill.models.spec import InputSpec
+from distill.models.student import build_student, student_heads, student_model_args
+from distill.recipe.schema import StudentConfig
 
 NAMES = ["cat", "dog", "eel", "fox"]
 # crop_pct < 1 and non-square source images: the resize + centre crop is exercised, not skipped.

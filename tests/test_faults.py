@@ -150,8 +150,7 @@ class _Payload:
 def _checkpoint(tmp_path: Path) -> tuple[object, Path]:
     from accelerate import Accelerator
 
-    from distill.checkpoint import save_checkpoint
-    from distill.engine import Progress
+    from distill.run.checkpoint import TrainingState, save_checkpoint
 
     acc = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 3)
@@ -159,12 +158,12 @@ def _checkpoint(tmp_path: Path) -> tuple[object, Path]:
     model, optimizer = acc.prepare(model, optimizer)
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
-    path = save_checkpoint(acc, tmp_path / "checkpoints", "step_00000001", Progress(epoch=0, global_step=1))
+    path = save_checkpoint(acc, tmp_path / "checkpoints", "step_00000001", TrainingState(epoch=0, global_step=1))
     return acc, path
 
 
 def test_resume_loads_nothing_beyond_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from distill.checkpoint import load_checkpoint
+    from distill.run.checkpoint import load_checkpoint
 
     acc, path = _checkpoint(tmp_path)
     calls: list[object] = []
@@ -188,8 +187,8 @@ def test_resume_loads_nothing_beyond_weights_only(tmp_path: Path, monkeypatch: p
 
 @pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin"])
 def test_a_tampered_checkpoint_is_refused_without_running_its_code(tmp_path: Path, victim: str) -> None:
-    from distill.checkpoint import load_checkpoint
     from distill.errors import RunStateError
+    from distill.run.checkpoint import load_checkpoint
 
     acc, path = _checkpoint(tmp_path)
     marker = tmp_path / "pwned"
@@ -200,8 +199,8 @@ def test_a_tampered_checkpoint_is_refused_without_running_its_code(tmp_path: Pat
 
 
 def test_a_damaged_model_file_is_refused_with_the_folder_named(tmp_path: Path) -> None:
-    from distill.checkpoint import load_checkpoint
     from distill.errors import RunStateError
+    from distill.run.checkpoint import load_checkpoint
 
     acc, path = _checkpoint(tmp_path)
     weights = path / "model.safetensors"

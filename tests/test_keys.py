@@ -6,8 +6,7 @@ import itertools
 import json
 from typing import Any
 
-from distill.config import PROVENANCE_KEY, Recipe, TeacherTrainConfig, load_recipe, recipe_to_dict
-from distill.keys import (
+from distill.recipe.keys import (
     IN_OUTPUTS,
     IN_SPLIT,
     IN_TEACHER,
@@ -24,6 +23,7 @@ from distill.keys import (
     effects,
     fields,
 )
+from distill.recipe.schema import PROVENANCE_KEY, Recipe, TeacherTrainConfig, load_recipe, recipe_to_dict
 
 SPLIT_FIELDS = [
     "data.hub_config",

@@ -18,17 +18,17 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from distill.artifacts import LoadedModel, load_artifact, match_classes, score
-from distill.config import load_recipe, recipe_to_dict
-from distill.data import SplitData
+from distill.data.sources import SplitData
 from distill.errors import DataError, TeacherError
 from distill.evaluate import eval_dataset
 from distill.evaluate import main as evaluate_main
-from distill.export import export_timm
-from distill.models import build_student
-from distill.pipeline import InputSpec
-from distill.teacher import ConvnetTeacher, match_teacher_classes
-from distill.teacher_stage import obtain_teacher
+from distill.exports.artifacts import LoadedModel, load_artifact, match_classes, score
+from distill.exports.export import export_timm
+from distill.models.spec import InputSpec
+from distill.models.student import build_student
+from distill.models.teacher import ConvnetTeacher, match_teacher_classes
+from distill.recipe.schema import load_recipe, recipe_to_dict
+from distill.training.teacher_stage import obtain_teacher
 from tests.conftest import SMOKE
 
 DIGITS = [str(d) for d in range(10)]

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import (
+from distill.training.losses import (
     LossParts,
     classification_loss,
     distillation_loss,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.metrics import classifier_sample_stats, kl_teacher_student, student_sample_stats, topk_correct
+from distill.models.metrics import classifier_sample_stats, kl_teacher_student, student_sample_stats, topk_correct
 
 LN2 = math.log(2.0)
 E = math.e

@@ -17,12 +17,18 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from distill.config import StudentConfig, TeacherConfig, load_recipe
 from distill.errors import RecipeError, TeacherError
-from distill.models import REGISTRY_PROVENANCE_KEYS, build_student, file_sha256, student_heads, student_model_args
-from distill.pipeline import InputSpec
-from distill.teacher import ConvnetTeacher, FrozenTeacher, load_teacher, teacher_normalisation
-from distill.teacher_stage import _folder_normalisation, check_teacher
+from distill.models.spec import InputSpec
+from distill.models.student import (
+    REGISTRY_PROVENANCE_KEYS,
+    build_student,
+    file_sha256,
+    student_heads,
+    student_model_args,
+)
+from distill.models.teacher import ConvnetTeacher, FrozenTeacher, load_teacher, teacher_normalisation
+from distill.recipe.schema import StudentConfig, TeacherConfig, load_recipe
+from distill.training.teacher_stage import _folder_normalisation, check_teacher
 
 NUM_CLASSES = 4
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)

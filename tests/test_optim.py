@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from distill.config import StudentConfig, TrainConfig
 from distill.errors import RecipeError
-from distill.models import build_student
-from distill.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
+from distill.models.student import build_student
+from distill.recipe.schema import StudentConfig, TrainConfig
+from distill.training.optim import batch_plan, build_optimizer, build_scheduler, effective_lr
 
 
 def tiny_student() -> torch.nn.Module:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import profile_step
-from distill.bench import bf16_available
+from distill import profile_step as profile_step_command
+from distill.perf import step_profile as profile_step
+from distill.perf.bench import bf16_available
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -41,7 +42,7 @@ def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "profile.json"
     # aot_eager: the compile path without inductor's C++ build (seconds, not a minute)
     args = [SMOKE, "--precisions", precisions, "--attention", "fused,manual", "--compile", "--backend", "aot_eager"]
-    assert profile_step.main([*args, *QUICK, "--json", str(out)]) == 0
+    assert profile_step_command.main([*args, *QUICK, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     keys = [f"{p}{a}" for p in precisions.split(",") for a in ("", " manual")]
     assert set(r["variants"]) == set(keys) | {f"{k} compiled" for k in keys}
@@ -74,5 +75,5 @@ def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_refuses_unknown_precision_and_attention() -> None:
-    assert profile_step.main([SMOKE, "--precisions", "fp8", *QUICK]) == 2
-    assert profile_step.main([SMOKE, "--attention", "sparse", *QUICK]) == 2
+    assert profile_step_command.main([SMOKE, "--precisions", "fp8", *QUICK]) == 2
+    assert profile_step_command.main([SMOKE, "--attention", "sparse", *QUICK]) == 2

@@ -1,4 +1,4 @@
-"""Progress off a terminal: plain lines at an interval and per epoch, with an ETA (distill/progress.py)."""
+"""TrainingState off a terminal: plain lines at an interval and per epoch, with an ETA (distill/progress.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.progress import ProgressReport, duration
+from distill.training.progress import ProgressReport, duration
 from tests.conftest import SMOKE, check_ok, run_train
 
 VALUES = {"train/loss": 1.23456, "lr": 1e-3, "throughput/train_img_s": 512.4}
@@ -76,7 +76,7 @@ def test_a_run_logging_to_a_file_shows_teacher_and_student_progress(tmp_path: Pa
 
 
 def test_study_eta_from_seconds_per_epoch_of_the_runs_trained_here() -> None:
-    from distill.progress import StudyProgress
+    from distill.training.progress import StudyProgress
 
     study = StudyProgress([2, 2, 4, 2])
     study.skipped(0)  # finished by an earlier, interrupted study: done, and no time of ours
@@ -90,7 +90,7 @@ def test_study_eta_from_seconds_per_epoch_of_the_runs_trained_here() -> None:
 
 
 def test_study_eta_leaves_out_the_teacher_training_the_other_runs_reuse() -> None:
-    from distill.progress import StudyProgress
+    from distill.training.progress import StudyProgress
 
     study = StudyProgress([8, 8, 8])
     study.finished(0, 400.0, one_off=200.0)  # the first run trained the teacher for 200 s

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import Recipe, load_recipe, resolved_recipe_yaml
-from distill.keys import all_fields
-from distill.recipe_doc import COMMAND, main, read_comments, reference_markdown
+from distill.recipe.keys import all_fields
+from distill.recipe.reference import COMMAND, read_comments, reference_markdown
+from distill.recipe.schema import Recipe, load_recipe, resolved_recipe_yaml
+from distill.recipe_doc import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = REPO_ROOT / "docs" / "recipe-reference.md"
@@ -124,7 +125,7 @@ class A:
 def test_command_prints_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     assert capsys.readouterr().out == reference_markdown()
-    assert reference_markdown().splitlines()[2].startswith("Generated from the schema in [`distill/config.py`]")
+    assert reference_markdown().splitlines()[2].startswith("Generated from the schema in [`distill/recipe/schema.py`]")
     assert COMMAND in reference_markdown()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.report import build_report, load_run, mean_std, paired_difference, verdict
+from distill.study.report import build_report, load_run, mean_std, paired_difference, verdict
 
 T_975_DF2 = 4.302652729911275  # Student t, two-sided 95%, 2 degrees of freedom (tables: 4.303)
 
@@ -141,7 +141,7 @@ def _lines_by_axes(fig: object) -> list[tuple[str, set[str]]]:
 def test_loss_kd_of_soft_and_hard_never_share_an_axis(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from distill.report import _group, loss_figure
+    from distill.study.report import _group, loss_figure
 
     runs = [load_run(fake_run(tmp_path / "study", v, s)) for (v, s) in FUSED]
     fig = loss_figure(_group(runs))
@@ -166,7 +166,7 @@ def test_loss_kd_of_soft_and_hard_never_share_an_axis(tmp_path: Path) -> None:
 def test_loss_kd_panels_split_soft_runs_by_kl_norm(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from distill.report import _group, loss_figure
+    from distill.study.report import _group, loss_figure
 
     runs = [load_run(fake_run(tmp_path / "study", "soft", s)) for s in (0, 1)]
     runs[1].recipe["distillation"]["kl_norm"] = "deit"  # C times smaller: not on the batchmean scale
@@ -193,7 +193,7 @@ def card_info_for(final: dict) -> dict:
     ("kl", "shown"), [(0.5952284187078476, "0.5952"), (1.23456789e-05, "1.235e-05"), (None, "n/a"), ("x", "n/a")]
 )
 def test_model_card_kl_row_names_the_direction_with_four_digits(kl: object, shown: str) -> None:
-    from distill.export import model_card
+    from distill.exports.export import model_card
 
     final = {"val/top1_fused": 0.8} if kl is None else {"val/top1_fused": 0.8, "val/kl": kl}
     card = model_card(card_info_for(final))
@@ -201,7 +201,7 @@ def test_model_card_kl_row_names_the_direction_with_four_digits(kl: object, show
 
 
 def test_unconverged_variants_are_named_and_converged_ones_are_not(tmp_path: Path) -> None:
-    from distill.report import convergence_notes
+    from distill.study.report import convergence_notes
 
     rising = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]  # +10 points in the last epoch
     notes = convergence_notes({"hard": rising})
@@ -220,7 +220,7 @@ def test_the_bar_chart_says_where_its_cut_axis_starts(tmp_path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from distill.report import plot_bars
+    from distill.study.report import plot_bars
 
     runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
     captured = {}
@@ -259,7 +259,7 @@ def grid_run(root: Path, kind: str, tau: float, seed: int) -> Path:
 
 
 def test_value_text_and_setting_names() -> None:
-    from distill.report import setting_names, value_text
+    from distill.study.report import setting_names, value_text
 
     assert [value_text(v) for v in (3.0, 0.0003, 1e-05, 2, None, True, "bf16", [0.5, 1.0])] == [
         "3", "0.0003", "1e-05", "2", "null", "true", "bf16", "[0.5, 1]",
@@ -271,7 +271,7 @@ def test_value_text_and_setting_names() -> None:
 
 
 def test_cells_are_found_from_the_recipes_and_named_by_their_settings(tmp_path: Path) -> None:
-    from distill.report import _group, name_cells
+    from distill.study.report import _group, name_cells
 
     runs = [load_run(grid_run(tmp_path, k, t, s)) for (k, t) in GRID for s in (0, 1, 2)]
     assert name_cells(runs) == ["distillation.tau"]  # run.seed, run.name, keep_checkpoints, type: not settings
@@ -327,7 +327,7 @@ def test_a_grid_varying_the_data_says_cells_saw_different_images(tmp_path: Path)
 
 
 def test_int8_columns_appear_when_the_study_quantized_its_runs(tmp_path: Path) -> None:
-    from distill.report import INT8_FILE, variant_rows
+    from distill.study.report import INT8_FILE, variant_rows
 
     runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
     assert "int8 fused" not in variant_rows({"hard": runs})[0]
@@ -358,7 +358,7 @@ PAPER = {"soft": ["distillation.tau", "distillation.alpha"]}  # what compare rec
 def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_path: Path) -> None:
     """--types none,soft,soft:tau=3:alpha=0.1,hard: the paper's soft setting beside the code's,
     every pair of variants compared (they differ in the variant only), hard and none keep their names."""
-    from distill.report import _group, comparisons, load_run, name_cells
+    from distill.study.report import _group, comparisons, load_run, name_cells
 
     dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED] + paper_soft_runs(tmp_path)
     text = build_report(dirs, tmp_path / "report", [], PAPER).read_text()
@@ -384,7 +384,8 @@ def test_a_lone_named_variant_keeps_its_settings_in_its_name_and_is_compared(tmp
 
 
 def test_the_report_command_reads_the_study_layout_compare_wrote(tmp_path: Path) -> None:
-    from distill.report import STUDY_FILE, main
+    from distill.report import main
+    from distill.study.report import STUDY_FILE
 
     study = tmp_path / "study"
     for v, s in FUSED:
@@ -411,8 +412,8 @@ def test_a_study_of_many_variants_says_what_it_cannot_conclude(tmp_path: Path) -
 
 def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path: Path, monkeypatch) -> None:
     """The CIFAR-10 study's report failed here (KeyError 'dist'): hard-notoken has no dist head."""
-    import distill.analysis
-    from distill.report import _group, analysis_section, load_run
+    import distill.analysis.core
+    from distill.study.report import _group, analysis_section, load_run
 
     runs = [load_run(fake_run(tmp_path / "s", "hard", 0)), load_run(fake_run(tmp_path / "s", "none", 0))]
     for r in runs:
@@ -428,7 +429,7 @@ def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path:
             "token_cosine": {"block 1": 0.9} if v == "hard" else None, "disagreement_with_teacher": heads[v],
         }  # fmt: skip
 
-    monkeypatch.setattr(distill.analysis, "analysis_summary", summary)
+    monkeypatch.setattr(distill.analysis.core, "analysis_summary", summary)
     text = "\n".join(analysis_section(_group(runs)))
     assert "| variant | cls | dist | fused |" in text
     assert "| hard | 20.0 | 10.0 | 15.0 |" in text and "| hard-notoken | 30.0 | - | - |" in text  # one seed: no spread

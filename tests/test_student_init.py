@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from distill.config import StudentConfig, load_recipe, recipe_to_dict
 from distill.errors import RecipeError
-from distill.models import build_student
-from distill.student_init import init_student, resolve_init
+from distill.models.student import build_student
+from distill.models.student_init import init_student, resolve_init
+from distill.recipe.schema import StudentConfig, load_recipe, recipe_to_dict
 
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path=0.0)
 

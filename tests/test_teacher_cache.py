@@ -75,7 +75,7 @@ def test_top_k_outputs_train_the_same_whether_filled_or_replayed(tmp_path: Path,
 def make_cache(tmp_path: Path, key: dict | None = None, classes: int = 5, budget_mb: float = 64.0, verify: int = 1):
     from accelerate import Accelerator
 
-    from distill.teacher_cache import TeacherOutputCache
+    from distill.training.teacher_outputs import TeacherOutputCache
 
     cache = TeacherOutputCache(
         Accelerator(cpu=True), tmp_path, key or {"teacher": "t"}, classes, rows_per_epoch=8, per_process_batch=4,

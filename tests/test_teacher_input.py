@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.config import load_recipe
-from distill.pipeline import InputSpec
-from distill.teacher import FrozenTeacher
-from distill.teacher_stage import teacher_size
+from distill.models.spec import InputSpec
+from distill.models.teacher import FrozenTeacher
+from distill.recipe.schema import load_recipe
+from distill.training.teacher_stage import teacher_size
 
 HALF = (0.5, 0.5, 0.5)
 

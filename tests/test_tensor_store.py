@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill.config import AugmentConfig, load_recipe
-from distill.data import load_source
+from distill.data.pipeline import resolve_store
+from distill.data.sources import load_source
+from distill.data.tensor_store import BatchAugment, StoredImages, decode_all, uniforms
 from distill.errors import RecipeError
-from distill.pipeline import InputSpec, resolve_store
-from distill.tensor_store import BatchAugment, StoredImages, decode_all, uniforms
+from distill.models.spec import InputSpec
+from distill.recipe.schema import AugmentConfig, load_recipe
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 CFG = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0, "bicubic")

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from distill.config import TrackerName, load_recipe
 from distill.errors import RecipeError
-from distill.tracking import TRACKERS_FILE, RunLog, check_trackers, missing_trackers
+from distill.recipe.schema import TrackerName, load_recipe
+from distill.run.tracking import TRACKERS_FILE, RunLog, check_trackers, missing_trackers
 from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 ALL = list(typing.get_args(TrackerName))

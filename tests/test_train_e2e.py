@@ -139,8 +139,8 @@ def test_export_reloads_through_timm_with_identical_logits(smoke_run: Path) -> N
     import timm
     from safetensors.torch import load_file
 
-    from distill.config import load_recipe
-    from distill.models import build_student
+    from distill.models.student import build_student
+    from distill.recipe.schema import load_recipe
 
     exported = timm.create_model(f"local-dir:{smoke_run / 'export'}", pretrained=True).eval()
     student = build_student(load_recipe(SMOKE).student, 4).eval()

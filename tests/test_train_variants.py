@@ -48,7 +48,7 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path: Path, teacher_cache: Path) 
     assert 0.0 <= row["val_ema/top1_fused"] <= 1.0
     assert (tmp_path / "smoke" / "checkpoints" / "step_00000008" / "ema.safetensors").is_file()
     # --ema exports the EMA weights and re-validates them against what the run logged for them
-    from distill.export import run_export
+    from distill.exports.export import run_export
 
     check = run_export(tmp_path / "smoke", "last", True, "fused", ["timm"], tmp_path / "ema-export")
     assert check["ema"] is True
@@ -191,7 +191,7 @@ def test_a_hybrid_student_trains_exports_and_says_why_timm_cannot_reload_it(
 ) -> None:
     """student.stem=resnet18: the transformer reads patches of a CNN feature map. The run trains,
     its export holds the weights, and it says why timm alone cannot rebuild it; distill can."""
-    from distill.artifacts import load_artifact
+    from distill.exports.artifacts import load_artifact
 
     proc = run_train(
         str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "student.stem=resnet18",

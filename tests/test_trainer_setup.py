@@ -11,14 +11,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from distill.config import load_recipe
-from distill.data import load_source
-from distill.optim import batch_plan
-from distill.pipeline import InputSpec, build_pipeline, data_seed, student_input_spec
-from distill.step import Step, as_prepared
-from distill.teacher_cache import open_output_cache
-from distill.teacher_stage import teacher_key
-from distill.trainer import setup_student
+from distill.data.pipeline import build_pipeline, data_seed
+from distill.data.sources import load_source
+from distill.models.spec import InputSpec
+from distill.models.student import student_input_spec
+from distill.recipe.schema import load_recipe
+from distill.training.optim import batch_plan
+from distill.training.step import Step, as_prepared
+from distill.training.teacher_outputs import open_output_cache
+from distill.training.teacher_stage import teacher_key
+from distill.training.trainer import setup_student
 from tests.conftest import SMOKE
 
 
@@ -157,7 +159,7 @@ def test_step_feeds_the_teacher_the_prepared_images() -> None:
 def test_train_attention_manual_switches_every_block_and_computes_the_same() -> None:
     """train.attention=manual: timm's plain matrix products instead of F.scaled_dot_product_attention
     (the bf16 CPU step's bottleneck, README Speed); the same function, rounded differently."""
-    from distill.models import build_student, set_attention
+    from distill.models.student import build_student, set_attention
 
     recipe = smoke("train.attention=manual", "train.ema_decay=0.99")
     split = load_source(recipe.data)

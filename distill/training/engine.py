@@ -14,7 +14,6 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,30 +21,10 @@ import torch
 from accelerate import Accelerator
 
 from distill.errors import DistillError, TrainingError
-from distill.losses import LossParts
-from distill.metrics import student_sample_stats
-from distill.models import student_heads
-
-
-@dataclass
-class Progress:
-    """Where training stands; stored in every checkpoint as JSON (no pickle)."""
-
-    epoch: int = 0  # completed epochs
-    step_in_epoch: int = 0  # micro-batches done in the current epoch (per process)
-    global_step: int = 0  # optimizer steps done
-    best_top1: float = -1.0  # best val/top1_fused so far
-    best_epoch: int = 0
-    train_time: float = 0.0  # seconds spent in training steps, over all sessions
-    train_images: int = 0  # images trained on, all processes, over all sessions
-    epoch_sums: dict[str, float] = field(default_factory=dict)  # global sums for this epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Progress:
-        return cls(**d)
+from distill.models.metrics import student_sample_stats
+from distill.models.student import student_heads
+from distill.run.checkpoint import TrainingState
+from distill.training.losses import LossParts
 
 
 class Preempted(DistillError):
@@ -132,7 +111,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     step: Callable[[torch.nn.Module, dict[str, Any], int, int], LossParts],
-    progress: Progress,
+    progress: TrainingState,
     *,
     epoch: int,
     seed: int,

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill import checkpoint as ckpt
-from distill.config import StudentConfig, load_recipe
 from distill.errors import RecipeError, TeacherError
-from distill.models import build_student, file_sha256, read_state_dict
-from distill.rundir import RunDir
+from distill.models.student import build_student, file_sha256, read_state_dict
+from distill.recipe.schema import StudentConfig, load_recipe
+from distill.run import checkpoint as ckpt
+from distill.run.rundir import RunDir
 
 
 @dataclass(frozen=True)

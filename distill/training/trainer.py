@@ -18,23 +18,25 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from distill import checkpoint as ckpt
-from distill.config import Recipe, flatten, recipe_to_dict
-from distill.data import SplitData, load_source, seeded
-from distill.engine import STOP, Progress, evaluate_student, evaluate_teacher, train_one_epoch
+from distill.data.pipeline import InputPipeline, build_pipeline, data_seed
+from distill.data.sources import SplitData, load_source, seeded
 from distill.errors import LaunchError, RecipeError
-from distill.export import export_run_student
-from distill.models import build_student, set_attention
-from distill.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, effective_lr
-from distill.pipeline import InputPipeline, InputSpec, build_pipeline, data_seed, student_input_spec
-from distill.progress import ProgressReport
-from distill.rundir import RunDir
-from distill.step import Step
-from distill.student_init import initialise, resolve_init
-from distill.teacher import Teacher
-from distill.teacher_cache import TeacherOutputCache, open_output_cache
-from distill.teacher_stage import check_teacher, obtain_teacher
-from distill.tracking import RunLog, check_trackers
+from distill.exports.export import export_run_student
+from distill.models.spec import InputSpec
+from distill.models.student import build_student, set_attention, student_input_spec
+from distill.models.student_init import initialise, resolve_init
+from distill.models.teacher import Teacher
+from distill.recipe.schema import Recipe, flatten, recipe_to_dict
+from distill.run import checkpoint as ckpt
+from distill.run.checkpoint import TrainingState
+from distill.run.rundir import RunDir
+from distill.run.tracking import RunLog, check_trackers
+from distill.training.engine import STOP, evaluate_student, evaluate_teacher, train_one_epoch
+from distill.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, effective_lr
+from distill.training.progress import ProgressReport
+from distill.training.step import Step
+from distill.training.teacher_outputs import TeacherOutputCache, open_output_cache
+from distill.training.teacher_stage import check_teacher, obtain_teacher
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -171,7 +173,7 @@ class DistillRun:
             t_stats, teacher_val = evaluate_teacher(acc, teacher, student.pipeline.val_loader, outputs)
             check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
             acc.print(f"teacher: {teacher.describe()['architecture']} val top-1 {100 * t_stats['top1']:.2f}%")
-        progress = Progress()
+        progress = TrainingState()
         if resume_from is not None:
             progress = ckpt.load_checkpoint(acc, resume_from, student.ema)
             acc.print(f"resuming from {resume_from} (epoch {progress.epoch + 1}, step {progress.global_step})")
@@ -199,7 +201,7 @@ class DistillRun:
         self,
         student: Student,
         step: Step,
-        progress: Progress,
+        progress: TrainingState,
         log: RunLog,
         teacher_val: dict[int, torch.Tensor] | None,
         outputs: TeacherOutputCache | None,
@@ -245,7 +247,7 @@ class DistillRun:
         self, teacher: Teacher | None, split: SplitData, spec: InputSpec, wall_start: float
     ) -> dict[str, Any]:
         """The teacher stage as a run of its own: evaluate, copy the teacher into the run."""
-        from distill.pipeline import eval_loader
+        from distill.data.pipeline import eval_loader
 
         acc, r = self.accelerator, self.recipe
         if teacher is None:
@@ -269,13 +271,13 @@ class DistillRun:
         acc.wait_for_everyone()
         return summary
 
-    def _save_step(self, student: Student, progress: Progress) -> None:
+    def _save_step(self, student: Student, progress: TrainingState) -> None:
         """Checkpoint ``step_<global step>`` atomically, keeping the newest run.keep_checkpoints."""
         root, name = self.rundir.checkpoints, ckpt.step_name(progress.global_step)
         ckpt.save_checkpoint(self.accelerator, root, name, progress, student.ema, keep=self.recipe.run.keep_checkpoints)
 
     def _train_epoch(
-        self, student: Student, step: Step, progress: Progress, epoch: int, log: RunLog, report: ProgressReport
+        self, student: Student, step: Step, progress: TrainingState, epoch: int, log: RunLog, report: ProgressReport
     ) -> None:
         r = self.recipe
 
@@ -307,7 +309,7 @@ class DistillRun:
         self,
         student: Student,
         teacher_val: dict[int, torch.Tensor] | None,
-        progress: Progress,
+        progress: TrainingState,
         sums: dict[str, float],
     ) -> dict[str, Any]:
         acc = self.accelerator
@@ -340,7 +342,7 @@ class DistillRun:
         student: Student,
         teacher: Teacher | None,
         split: SplitData,
-        progress: Progress,
+        progress: TrainingState,
         final: dict[str, Any],
         log: RunLog,
         outputs: TeacherOutputCache | None,

@@ -369,7 +369,7 @@ def collect(
     """One pass: attention statistics, token similarity, every head's and the teacher's
     predictions, and the first ``maps`` images' attention maps. ``batches`` yields (images in
     the model's input space, labels in its output indices)."""
-    from distill.models import student_heads
+    from distill.models.student import student_heads
 
     device = device or torch.device("cpu")
     g = Geometry.of(model)
@@ -787,8 +787,8 @@ class AnalysisData:
 def analysis_data(data: str | None, loaded: Any) -> AnalysisData:
     """The run's validation split, or that of ``data`` (a recipe YAML, or an image-folder root
     with ``train/`` and ``val/`` or ``test/``); an export has no data of its own."""
-    from distill.config import load_recipe
-    from distill.data import load_source
+    from distill.data.sources import load_source
+    from distill.recipe.schema import load_recipe
 
     if data is None:
         if loaded.recipe is None:
@@ -809,8 +809,8 @@ def analysis_data(data: str | None, loaded: Any) -> AnalysisData:
 def _recorded_teacher(loaded: Any) -> tuple[Path | None, str | None]:
     """The teacher folder a finished run's summary.json names, checked by its sha256: (folder,
     None), (None, why not), or (None, None) when the run recorded none (unfinished)."""
-    from distill.models import file_sha256
-    from distill.rundir import RunDir
+    from distill.models.student import file_sha256
+    from distill.run.rundir import RunDir
 
     recorded = RunDir(loaded.run_dir).summary().get("teacher") or {}
     if not recorded.get("weights") or recorded["weights"] == "None":
@@ -828,7 +828,7 @@ def _recorded_teacher(loaded: Any) -> tuple[Path | None, str | None]:
 
 def _cached_teacher(loaded: Any, recipe: Any, data: AnalysisData) -> tuple[Path | None, str | None]:
     """The trained-teacher cache folder the run's recipe keys today (an unfinished run)."""
-    from distill.teacher_stage import TEACHER_INFO, cache_dir, teacher_key
+    from distill.training.teacher_stage import TEACHER_INFO, cache_dir, teacher_key
 
     if recipe.teacher.cache_dir is None and loaded.run_dir is not None:  # <run.output_dir>/teachers, any cwd
         teacher_cfg = recipe.teacher.model_copy(
@@ -849,7 +849,7 @@ def run_teacher(loaded: Any, data: AnalysisData, device: torch.device) -> tuple[
     never trains a teacher."""
     from accelerate import Accelerator
 
-    from distill.teacher_stage import obtain_teacher
+    from distill.training.teacher_stage import obtain_teacher
 
     recipe = loaded.recipe
     if recipe is None:
@@ -920,8 +920,8 @@ def analyze(
     and returns what analysis.json holds."""
     from tqdm import tqdm
 
-    from distill.artifacts import match_classes
-    from distill.pipeline import eval_loader
+    from distill.data.pipeline import eval_loader
+    from distill.exports.artifacts import match_classes
 
     start = time.perf_counter()
     attention_modules(loaded.model)  # a convnet stops here, before any work
@@ -1001,7 +1001,7 @@ def write_outputs(result: dict[str, Any], col: Collected, spec: Any, out: Path, 
 def analyze_run(run_dir: Path, images: int | None = 512, device: torch.device | None = None) -> Path:
     """The analysis of a finished run's last checkpoint into ``<run>/analysis`` (a study calls
     it for every run); returns the analysis.json path."""
-    from distill.artifacts import load_artifact
+    from distill.exports.artifacts import load_artifact
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_artifact(Path(run_dir), "last", False)

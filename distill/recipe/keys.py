@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from distill.config import PROVENANCE_KEY, DataConfig, Recipe, section_model
+from distill.recipe.schema import PROVENANCE_KEY, DataConfig, Recipe, section_model
 
 
 class Effect(str, Enum):

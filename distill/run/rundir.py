@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
-from distill import checkpoint as ckpt
-from distill.config import PROVENANCE_KEY, Recipe, recipe_to_dict
 from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
-from distill.keys import changed_for_resume
-from distill.tracking import TRACKERS_FILE, provenance, read_metrics, write_atomic
+from distill.recipe.keys import changed_for_resume
+from distill.recipe.schema import PROVENANCE_KEY, Recipe, recipe_to_dict
+from distill.run import checkpoint as ckpt
+from distill.run.tracking import TRACKERS_FILE, provenance, read_metrics, write_atomic
 
 # What a fresh start clears (a shared directory may hold other files: those stay).
 RUN_FILES = ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml", TRACKERS_FILE)

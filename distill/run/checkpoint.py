@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,33 @@ from accelerate import Accelerator
 from accelerate.utils.other import load as accelerate_load
 from safetensors import SafetensorError
 
-from distill.engine import Progress
 from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
 
 STEP_PREFIX = "step_"
 BEST = "best"
 MARKER = "progress.json"
 EMA_FILE = "ema.safetensors"
+
+
+@dataclass
+class TrainingState:
+    """Where training stands; stored in every checkpoint as JSON (no pickle)."""
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # micro-batches done in the current epoch (per process)
+    global_step: int = 0  # optimizer steps done
+    best_top1: float = -1.0  # best val/top1_fused so far
+    best_epoch: int = 0
+    train_time: float = 0.0  # seconds spent in training steps, over all sessions
+    train_images: int = 0  # images trained on, all processes, over all sessions
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # global sums for this epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingState:
+        return cls(**d)
 
 
 def _is_complete(path: Path) -> bool:
@@ -70,7 +91,7 @@ def save_checkpoint(
     accelerator: Accelerator,
     root: Path,
     name: str,
-    progress: Progress,
+    progress: TrainingState,
     ema: Any = None,
     keep: int | None = None,
 ) -> Path:
@@ -115,7 +136,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any = None) -> Progress:
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any = None) -> TrainingState:
     """Collective: restore model/optimizer/scaler/RNG state, EMA weights and progress.
 
     Nothing is unpickled beyond ``torch.load(weights_only=True)``: weights are safetensors,
@@ -134,7 +155,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any = None) -> Pr
             from safetensors.torch import load_file
 
             ema.module.load_state_dict(load_file(str(path / EMA_FILE)))
-        return Progress.from_dict(json.loads((path / MARKER).read_text()))
+        return TrainingState.from_dict(json.loads((path / MARKER).read_text()))
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, EOFError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunStateError(

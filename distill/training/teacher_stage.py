@@ -21,17 +21,12 @@ import torch
 from accelerate import Accelerator
 
 from distill import __version__
-from distill.config import Recipe
-from distill.data import SplitData, seeded
-from distill.engine import Progress, evaluate, train_one_epoch
+from distill.data.pipeline import build_pipeline
+from distill.data.sources import SplitData, seeded
 from distill.errors import RecipeError, TeacherError
-from distill.keys import TEACHER, fields
-from distill.metrics import classifier_sample_stats
-from distill.optim import batch_plan, build_optimizer, build_scheduler
-from distill.pipeline import InputSpec, build_pipeline
-from distill.progress import ProgressReport
-from distill.step import Step
-from distill.teacher import (
+from distill.models.metrics import classifier_sample_stats
+from distill.models.spec import InputSpec
+from distill.models.teacher import (
     ConvnetTeacher,
     FrozenTeacher,
     build_teacher_model,
@@ -40,6 +35,13 @@ from distill.teacher import (
     match_teacher_classes,
     teacher_normalisation,
 )
+from distill.recipe.keys import TEACHER, fields
+from distill.recipe.schema import Recipe
+from distill.run.checkpoint import TrainingState
+from distill.training.engine import evaluate, train_one_epoch
+from distill.training.optim import batch_plan, build_optimizer, build_scheduler
+from distill.training.progress import ProgressReport
+from distill.training.step import Step
 
 TEACHER_INFO = "teacher.json"
 
@@ -91,7 +93,7 @@ def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     step = Step(pipeline.prepare, label_smoothing=cfg.label_smoothing)
-    progress = Progress()
+    progress = TrainingState()
     start = time.perf_counter()
     accelerator.print(f"teacher: training {arch} for {cfg.epochs} epochs ({steps_per_epoch} steps each)")
     report = ProgressReport(

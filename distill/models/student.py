@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import StudentConfig
 from distill.errors import RecipeError, TeacherError
+from distill.models.spec import InputSpec
+from distill.recipe.schema import Recipe, StudentConfig
 
 REGISTRY_PROVENANCE_KEYS = (
     "tag",
@@ -166,3 +167,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TeacherError(f"teacher checkpoint {path} does not hold a state dict of tensors")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def student_input_spec(recipe: Recipe) -> InputSpec:
+    """The student's input: size and normalisation from its timm config, eval crop and
+    interpolation from the recipe where it sets them.
+
+    The distilled student is built on the meta device (no memory, no weights, no RNG draws): the
+    same code path as training (sizes, divisibility checks, timm's config) without a full-size
+    probe. Its registry config gives the spec whether or not the run keeps the token."""
+    from timm.data import resolve_model_data_config
+
+    with torch.device("meta"):
+        probe = build_student(recipe.student, 2)
+    spec = InputSpec.from_timm(resolve_model_data_config(probe))
+    aug = recipe.data.augment
+    return InputSpec(
+        spec.size,
+        spec.mean,
+        spec.std,
+        aug.crop_pct or spec.crop_pct,
+        aug.interpolation or spec.interpolation,
+    )

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.config import DataConfig
 from distill.errors import DataError
-from distill.keys import SPLIT, data_fields
+from distill.recipe.keys import SPLIT, data_fields
+from distill.recipe.schema import DataConfig
 
 # ---------------------------------------------------------------------------------------------
 # Sources

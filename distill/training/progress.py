@@ -1,4 +1,4 @@
-"""Progress that shows wherever the output goes: a bar on a terminal, plain lines in a log file.
+"""TrainingState that shows wherever the output goes: a bar on a terminal, plain lines in a log file.
 
 On clusters stdout goes to a file and tqdm switches itself off there, which left a run silent
 between epochs (the teacher stage printed nothing for 126 s on 3,000 MNIST images, issue 12). So
@@ -28,7 +28,7 @@ def duration(seconds: float) -> str:
 
 
 class ProgressReport:
-    """Progress of one training stage (``name``: student or teacher) over ``total`` optimizer steps.
+    """TrainingState of one training stage (``name``: student or teacher) over ``total`` optimizer steps.
 
     ``step()`` after every optimizer step, ``values(...)`` when the loss is known (every
     run.log_every_steps), ``epoch_end(...)`` at the end of an epoch. Only the main process reports.

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from distill.config import DistillationConfig
-from distill.losses import LossParts, classification_loss, distillation_loss
-from distill.models import as_heads
-from distill.teacher import Teacher
-from distill.teacher_cache import TeacherOutputCache
+from distill.models.student import as_heads
+from distill.models.teacher import Teacher
+from distill.recipe.schema import DistillationConfig
+from distill.training.losses import LossParts, classification_loss, distillation_loss
+from distill.training.teacher_outputs import TeacherOutputCache
 
 Prepare = Callable[[dict[str, Any], int], tuple[torch.Tensor, torch.Tensor]]
 

@@ -13,77 +13,21 @@ accuracies and export re-validation see the same pixels.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from distill.config import AugmentConfig, DataConfig, Recipe
-from distill.data import SplitData, decode_rgb, sample_seed, seeded
+from distill.data.sources import SplitData, decode_rgb, sample_seed, seeded
+from distill.data.tensor_store import FILTERS, BatchAugment, StoredImages, collate_stored, decode_all, store_fits
 from distill.errors import DataError, RecipeError
-from distill.tensor_store import FILTERS, BatchAugment, StoredImages, collate_stored, decode_all, store_fits
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects: replaces timm's untyped ``data_config`` dict inside distill."""
-
-    size: tuple[int, int]  # (height, width)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float  # eval: resize to size / crop_pct, then centre-crop
-    interpolation: str
-
-    @classmethod
-    def from_timm(cls, data_config: dict[str, Any]) -> InputSpec:
-        _, h, w = data_config["input_size"]
-        return cls(
-            (int(h), int(w)),
-            tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type]
-            tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type]
-            float(data_config.get("crop_pct", 0.875)),
-            str(data_config.get("interpolation", "bicubic")),
-        )
-
-    def timm_config(self) -> dict[str, Any]:
-        """timm's form: for ``create_transform`` and a model's ``pretrained_cfg`` (exports)."""
-        return {
-            "input_size": (3, *self.size),
-            "mean": self.mean,
-            "std": self.std,
-            "crop_pct": self.crop_pct,
-            "interpolation": self.interpolation,
-        }
+from distill.models.spec import InputSpec
+from distill.recipe.schema import AugmentConfig, DataConfig, Recipe
 
 
 def data_seed(recipe: Recipe) -> int:
     """The seed of the data stream (order, augmentation, mixup): data.seed, else run.seed."""
     return recipe.run.seed if recipe.data.seed is None else recipe.data.seed
-
-
-def student_input_spec(recipe: Recipe) -> InputSpec:
-    """The student's input: size and normalisation from its timm config, eval crop and
-    interpolation from the recipe where it sets them.
-
-    The distilled student is built on the meta device (no memory, no weights, no RNG draws): the
-    same code path as training (sizes, divisibility checks, timm's config) without a full-size
-    probe. Its registry config gives the spec whether or not the run keeps the token."""
-    from timm.data import resolve_model_data_config
-
-    from distill.models import build_student
-
-    with torch.device("meta"):
-        probe = build_student(recipe.student, 2)
-    spec = InputSpec.from_timm(resolve_model_data_config(probe))
-    aug = recipe.data.augment
-    return InputSpec(
-        spec.size,
-        spec.mean,
-        spec.std,
-        aug.crop_pct or spec.crop_pct,
-        aug.interpolation or spec.interpolation,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from distill.artifacts import name_list, read_label_names
-from distill.config import TeacherConfig
 from distill.errors import TeacherError
-from distill.models import create_model, file_sha256, read_state_dict
-from distill.pipeline import InputSpec
+from distill.models.labels import name_list, read_label_names
+from distill.models.spec import InputSpec
+from distill.models.student import create_model, file_sha256, read_state_dict
+from distill.recipe.schema import TeacherConfig
 
 
 class Teacher(Protocol):

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from distill.config import OptimConfig
 from distill.errors import RecipeError
+from distill.recipe.schema import OptimConfig
 
 DEIT_LR_BATCH = 512  # DeiT: lr = base_lr x global_batch / 512
 

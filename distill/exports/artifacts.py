@@ -18,11 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill import checkpoint as ckpt
-from distill.config import Recipe, load_recipe
+from distill.data.pipeline import eval_loader
 from distill.errors import DataError, DistillError
-from distill.pipeline import InputSpec, eval_loader, student_input_spec
-from distill.rundir import RunDir
+from distill.models.labels import name_list, read_label_names
+from distill.models.spec import InputSpec
+from distill.models.student import student_input_spec
+from distill.recipe.schema import Recipe, load_recipe
+from distill.run import checkpoint as ckpt
+from distill.run.rundir import RunDir
 
 
 @dataclass
@@ -43,34 +46,6 @@ class LoadedModel:
         return RunDir(self.run_dir).logged_at(self.progress["epoch"], self.progress["global_step"])
 
 
-def name_list(names: list[str], limit: int = 30) -> str:
-    """``'a', 'b', 'c'`` for messages; a long list shows its first ``limit`` and the count."""
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
-
-
-def read_label_names(
-    raw: Any, num_classes: int | None, where: str, error: type[DistillError] = DistillError
-) -> list[str] | None:
-    """The class names a model records in timm's ``label_names`` (a list, or an {index: name}
-    dict), one per output in output order; None when it records none."""
-    if not raw:
-        return None
-    if isinstance(raw, dict):
-        by_index = {int(k): str(v) for k, v in raw.items()}
-        if sorted(by_index) != list(range(len(by_index))):
-            raise error(f"{where}: label_names does not name every output 0..{max(by_index)}; give one name per output")
-        names = [by_index[i] for i in range(len(by_index))]
-    else:
-        names = [str(n) for n in raw]
-    if num_classes is not None and len(names) != num_classes:
-        raise error(f"{where} records {len(names)} label_names for a {num_classes}-class head")
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise error(f"{where}: label_names repeats {name_list(twice)}; each output needs its own name")
-    return names
-
-
 def run_class_names(run_dir: Path, recipe: Recipe, num_classes: int) -> list[str] | None:
     """The classes a run trained on, in output order: what the run recorded (summary.json, its
     export's config.json), else its data's, which means loading the split (slow for big folders);
@@ -83,7 +58,7 @@ def run_class_names(run_dir: Path, recipe: Recipe, num_classes: int) -> list[str
         names = read_label_names(recorded, num_classes, f"run {run_dir}")
         assert names is not None
         return names
-    from distill.data import load_source
+    from distill.data.sources import load_source
 
     try:
         names = load_source(recipe.data).class_names
@@ -119,7 +94,7 @@ def load_checkpoint_student(run_dir: Path, checkpoint: Path, ema: bool = False) 
     """The student of ``checkpoint`` (or its EMA), rebuilt from the run's recorded recipe."""
     from safetensors.torch import load_file
 
-    from distill.models import build_student
+    from distill.models.student import build_student
 
     recipe = load_recipe(RunDir(run_dir).recipe_file)
     weights = checkpoint / (ckpt.EMA_FILE if ema else "model.safetensors")
@@ -144,7 +119,7 @@ def load_export(folder: Path) -> LoadedModel:
     """A timm Hub folder (our export), through timm alone."""
     from timm.data import resolve_model_data_config
 
-    from distill.export_formats import load_timm
+    from distill.exports.formats import load_timm
 
     model = load_timm(folder)
     spec = InputSpec.from_timm(resolve_model_data_config(model))
@@ -157,7 +132,7 @@ def load_export(folder: Path) -> LoadedModel:
 def load_exported_file(path: Path) -> LoadedModel:
     """An ONNX (fp32 or int8) or TorchScript file of an export folder, with that folder's
     preprocessing and class names (the file records neither)."""
-    from distill.export_formats import OnnxClassifier, TorchScriptClassifier, folder_spec_and_names
+    from distill.exports.formats import OnnxClassifier, TorchScriptClassifier, folder_spec_and_names
 
     kind = "ONNX" if path.suffix == ".onnx" else "TorchScript"
     spec, raw_names, num_classes = folder_spec_and_names(path.parent, f"{kind} file {path.name}")
@@ -169,7 +144,7 @@ def load_exported_file(path: Path) -> LoadedModel:
 def load_transformers_folder(folder: Path) -> LoadedModel:
     """transformers' DeiT/ViT folder (``--format transformers``) with the preprocessing of its
     own preprocessor_config.json and the class names of its id2label."""
-    from distill.export_formats import TransformersClassifier, spec_from_image_processor
+    from distill.exports.formats import TransformersClassifier, spec_from_image_processor
 
     processor = folder / "preprocessor_config.json"
     if not processor.is_file():
@@ -281,8 +256,8 @@ def score(
     (``output_heads``, given by ``forward_heads``), else its one fused output. ``predictions``
     adds each head's argmax per image (``result["predictions"][head]``, a tensor).
     """
-    from distill.metrics import topk_correct
-    from distill.models import student_heads
+    from distill.models.metrics import topk_correct
+    from distill.models.student import student_heads
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data_names = class_names if class_names is not None else dataset_class_names(dataset)

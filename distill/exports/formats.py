@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.pipeline import InputSpec
+from distill.models.spec import InputSpec
 
 PARITY_TOL = 1e-4  # max |exported - PyTorch| on real validation images (fp32)
 TRANSFORMERS_DIR = "transformers"
@@ -530,7 +530,7 @@ def write_transformers(
 def _transformers_parity(
     model: nn.Module, reloaded: TransformersClassifier, folder: Path, architecture: str, images: torch.Tensor
 ) -> dict[str, Any]:
-    from distill.models import student_heads
+    from distill.models.student import student_heads
 
     check = parity(model, reloaded, folder, images)
     if len(reloaded.output_heads) == 3:

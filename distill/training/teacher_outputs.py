@@ -41,12 +41,12 @@ import torch
 from accelerate import Accelerator
 
 from distill import __version__
-from distill.config import Recipe
-from distill.data import SplitData
+from distill.data.pipeline import InputPipeline, data_seed
+from distill.data.sources import SplitData
 from distill.errors import TrainingError
-from distill.keys import TEACHER_OUTPUTS, fields
-from distill.optim import BatchPlan
-from distill.pipeline import InputPipeline, data_seed
+from distill.recipe.keys import TEACHER_OUTPUTS, fields
+from distill.recipe.schema import Recipe
+from distill.training.optim import BatchPlan
 
 KEY_FILE = "key.json"
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distill.config import AugmentConfig
-from distill.data import decode_rgb, describe, open_image
+from distill.data.sources import decode_rgb, describe, open_image
 from distill.errors import DataError
+from distill.recipe.schema import AugmentConfig
 
 # Beyond this the batched resample stops paying for itself against decoding (and the store's
 # memory grows: 50,000 CIFAR images are 150 MB; 1.28 M ImageNet ones at 224 px would be 190 GB).
