@@ -216,6 +216,34 @@ def run_launch(args: Any, launch: Any = None) -> int:
     return stop.status
 
 
+def default_threads(args: Any, physical_cores: int | None = None) -> int | None:
+    """Threads per process when the user passed no --num_cpu_threads_per_process and set no
+    OMP_NUM_THREADS, on a machine without GPUs: the physical cores shared by the processes of
+    this machine. Accelerate gives each process one thread there unless the config says
+    use_cpu (measured: 1,150 img/s against 1,900 through ``python -m distill.train``). None:
+    leave Accelerate's choice."""
+    if args.num_cpu_threads_per_process is not None or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    processes, machines = args.num_processes, args.num_machines
+    if processes is None or machines is None:
+        from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+        config_file = args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+        config = load_config_from_file(config_file) if config_file else None
+        processes = processes or (config.num_processes if config is not None else 1)
+        machines = machines or (config.num_machines if config is not None else 1)
+    if physical_cores is None:
+        import psutil
+
+        physical_cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    per_machine = max(int(processes or 1) // max(int(machines or 1), 1), 1)
+    return max(physical_cores // per_machine, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command_parser
 
@@ -226,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         "accelerate launch with distill's exit statuses: 2 for an error to fix, 143 after SIGTERM or "
         "Ctrl-C (checkpointed), 128+N when a process was killed by signal N."
     )
-    return run_launch(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    threads = default_threads(args)
+    if threads is not None:
+        args.num_cpu_threads_per_process = threads
+        print(f"launch: {threads} CPU threads per process (no --num_cpu_threads_per_process given)", flush=True)
+    return run_launch(args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from distill.training.losses import (
+    DistillSettings,
     LossParts,
     classification_loss,
     distillation_loss,
@@ -215,7 +216,7 @@ def test_distillation_none_mean_of_both_heads() -> None:
     # cls = A, labels [1, 0] -> ln(10/3) / 2
     # dist = zeros -> -log(1/3) per row = ln 3
     # total = ce = (ln(10/3) / 2 + ln 3) / 2, kd = 0
-    parts = distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), None, "none", alpha=0.25)
+    parts = distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), None, DistillSettings("none", alpha=0.25))
     assert isinstance(parts, LossParts)
     expected = 0.5 * (CE_A_LABELS_10 + LN3)
     assert close(parts.ce, expected)
@@ -227,7 +228,7 @@ def test_distillation_none_mean_of_both_heads() -> None:
 def test_distillation_none_ignores_teacher_and_trains_both_heads() -> None:
     cls = a_logits().requires_grad_(True)
     dist = zeros().requires_grad_(True)
-    parts = distillation_loss(cls, dist, torch.tensor([1, 0]), TEACHER_HARD, "none", alpha=0.9)
+    parts = distillation_loss(cls, dist, torch.tensor([1, 0]), TEACHER_HARD, DistillSettings("none", alpha=0.9))
     assert close(parts.total, 0.5 * (CE_A_LABELS_10 + LN3))  # teacher and alpha are not used
     parts.total.backward()
     assert cls.grad is not None and dist.grad is not None
@@ -238,7 +239,9 @@ def test_distillation_soft_alpha_quarter() -> None:
     # ce_cls = ln(10/3) / 2; kd = soft_kd(zeros, [[0, ln2, 0], [0, 0, 0]], tau 1) = 1/4 ln(9/8)
     # total = 0.75 * ce_cls + 0.25 * kd
     teacher = t([[0.0, LN2, 0.0], [0.0, 0.0, 0.0]])
-    parts = distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), teacher, "soft", alpha=0.25, tau=1.0)
+    parts = distillation_loss(
+        a_logits(), zeros(), torch.tensor([1, 0]), teacher, DistillSettings("soft", alpha=0.25, tau=1.0)
+    )
     kd = 0.25 * math.log(9.0 / 8.0)
     assert close(parts.ce, CE_A_LABELS_10)
     assert close(parts.kd, kd)
@@ -249,7 +252,7 @@ def test_distillation_soft_passes_tau_and_kl_norm() -> None:
     # tau 2, deit norm: kd = ln(9/8) / 3 (see test_soft_kd_tau_squared_scaling)
     teacher = t([[0.0, 2 * LN2, 0.0], [0.0, 0.0, 0.0]])
     parts = distillation_loss(
-        a_logits(), zeros(), torch.tensor([1, 0]), teacher, "soft", alpha=0.25, tau=2.0, kl_norm="deit"
+        a_logits(), zeros(), torch.tensor([1, 0]), teacher, DistillSettings("soft", alpha=0.25, tau=2.0, kl_norm="deit")
     )
     kd = math.log(9.0 / 8.0) / 3.0
     assert close(parts.kd, kd)
@@ -259,14 +262,18 @@ def test_distillation_soft_passes_tau_and_kl_norm() -> None:
 def test_distillation_soft_uses_dist_head_for_teacher_term() -> None:
     # If dist == teacher the KD term is 0 whatever the class head says.
     teacher = t([[0.0, LN2, 0.0], [0.0, 0.0, 0.0]])
-    parts = distillation_loss(a_logits(), teacher.clone(), torch.tensor([1, 0]), teacher, "soft", alpha=0.25)
+    parts = distillation_loss(
+        a_logits(), teacher.clone(), torch.tensor([1, 0]), teacher, DistillSettings("soft", alpha=0.25)
+    )
     assert abs(float(parts.kd)) < 1e-12
     assert close(parts.total, 0.75 * CE_A_LABELS_10)
 
 
 def test_distillation_hard_alpha_quarter() -> None:
     # ce_cls = ln(10/3) / 2; kd = CE(dist = A, teacher argmax [2, 0]) = ln(20/3) / 2
-    parts = distillation_loss(a_logits(), a_logits(), torch.tensor([1, 0]), TEACHER_HARD, "hard", alpha=0.25)
+    parts = distillation_loss(
+        a_logits(), a_logits(), torch.tensor([1, 0]), TEACHER_HARD, DistillSettings("hard", alpha=0.25)
+    )
     assert close(parts.ce, CE_A_LABELS_10)
     assert close(parts.kd, HARD_KD_A)
     assert close(parts.total, 0.75 * CE_A_LABELS_10 + 0.25 * HARD_KD_A)
@@ -277,7 +284,11 @@ def test_distillation_label_smoothing_not_applied_to_teacher_term() -> None:
     # With label_smoothing = 0.1 the class-head CE is smoothed but the hard KD term is not:
     # kd stays ln(20/3) / 2 (a smoothed teacher target would give a different value).
     parts = distillation_loss(
-        a_logits(), a_logits(), torch.tensor([1, 0]), TEACHER_HARD, "hard", alpha=0.25, label_smoothing=0.1
+        a_logits(),
+        a_logits(),
+        torch.tensor([1, 0]),
+        TEACHER_HARD,
+        DistillSettings("hard", alpha=0.25, label_smoothing=0.1),
     )
     assert close(parts.kd, HARD_KD_A)
     assert close(parts.ce, CE_A_LABELS_10_SMOOTH)
@@ -292,7 +303,7 @@ def test_distillation_label_smoothing_not_applied_to_teacher_term() -> None:
 def test_distillation_soft_label_smoothing_only_on_ce() -> None:
     teacher = t([[0.0, LN2, 0.0], [0.0, 0.0, 0.0]])
     parts = distillation_loss(
-        a_logits(), zeros(), torch.tensor([1, 0]), teacher, "soft", alpha=0.25, label_smoothing=0.1
+        a_logits(), zeros(), torch.tensor([1, 0]), teacher, DistillSettings("soft", alpha=0.25, label_smoothing=0.1)
     )
     assert close(parts.kd, 0.25 * math.log(9.0 / 8.0))
     assert close(parts.ce, CE_A_LABELS_10_SMOOTH)
@@ -301,7 +312,7 @@ def test_distillation_soft_label_smoothing_only_on_ce() -> None:
 def test_distillation_with_dense_mixup_targets() -> None:
     # ce_cls with targets [[1/2, 1/2, 0], [0, 0, 1]] = (3/2 ln 2 + ln 5) / 2; kd hard = ln(20/3) / 2
     targets = t([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
-    parts = distillation_loss(a_logits(), a_logits(), targets, TEACHER_HARD, "hard", alpha=0.25)
+    parts = distillation_loss(a_logits(), a_logits(), targets, TEACHER_HARD, DistillSettings("hard", alpha=0.25))
     ce = 0.5 * (1.5 * LN2 + LN5)
     assert close(parts.ce, ce)
     assert close(parts.total, 0.75 * ce + 0.25 * HARD_KD_A)
@@ -309,19 +320,21 @@ def test_distillation_with_dense_mixup_targets() -> None:
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_distillation_alpha_extremes(alpha: float) -> None:
-    parts = distillation_loss(a_logits(), a_logits(), torch.tensor([1, 0]), TEACHER_HARD, "hard", alpha=alpha)
+    parts = distillation_loss(
+        a_logits(), a_logits(), torch.tensor([1, 0]), TEACHER_HARD, DistillSettings("hard", alpha=alpha)
+    )
     assert close(parts.total, HARD_KD_A if alpha == 1.0 else CE_A_LABELS_10)
 
 
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_distillation_missing_teacher_raises(kind: str) -> None:
     with pytest.raises(ValueError, match=kind):
-        distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), None, kind, alpha=0.25)  # type: ignore[arg-type]
+        distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), None, DistillSettings(kind, alpha=0.25))  # type: ignore[arg-type]
 
 
 def test_distillation_unknown_kind_raises() -> None:
     with pytest.raises(ValueError, match="unknown distillation type"):
-        distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), TEACHER_HARD, "bogus", alpha=0.25)  # type: ignore[arg-type]
+        distillation_loss(a_logits(), zeros(), torch.tensor([1, 0]), TEACHER_HARD, DistillSettings("bogus", alpha=0.25))  # type: ignore[arg-type]
 
 
 # classification_loss --------------------------------------------------------------------------

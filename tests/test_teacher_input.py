@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.models.spec import InputSpec
-from distill.models.teacher import FrozenTeacher
+from distill.models.teacher import FrozenTeacher, FrozenTeacherOptions
 from distill.recipe.schema import load_recipe
 from distill.training.teacher_stage import teacher_size
 
@@ -31,13 +31,13 @@ class Recorder(nn.Module):
 
 def test_a_teacher_at_twice_the_students_size_sees_exactly_the_interpolated_batch() -> None:
     recorder = Recorder()
-    teacher = FrozenTeacher(recorder, HALF, HALF, HALF, HALF, channels_last=False, size=(32, 32))
+    teacher = FrozenTeacher(recorder, HALF, HALF, HALF, HALF, FrozenTeacherOptions(channels_last=False, size=(32, 32)))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     teacher(x)
     expected = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
     assert torch.equal(recorder.seen[0], expected)
     same = Recorder()
-    FrozenTeacher(same, HALF, HALF, HALF, HALF, channels_last=False, size=(16, 16))(x)
+    FrozenTeacher(same, HALF, HALF, HALF, HALF, FrozenTeacherOptions(channels_last=False, size=(16, 16)))(x)
     assert torch.equal(same.seen[0], x)  # at the student's size: untouched
 
 
@@ -45,7 +45,7 @@ def test_a_non_square_teacher_input_is_resized_then_renormalised() -> None:
     recorder = Recorder()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(1))
-    FrozenTeacher(recorder, HALF, HALF, mean, std, channels_last=False, size=(24, 20))(x)
+    FrozenTeacher(recorder, HALF, HALF, mean, std, FrozenTeacherOptions(channels_last=False, size=(24, 20)))(x)
     resized = F.interpolate(x, size=(24, 20), mode="bicubic", align_corners=False, antialias=True)
     expected = (resized * 0.5 + 0.5 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(recorder.seen[0], expected, atol=1e-6)

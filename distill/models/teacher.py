@@ -1,7 +1,7 @@
 """The teacher: one interface (``Teacher``) and its implementation, a frozen timm convnet.
 
-Everything outside the teacher modules (teacher.py, teacher_stage.py, teacher_cache.py) talks to
-a teacher through the interface: call it on a student-space batch, ask its fingerprint (what
+Everything outside the teacher modules (this one and training/teacher_stage.py) talks to a
+teacher through the interface: call it on a student-space batch, ask its fingerprint (what
 caches key on) or its description (summary, model card, report). Later teachers (ensembles,
 other resolutions) are new implementations, not new fields read across the code.
 
@@ -18,6 +18,7 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,7 +95,7 @@ class ConvnetTeacher:
     def describe(self) -> dict[str, Any]:
         return {
             "architecture": self.architecture,
-            "weights": str(self.weights),
+            "weights": str(self.weights) if self.weights is not None else None,
             "sha256": self.sha256,
             "val_top1": self.val_top1,
             "trained_here": self.trained_here,
@@ -128,7 +129,18 @@ def _resolve_checkpoint(cfg: TeacherConfig) -> tuple[str, Path, dict[str, Any]]:
             raise TeacherError(f"teacher folder {path} lacks config.json and model.safetensors")
         meta = json.loads(config_file.read_text())
         return meta["architecture"], weights, dict(meta.get("model_args", {}))
+    if cfg.model is None:
+        raise TeacherError(f"teacher.checkpoint {path} is a weights file: set teacher.model to its architecture")
     return cfg.model, path, {}
+
+
+def checkpoint_architecture(checkpoint: Path | str) -> str | None:
+    """The architecture a teacher folder's config.json records; None for a weights file (or a
+    path that does not exist: loading it says so)."""
+    config = Path(str(checkpoint)).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("architecture")
 
 
 def folder_label_names(folder: Path) -> list[str] | None:
@@ -184,6 +196,20 @@ def load_teacher_weights(model: nn.Module, path: Path, arch: str, num_classes: i
     model.load_state_dict(sd, strict=True)
 
 
+@dataclass(frozen=True)
+class FrozenTeacherOptions:
+    """How a frozen teacher runs beyond its normalisation: its own input size, its output order,
+    and the speed switches of the teacher section (inference_mode, channels_last, compile)."""
+
+    size: tuple[int, int] | None = None  # teacher.img_size; None: the student's size
+    interpolation: str = "bicubic"  # for resizing the student's batch to ``size``
+    # Output i is the teacher's output class_order[i] (match_teacher_classes); None: as is.
+    class_order: Sequence[int] | None = None
+    inference_mode: bool = True
+    channels_last: bool = True
+    compile: bool = False
+
+
 class FrozenTeacher(nn.Module):
     """A frozen teacher fed the student's input, re-normalised to the teacher's statistics.
 
@@ -198,24 +224,20 @@ class FrozenTeacher(nn.Module):
         student_std: tuple[float, ...],
         teacher_mean: tuple[float, ...],
         teacher_std: tuple[float, ...],
-        inference_mode: bool = True,
-        channels_last: bool = True,
-        compile: bool = False,
-        class_order: Sequence[int] | None = None,
-        size: tuple[int, int] | None = None,
-        interpolation: str = "bicubic",
+        options: FrozenTeacherOptions = FrozenTeacherOptions(),
     ) -> None:
         super().__init__()
+        o = options
         # Its own input size (teacher.img_size): the student's (already mixed) batch is resized
         # to it here, so the student's pipeline does not change. None: the student's size.
-        self.size, self.interpolation = (tuple(size) if size is not None else None), interpolation
+        self.size, self.interpolation = (tuple(o.size) if o.size is not None else None), o.interpolation
         self.model = model.eval().requires_grad_(False)
         # inference_mode + channels_last: resnet10t at 16 px, batch 64, on 2 CPU cores went
         # from 20.2 ms to 15.0 ms (measured); channels-last is also the fast conv layout on GPUs.
-        self.inference_mode, self.channels_last = inference_mode, channels_last
-        if channels_last:
+        self.inference_mode, self.channels_last = o.inference_mode, o.channels_last
+        if o.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward_model: Any = torch.compile(self.model) if compile else self.model
+        self.forward_model: Any = torch.compile(self.model) if o.compile else self.model
         self.renormalise = tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(teacher_std)
 
         def col(v: tuple[float, ...]) -> torch.Tensor:
@@ -227,7 +249,7 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("t_std", col(teacher_std), persistent=False)
         # Output i is the teacher's output class_order[i]: its logits in the data's class order,
         # for a teacher folder that names the same classes in another order (match_teacher_classes()).
-        order = None if class_order is None else torch.tensor(list(class_order), dtype=torch.long)
+        order = None if o.class_order is None else torch.tensor(list(o.class_order), dtype=torch.long)
         self.register_buffer("class_order", order, persistent=False)
 
     def train(self, mode: bool = True) -> FrozenTeacher:
@@ -265,6 +287,7 @@ def load_teacher(cfg: TeacherConfig, num_classes: int, path: Path | None = None)
     if path is None:
         arch, weights, extra = _resolve_checkpoint(cfg)
     else:
+        assert cfg.model is not None, "a trained teacher's recipe names its model"
         arch, weights, extra = cfg.model, path, {}
     model = build_teacher_model(arch, num_classes, {**extra, **cfg.model_args})
     load_teacher_weights(model, weights, arch, num_classes)

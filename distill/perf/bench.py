@@ -680,11 +680,14 @@ def _measured(key: str, label: str, problem: Problem, **kw: Any) -> Measured:
 
 def make_teacher(problem: Problem, s: Settings) -> Any:
     """The trainer's teacher object (ConvnetTeacher) for ``s``, under its autocast."""
-    from distill.models.teacher import ConvnetTeacher, FrozenTeacher
+    from distill.models.teacher import ConvnetTeacher, FrozenTeacher, FrozenTeacherOptions
 
+    options = FrozenTeacherOptions(
+        inference_mode=s.teacher_inference_mode, channels_last=s.teacher_channels_last, compile=s.teacher_compile
+    )
     module = FrozenTeacher(
         copy.deepcopy(problem.teacher), problem.student_mean, problem.student_std, problem.teacher_mean,
-        problem.teacher_std, s.teacher_inference_mode, s.teacher_channels_last, s.teacher_compile,
+        problem.teacher_std, options,
     ).to(problem.device)  # fmt: skip
     return ConvnetTeacher(
         module, problem.teacher_spec(), problem.recipe.teacher.model, None, False,

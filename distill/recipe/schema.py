@@ -208,7 +208,9 @@ class OutputCacheConfig(Section):
 
 
 class TeacherConfig(Section):
-    model: str = "regnety_160"  # any timm convnet (DeiT used RegNetY-16GF)
+    # Any timm convnet (DeiT used RegNetY-16GF); null: the architecture a teacher.checkpoint
+    # folder records (a folder recording another than this one is refused).
+    model: str | None = "regnety_160"
     checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder
     model_args: dict[str, Any] = {}  # extra timm.create_model keyword arguments
     mean: tuple[float, float, float] | None = None  # teacher's input normalisation; None: timm cfg

@@ -1,16 +1,18 @@
-"""A run's directory, ``<run.output_dir>/<run.name>/`` (PRODUCT.md): its layout, the decision to
-start afresh, resume or refuse, finished-run detection, the summary, and the rows it logged.
+"""A run's directory, ``<run.output_dir>/<run.name>/``: its layout, the decision to start
+afresh, resume or refuse, finished-run detection, the summary, and the rows it logged.
 
-Every other module asks this one where a run's files are and what state the run is in.
+Every other module asks this one where a run's files are and what state the run is in, and where
+the trained teachers of an output directory are kept.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from accelerate import Accelerator
 
@@ -18,10 +20,21 @@ from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
 from distill.recipe.keys import changed_for_resume
 from distill.recipe.schema import PROVENANCE_KEY, Recipe, recipe_to_dict
 from distill.run import checkpoint as ckpt
-from distill.run.tracking import TRACKERS_FILE, provenance, read_metrics, write_atomic
+from distill.run.records import RunSummary
+from distill.run.tracking import TRACKERS_FILE, provenance, read_metrics
 
-# What a fresh start clears (a shared directory may hold other files: those stay).
-RUN_FILES = ("checkpoints", "tb", "export", "metrics.jsonl", "summary.json", "recipe.yaml", TRACKERS_FILE)
+CHECKPOINTS, TB, EXPORT, ANALYSIS, TEACHER = "checkpoints", "tb", "export", "analysis", "teacher"
+METRICS, SUMMARY, RECIPE, PREDICTIONS = "metrics.jsonl", "summary.json", "recipe.yaml", "predictions.npz"
+# Everything a run owns: what a fresh start (run.overwrite=true included) clears. A shared
+# directory may hold other files: those stay.
+RUN_FILES = (CHECKPOINTS, TB, EXPORT, ANALYSIS, TEACHER, METRICS, SUMMARY, RECIPE, PREDICTIONS, TRACKERS_FILE)
+# Trained teachers, shared by the runs of an output directory (teacher.cache_dir by default).
+TEACHERS = "teachers"
+
+
+def teachers_dir(output_dir: Path | str) -> Path:
+    """Where the teacher stage keeps the teachers it trained for runs under ``output_dir``."""
+    return Path(output_dir) / TEACHERS
 
 
 class RunDir:
@@ -36,32 +49,62 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def recipe_file(self) -> Path:
-        return self.path / "recipe.yaml"
+        return self.path / RECIPE
 
     @property
     def summary_file(self) -> Path:
-        return self.path / "summary.json"
+        return self.path / SUMMARY
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
 
     @property
     def export_dir(self) -> Path:
-        return self.path / "export"
+        return self.path / EXPORT
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.path / ANALYSIS
 
     @property
     def teacher_dir(self) -> Path:
-        return self.path / "teacher"
+        """A teacher-only run's copy of its teacher."""
+        return self.path / TEACHER
+
+    @property
+    def predictions_file(self) -> Path:
+        """Per validation image: index, label and the fused head's prediction at the final evaluation."""
+        return self.path / PREDICTIONS
+
+    @property
+    def teachers(self) -> Path:
+        """The trained teachers of this run's output directory (its parent)."""
+        return teachers_dir(self.path.parent)
 
     def finished(self) -> bool:
         return self.summary_file.is_file()
 
-    def summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_file.read_text()) if self.finished() else {}
+    def summary(self) -> RunSummary | None:
+        """The run's summary; None while it has not finished."""
+        return RunSummary.read(self.summary_file) if self.finished() else None
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomic(self.summary_file, json.dumps(summary, indent=1, default=str))
+    def write_summary(self, summary: RunSummary) -> None:
+        summary.write(self.summary_file)
+
+    def write_predictions(self, arrays: dict[str, np.ndarray]) -> None:
+        """predictions.npz, written whole or not at all."""
+        tmp = self.predictions_file.with_name(PREDICTIONS + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.predictions_file)
+
+    def predictions(self) -> dict[str, np.ndarray]:
+        with np.load(self.predictions_file) as f:
+            return {k: f[k] for k in f.files}
 
     def saved_recipe(self) -> dict[str, Any]:
         """The recorded recipe, provenance removed."""
@@ -70,7 +113,7 @@ class RunDir:
         return saved
 
     def logged_rows(self) -> list[dict[str, Any]]:
-        return read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
+        return read_metrics(self.path) if self.metrics_file.is_file() else []
 
     def logged_record(self, epoch: int) -> dict[str, Any] | None:
         """The newest evaluation logged for ``epoch``, if any."""

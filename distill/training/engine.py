@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from distill.errors import DistillError, TrainingError
-from distill.models.metrics import student_sample_stats
+from distill.models.metrics import classifier_sample_stats, student_sample_stats
 from distill.models.student import student_heads
 from distill.run.checkpoint import TrainingState
 from distill.training.losses import LossParts
@@ -104,110 +105,152 @@ class LossMeter:
         return sums, int(total[len(self.KEYS)]), total[-2] > 0, total[-1] > 0
 
 
-def train_one_epoch(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    loader: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    step: Callable[[torch.nn.Module, dict[str, Any], int, int], LossParts],
-    progress: TrainingState,
-    *,
-    epoch: int,
-    seed: int,
-    log_every: int,
-    data_seed: int | None = None,
-    clip_grad: float | None,
-    on_log: Callable[[dict[str, float]], None],
-    checkpoint_every: int = 0,
-    on_checkpoint: Callable[[], None] | None = None,
-    ema: Any = None,
-    report: Any = None,
-) -> None:
-    """One epoch (or its remainder after a resume) of minimising ``step(model, batch, epoch,
-    micro_step)`` (step.Step)."""
-    model.train()
-    loader.set_epoch(epoch)  # reaches our EpochSampler (order)...
-    # ...but Accelerate forwards set_epoch to the dataset only when the sampler is not wrapped
-    # for sharding (data_loader.py: an `elif`), i.e. never with 2+ processes; the PIL path's
-    # augmentation seed lives in the dataset, so set it ourselves (the tensor path's dataset has
-    # no epoch: its views are drawn in the step).
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
-    batches = loader
-    if progress.step_in_epoch:
-        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch)
-    meter = LossMeter(accelerator.device)
-    rank = accelerator.process_index
-    interval_start, interval_images = time.perf_counter(), 0
+@dataclass(frozen=True)
+class Trainee:
+    """What one epoch trains: the prepared model, its loader, optimizer, schedule and EMA."""
 
-    def flush() -> bool:
-        nonlocal interval_start, interval_images
-        sums, n, nonfinite, stop = meter.flush(accelerator)
+    model: torch.nn.Module
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any = None  # timm ModelEmaV3, updated after every optimizer step
+
+
+@dataclass(frozen=True)
+class EpochOptions:
+    """How an epoch runs: seeds, the logging and checkpoint intervals (in optimizer steps), clipping."""
+
+    seed: int  # the model's randomness (drop-path) at each micro-step
+    log_every: int  # flush the loss sums (a collective) every this many optimizer steps
+    clip_grad: float | None = None
+    data_seed: int | None = None  # mixup/cutmix draws; None: ``seed``
+    checkpoint_every: int = 0  # 0: no checkpoint inside the epoch
+
+
+@dataclass(frozen=True)
+class EpochHooks:
+    """What the caller is told during an epoch."""
+
+    on_log: Callable[[dict[str, float]], None]  # train/* means, lr and speed at each flush
+    on_checkpoint: Callable[[], None] | None = None  # save a checkpoint of the current state
+    report: Any = None  # progress.ProgressReport: told of every optimizer step
+
+
+class _Flusher:
+    """The collective flush of one epoch's loss sums into the saved state and the log."""
+
+    def __init__(self, accelerator: Accelerator, state: TrainingState, optimizer: Any, on_log: Any) -> None:
+        self.accelerator, self.state, self.optimizer, self.on_log = accelerator, state, optimizer, on_log
+        self.meter = LossMeter(accelerator.device)
+        self.start, self.images = time.perf_counter(), 0  # this interval's, on this process
+
+    def add(self, parts: LossParts, n: int) -> None:
+        self.meter.add(parts, n)
+        self.images += n
+
+    def __call__(self, epoch: int) -> bool:
+        """Collective: fold the interval into the state, log it; True when a stop was requested."""
+        acc, state = self.accelerator, self.state
+        sums, n, nonfinite, stop = self.meter.flush(acc)
         if nonfinite:
             raise TrainingError(
-                f"non-finite loss at epoch {epoch + 1}, step {progress.global_step} on at least one "
+                f"non-finite loss at epoch {epoch + 1}, step {state.global_step} on at least one "
                 "process; every process stops here. Lower train.lr, set train.clip_grad, or use "
                 "train.precision=bf16 instead of fp16"
             )
         for k, v in sums.items():
-            progress.epoch_sums[k] = progress.epoch_sums.get(k, 0.0) + v
-        progress.epoch_sums["n"] = progress.epoch_sums.get("n", 0.0) + n
-        elapsed = time.perf_counter() - interval_start
-        progress.train_time += elapsed
-        progress.train_images += interval_images * accelerator.num_processes
+            state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v
+        state.epoch_sums["n"] = state.epoch_sums.get("n", 0.0) + n
+        elapsed = time.perf_counter() - self.start
+        images = self.images * acc.num_processes
+        state.train_time += elapsed
+        state.train_images += images
         if n:
-            on_log(
+            self.on_log(
                 {
                     **{f"train/{k}": v / n for k, v in sums.items()},
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "throughput/train_img_s": interval_images * accelerator.num_processes / max(elapsed, 1e-9),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "throughput/train_img_s": images / max(elapsed, 1e-9),
                 }
             )
-        interval_start, interval_images = time.perf_counter(), 0
+        self.start, self.images = time.perf_counter(), 0
         return stop
 
-    for batch in batches:
-        set_step_seed(seed, epoch, progress.step_in_epoch, rank, data_seed)
+
+def _epoch_batches(accelerator: Accelerator, loader: Any, epoch: int, skip: int) -> Any:
+    """The epoch's batches, after the ``skip`` a resumed run already trained on."""
+    loader.set_epoch(epoch)  # reaches our EpochSampler (order)...
+    # ...but Accelerate forwards set_epoch to the dataset only when the sampler is not wrapped
+    # for sharding (data_loader.py: an `elif`), i.e. never with 2+ processes; the PIL path's
+    # augmentation seed lives in the dataset, so set it here (the tensor path's dataset has
+    # no epoch: its views are drawn in the step).
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def train_one_epoch(
+    accelerator: Accelerator,
+    trainee: Trainee,
+    step: Callable[[torch.nn.Module, dict[str, Any], int, int], LossParts],
+    state: TrainingState,
+    epoch: int,
+    options: EpochOptions,
+    hooks: EpochHooks,
+) -> dict[str, float]:
+    """One epoch (or its remainder after a resume) of minimising ``step(model, batch, epoch,
+    micro_step)`` (step.Step). At its end ``state`` counts the epoch as done; returns the
+    epoch's global loss sums (``loss``, ``loss_ce``, ``loss_kd`` times images, and ``n``)."""
+    model, loader = trainee.model, trainee.loader
+    model.train()
+    flush = _Flusher(accelerator, state, trainee.optimizer, hooks.on_log)
+    rank = accelerator.process_index
+    for batch in _epoch_batches(accelerator, loader, epoch, state.step_in_epoch):
+        set_step_seed(options.seed, epoch, state.step_in_epoch, rank, options.data_seed)
         with accelerator.accumulate(model):
-            parts = step(model, batch, epoch, progress.step_in_epoch)
+            parts = step(model, batch, epoch, state.step_in_epoch)
             accelerator.backward(parts.total)
-            if accelerator.sync_gradients and clip_grad is not None:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        n = batch["label"].shape[0]
-        meter.add(parts, n)
-        interval_images += n
-        progress.step_in_epoch += 1
+            if accelerator.sync_gradients and options.clip_grad is not None:
+                accelerator.clip_grad_norm_(model.parameters(), options.clip_grad)
+            trainee.optimizer.step()
+            trainee.optimizer.zero_grad(set_to_none=True)
+        flush.add(parts, batch["label"].shape[0])
+        state.step_in_epoch += 1
         if not accelerator.sync_gradients:
             continue
-        progress.global_step += 1
-        scheduler.step_update(num_updates=progress.global_step)
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=progress.global_step)
-        if report is not None:
-            report.step()  # progress.ProgressReport: the bar, or a line at its interval
+        state.global_step += 1
+        trainee.scheduler.step_update(num_updates=state.global_step)
+        if trainee.ema is not None:
+            trainee.ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.global_step)
+        if hooks.report is not None:
+            hooks.report.step()  # the bar, or a line at its interval
         # Not on an epoch's last step: the end-of-epoch checkpoint follows at the same step, after
         # the evaluation is logged. A mid-loop one there would let a kill between the two resume
         # at that step with the evaluation already in TensorBoard, which the resume's purge (it
-        # drops events after the checkpoint's step) keeps: duplicate val/* points (fault_trials).
-        last_step = progress.step_in_epoch == len(loader)
-        due_checkpoint = checkpoint_every > 0 and progress.global_step % checkpoint_every == 0 and not last_step
-        stop = False
-        if due_checkpoint or progress.global_step % log_every == 0:
-            stop = flush()  # also the collective finite-loss check: a NaN state is never checkpointed
-        if (due_checkpoint or stop) and on_checkpoint is not None:
-            on_checkpoint()
+        # drops events after the checkpoint's step) keeps: duplicate val/* points (found by
+        # scripts/fault_trials.py).
+        last_step = state.step_in_epoch == len(loader)
+        every = options.checkpoint_every
+        due_checkpoint = every > 0 and state.global_step % every == 0 and not last_step
+        stop = flush(epoch) if due_checkpoint or state.global_step % options.log_every == 0 else False
+        if (due_checkpoint or stop) and hooks.on_checkpoint is not None:
+            hooks.on_checkpoint()  # after the flush: a NaN state is never checkpointed
         if stop:
             raise Preempted(
-                f"stopped by {STOP.signal_name} at epoch {epoch + 1}, step {progress.global_step}"
-                + ("; a checkpoint was saved: run the same command to resume" if on_checkpoint else "")
+                f"stopped by {STOP.signal_name} at epoch {epoch + 1}, step {state.global_step}"
+                + ("; a checkpoint was saved: run the same command to resume" if hooks.on_checkpoint else "")
             )
-    if flush():
-        if on_checkpoint is not None:
-            on_checkpoint()
+    if flush(epoch):
+        if hooks.on_checkpoint is not None:
+            hooks.on_checkpoint()
         raise Preempted(f"stopped by {STOP.signal_name} at the end of epoch {epoch + 1}")
+    sums, state.epoch_sums = state.epoch_sums, {}
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    return sums
+
+
+# Per-image values that evaluate() gathers whole instead of averaging (predictions.npz).
+PER_IMAGE = ("index", "label", "pred_fused")
 
 
 @torch.no_grad()
@@ -215,21 +258,32 @@ def evaluate(
     accelerator: Accelerator,
     loader: Any,
     forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    per_image: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Mean of per-sample statistics over the whole split, each sample counted once.
 
     ``forward(batch)`` returns per-sample statistic tensors; ``gather_for_metrics`` drops the
-    samples that even-batch padding repeats on the last batch.
+    samples that even-batch padding repeats on the last batch. Its PER_IMAGE entries are not
+    averaged: with ``per_image`` given they are gathered into it, every process's images
+    sorted by index, so one and several processes give the same arrays.
     """
     device_sums: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[torch.Tensor]] = {}
     count = 0
     for batch in loader:
         with accelerator.autocast():
             stats = forward(batch)
         gathered = accelerator.gather_for_metrics(stats)
         for k, v in gathered.items():  # summed on the device; read back once at the end
-            device_sums[k] = device_sums.get(k, 0) + v.double().sum()
+            if k in PER_IMAGE:
+                kept.setdefault(k, []).append(v.cpu())
+            else:
+                device_sums[k] = device_sums.get(k, 0) + v.double().sum()
         count += int(next(iter(gathered.values())).shape[0])
+    if per_image is not None and kept:
+        columns = {k: torch.cat(v).to(torch.int64).numpy() for k, v in kept.items()}
+        order = np.argsort(columns["index"], kind="stable")
+        per_image.update({k: v[order] for k, v in columns.items()})
     sums = {k: float(v) for k, v in device_sums.items()}
     if count == 0:
         return {k: math.nan for k in sums}
@@ -237,33 +291,31 @@ def evaluate(
 
 
 def evaluate_teacher(
-    accelerator: Accelerator, teacher: Any, loader: Any, outputs: Any = None
+    accelerator: Accelerator, teacher: Any, loader: Any
 ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
-    """One teacher pass over the val split: its accuracy, and its logits by image index, kept for
-    every epoch's agreement and KL (the val transform is deterministic, so they never change).
-    ``outputs``: the teacher-output cache, whose val table replays them."""
+    """One teacher pass over the val split: its top-1 and top-5, and its logits by image index,
+    kept for every epoch's agreement and KL (the val transform is deterministic, so they never
+    change)."""
     logits_by_index: dict[int, torch.Tensor] = {}
-    first = [True]
-    if outputs is not None:
-        outputs.open_val()
 
     def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if outputs is not None:
-            logits = outputs.val_logits(batch["index"], batch["image"], teacher, first[0])
-            first[0] = False
-        else:
-            logits = teacher(batch["image"])
+        logits = teacher(batch["image"])
         for i, row in zip(batch["index"].tolist(), logits, strict=True):
             logits_by_index[i] = row
-        return {"top1": (logits.argmax(-1) == batch["label"]).float()}
+        return classifier_sample_stats(logits, batch["label"])
 
     return evaluate(accelerator, loader, forward), logits_by_index
 
 
 def evaluate_student(
-    accelerator: Accelerator, model: torch.nn.Module, loader: Any, teacher_logits: dict[int, torch.Tensor] | None
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: Any,
+    teacher_logits: dict[int, torch.Tensor] | None,
+    per_image: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Per-head accuracy, and agreement/KL with the teacher's stored val logits when given."""
+    """Per-head accuracy, and agreement/KL with the teacher's stored val logits when given;
+    ``per_image`` receives each image's index, label and fused-head argmax."""
     model.eval()
 
     def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -271,6 +323,10 @@ def evaluate_student(
         t = None
         if teacher_logits is not None:
             t = torch.stack([teacher_logits[i] for i in batch["index"].tolist()])
-        return student_sample_stats(cls.float(), dist.float(), batch["label"], t)
+        stats = student_sample_stats(cls.float(), dist.float(), batch["label"], t)
+        if per_image is None:
+            return stats
+        fused = (cls.float() + dist.float()) / 2
+        return {**stats, "index": batch["index"], "label": batch["label"], "pred_fused": fused.argmax(-1)}
 
-    return evaluate(accelerator, loader, forward)
+    return evaluate(accelerator, loader, forward, per_image)

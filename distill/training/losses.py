@@ -9,6 +9,7 @@ teacher's targets are never smoothed (DeiT paper section 4; deit issue #56).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -52,35 +53,44 @@ def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
 
 
+@dataclass(frozen=True)
+class DistillSettings:
+    """What shapes the distillation loss (the recipe's distillation section, and the label
+    smoothing of train.label_smoothing)."""
+
+    kind: DistillType
+    alpha: float  # weight of the teacher term
+    tau: float = 1.0  # soft only
+    kl_norm: KLNorm = "batchmean"  # soft only
+    label_smoothing: float = 0.0  # the label terms only
+
+
 def distillation_loss(
     cls_logits: torch.Tensor,
     dist_logits: torch.Tensor,
     targets: torch.Tensor,
     teacher_logits: torch.Tensor | None,
-    kind: DistillType,
-    alpha: float,
-    tau: float = 1.0,
-    kl_norm: KLNorm = "batchmean",
-    label_smoothing: float = 0.0,
+    settings: DistillSettings,
 ) -> LossParts:
     """DeiT's combined loss: the class head learns the labels, the dist head the teacher.
 
     With ``none`` both heads learn the labels (mean of the two CEs), so the fused head means
     something and DDP never meets an unused parameter (head_dist would get no gradient).
     """
-    ce_cls = label_ce(cls_logits, targets, label_smoothing)
-    if kind == "none":
-        ce = 0.5 * (ce_cls + label_ce(dist_logits, targets, label_smoothing))
+    s = settings
+    ce_cls = label_ce(cls_logits, targets, s.label_smoothing)
+    if s.kind == "none":
+        ce = 0.5 * (ce_cls + label_ce(dist_logits, targets, s.label_smoothing))
         return LossParts(ce, ce, torch.zeros_like(ce))
     if teacher_logits is None:
-        raise ValueError(f"distillation type '{kind}' needs teacher logits")
-    if kind == "soft":
-        kd = soft_kd(dist_logits, teacher_logits, tau, kl_norm)
-    elif kind == "hard":
+        raise ValueError(f"distillation type '{s.kind}' needs teacher logits")
+    if s.kind == "soft":
+        kd = soft_kd(dist_logits, teacher_logits, s.tau, s.kl_norm)
+    elif s.kind == "hard":
         kd = hard_kd(dist_logits, teacher_logits)
     else:
-        raise ValueError(f"unknown distillation type '{kind}'")
-    return LossParts((1.0 - alpha) * ce_cls + alpha * kd, ce_cls, kd)
+        raise ValueError(f"unknown distillation type '{s.kind}'")
+    return LossParts((1.0 - s.alpha) * ce_cls + s.alpha * kd, ce_cls, kd)
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> LossParts:

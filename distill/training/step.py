@@ -18,7 +18,7 @@ import torch
 from distill.models.student import as_heads
 from distill.models.teacher import Teacher
 from distill.recipe.schema import DistillationConfig
-from distill.training.losses import LossParts, classification_loss, distillation_loss
+from distill.training.losses import DistillSettings, LossParts, classification_loss, distillation_loss
 from distill.training.teacher_outputs import TeacherOutputCache
 
 Prepare = Callable[[dict[str, Any], int], tuple[torch.Tensor, torch.Tensor]]
@@ -46,7 +46,11 @@ class Step:
         if self.needs_teacher and teacher is None:
             raise ValueError(f"distillation type '{distillation.type}' needs a teacher")  # type: ignore[union-attr]
         self.prepare, self.label_smoothing = prepare, label_smoothing
-        self.distillation, self.teacher, self.outputs = distillation, teacher, outputs
+        self.teacher, self.outputs = teacher, outputs
+        self.settings = None
+        if distillation is not None:
+            d = distillation
+            self.settings = DistillSettings(d.type, d.alpha, d.tau, d.kl_norm, label_smoothing)
 
     def teacher_logits(self, images: torch.Tensor, epoch: int, micro_step: int) -> torch.Tensor:
         assert self.teacher is not None
@@ -56,9 +60,8 @@ class Step:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any], epoch: int, micro_step: int) -> LossParts:
         images, targets = self.prepare(batch, epoch)
-        d = self.distillation
-        if d is None:
+        if self.settings is None:
             return classification_loss(model(images), targets, self.label_smoothing)
         t_logits = self.teacher_logits(images, epoch, micro_step) if self.needs_teacher else None
         cls, dist = as_heads(model(images))
-        return distillation_loss(cls, dist, targets, t_logits, d.type, d.alpha, d.tau, d.kl_norm, self.label_smoothing)
+        return distillation_loss(cls, dist, targets, t_logits, self.settings)

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,16 @@ import torch
 from accelerate import Accelerator
 
 from distill import __version__
-from distill.data.pipeline import build_pipeline
+from distill.data.pipeline import build_pipeline, eval_loader
 from distill.data.sources import SplitData, seeded
 from distill.errors import RecipeError, TeacherError
-from distill.models.metrics import classifier_sample_stats
 from distill.models.spec import InputSpec
 from distill.models.teacher import (
     ConvnetTeacher,
     FrozenTeacher,
+    FrozenTeacherOptions,
     build_teacher_model,
+    checkpoint_architecture,
     folder_label_names,
     load_teacher,
     match_teacher_classes,
@@ -38,12 +40,14 @@ from distill.models.teacher import (
 from distill.recipe.keys import TEACHER, fields
 from distill.recipe.schema import Recipe
 from distill.run.checkpoint import TrainingState
-from distill.training.engine import evaluate, train_one_epoch
+from distill.run.records import TEACHER_RECORD_FILE, TrainedTeacher
+from distill.run.rundir import teachers_dir
+from distill.training.engine import EpochHooks, EpochOptions, Trainee, evaluate_teacher, train_one_epoch
 from distill.training.optim import batch_plan, build_optimizer, build_scheduler
 from distill.training.progress import ProgressReport
 from distill.training.step import Step
 
-TEACHER_INFO = "teacher.json"
+TEACHER_INFO = TEACHER_RECORD_FILE  # beside a teacher the pipeline trained (records.TrainedTeacher)
 
 
 def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
@@ -64,17 +68,18 @@ def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
 
 
 def cache_dir(recipe: Recipe) -> Path:
-    return Path(recipe.teacher.cache_dir or Path(recipe.run.output_dir) / "teachers")
+    return Path(recipe.teacher.cache_dir or teachers_dir(recipe.run.output_dir))
 
 
 def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec, out: Path) -> None:
-    """Train the teacher with cross-entropy on the student's input pipeline; save it to ``out``."""
-    cfg = recipe.teacher.train
-    assert cfg is not None
-    arch = recipe.teacher.model
-    plan = batch_plan(cfg, accelerator.num_processes, "teacher.train")
+    """Train the teacher with cross-entropy on the student's input pipeline; save it to ``out``.
+    Its evaluation is the teacher stage's, on the saved weights (prepare_teacher)."""
+    cfg, acc = recipe.teacher.train, accelerator
+    assert cfg is not None and recipe.teacher.model is not None
+    start = time.perf_counter()
+    plan = batch_plan(cfg, acc.num_processes, "teacher.train")
     with seeded(cfg.seed):
-        model = build_teacher_model(arch, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
+        model = build_teacher_model(recipe.teacher.model, split.num_classes, recipe.teacher.model_args, cfg.drop_path)
     pipeline = build_pipeline(
         recipe.data,
         split,
@@ -82,69 +87,43 @@ def train_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
         cfg.seed,  # its own data stream: one teacher serves every seed of a study
         per_process_batch=plan.per_process,
         global_batch=plan.global_batch,
-        eval_batch=math.ceil(recipe.eval.batch_size / accelerator.num_processes),
+        eval_batch=math.ceil(recipe.eval.batch_size / acc.num_processes),
         label_smoothing=cfg.label_smoothing,
     )
     optimizer = build_optimizer(model, cfg)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, pipeline.train_loader, pipeline.val_loader
-    )
-    accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
+    model, optimizer, train_loader = acc.prepare(model, optimizer, pipeline.train_loader)
+    acc.gradient_accumulation_steps = cfg.grad_accum_steps
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    trainee = Trainee(model, train_loader, optimizer, build_scheduler(optimizer, cfg, steps_per_epoch))
     step = Step(pipeline.prepare, label_smoothing=cfg.label_smoothing)
-    progress = TrainingState()
-    start = time.perf_counter()
-    accelerator.print(f"teacher: training {arch} for {cfg.epochs} epochs ({steps_per_epoch} steps each)")
+    acc.print(f"teacher: training {recipe.teacher.model} for {cfg.epochs} epochs ({steps_per_epoch} steps each)")
     report = ProgressReport(
-        "teacher", cfg.epochs * steps_per_epoch, 0, cfg.epochs, accelerator.is_main_process, recipe.run.progress_every_s
+        "teacher", cfg.epochs * steps_per_epoch, 0, cfg.epochs, acc.is_main_process, recipe.run.progress_every_s
     )
-
+    # Loss and speed for the progress lines every run.log_every_steps (a flush only reads the
+    # sums: the teacher trains the same whatever the interval).
+    options = EpochOptions(cfg.seed, max(min(recipe.run.log_every_steps, steps_per_epoch), 1), cfg.clip_grad)
+    state = TrainingState()
     for epoch in range(cfg.epochs):
         report.begin_epoch(epoch)
-        epoch_start, images = time.perf_counter(), progress.train_images
-        train_one_epoch(
-            accelerator,
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            step,
-            progress,
-            epoch=epoch,
-            seed=cfg.seed,
-            # Loss and speed for the progress lines every run.log_every_steps (a flush only reads
-            # the sums: the teacher trains the same whatever the interval).
-            log_every=max(min(recipe.run.log_every_steps, steps_per_epoch), 1),
-            clip_grad=cfg.clip_grad,
-            on_log=report.values,
-            report=report,
-        )
-        progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        loss = progress.epoch_sums["loss"] / progress.epoch_sums["n"] if progress.epoch_sums.get("n") else math.nan
-        progress.epoch_sums = {}
-        report.epoch_end(
-            epoch + 1, time.perf_counter() - epoch_start, progress.train_images - images, f"loss {loss:.4f}"
-        )
+        epoch_start, images = time.perf_counter(), state.train_images
+        sums = train_one_epoch(acc, trainee, step, state, epoch, options, EpochHooks(report.values, report=report))
+        loss = sums["loss"] / sums["n"] if sums.get("n") else math.nan
+        seconds = time.perf_counter() - epoch_start
+        report.epoch_end(epoch + 1, seconds, state.train_images - images, f"loss {loss:.4f}")
     report.close()
     # keep_torch_compile=False: under train.compile the prepared teacher is compiled, and timm's
     # save_for_hf cannot read a compiled module's config.
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False).eval()
-    stats = evaluate(accelerator, val_loader, lambda b: classifier_sample_stats(unwrapped(b["image"]), b["label"]))
-    accelerator.print(f"teacher: val top-1 {100 * stats['top1']:.2f}% after {time.perf_counter() - start:.0f}s")
-    if accelerator.is_main_process:
-        _save_teacher(unwrapped, out, recipe, split, spec, stats)
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()  # the next stage prepares the student; nothing of this may linger
+    unwrapped = acc.unwrap_model(model, keep_torch_compile=False).eval()
+    acc.print(f"teacher: trained in {time.perf_counter() - start:.0f}s")
+    if acc.is_main_process:
+        _save_teacher(unwrapped, out, recipe, split, spec, time.perf_counter() - start)
+    acc.wait_for_everyone()
+    acc.free_memory()  # the next stage prepares the student; nothing of this may linger
 
 
 def _save_teacher(
-    model: torch.nn.Module,
-    out: Path,
-    recipe: Recipe,
-    split: SplitData,
-    spec: InputSpec,
-    stats: dict[str, float],
+    model: torch.nn.Module, out: Path, recipe: Recipe, split: SplitData, spec: InputSpec, train_time_s: float
 ) -> None:
     from timm.models import save_for_hf
 
@@ -161,14 +140,13 @@ def _save_teacher(
         model_args=dict(recipe.teacher.model_args),
         safe_serialization=True,
     )
-    info = {
-        "architecture": recipe.teacher.model,
-        "val_top1": stats["top1"],
-        "val_top5": stats["top5"],
-        "train": recipe.teacher.train.model_dump(mode="json") if recipe.teacher.train else None,
-        "data": recipe.data.model_dump(mode="json"),
-    }
-    (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=1))
+    assert recipe.teacher.model is not None and recipe.teacher.train is not None
+    TrainedTeacher(
+        architecture=recipe.teacher.model,
+        train=recipe.teacher.train.model_dump(mode="json"),
+        data=recipe.data.model_dump(mode="json"),
+        train_time_s=train_time_s,
+    ).write(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, out)
@@ -228,7 +206,7 @@ def obtain_teacher(
         size = _pair(cfg.img_size) or spec.size
         train_spec = InputSpec(size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
         folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, train_spec, split.num_classes)}"
-        if not (folder / TEACHER_INFO).is_file():
+        if not TrainedTeacher.exists(folder):
             start = time.perf_counter()
             train_teacher(accelerator, recipe, split, train_spec, folder)
             trained_here, train_time_s = True, time.perf_counter() - start
@@ -246,10 +224,8 @@ def obtain_teacher(
     else:
         return None
     mean, std = teacher_normalisation(cfg, model, stored)
-    module = FrozenTeacher(
-        model, spec.mean, spec.std, mean, std, cfg.inference_mode, cfg.channels_last, cfg.compile, order,
-        size, spec.interpolation,
-    )  # fmt: skip
+    options = FrozenTeacherOptions(size, spec.interpolation, order, cfg.inference_mode, cfg.channels_last, cfg.compile)
+    module = FrozenTeacher(model, spec.mean, spec.std, mean, std, options)
     module.to(accelerator.device)
     own = InputSpec(size, mean, std, spec.crop_pct, spec.interpolation)  # type: ignore[arg-type]
     teacher = ConvnetTeacher(module, own, arch, weights, trained_here, accelerator.autocast)
@@ -264,10 +240,10 @@ def check_teacher(
 
     A teacher the pipeline trained (its cached folder holds teacher.json) needs more training,
     not another checkpoint: say so, and drop it from the cache so that the next run, with more
-    epochs or another lr, trains it again instead of reusing it (issue 12)."""
+    epochs or another lr, trains it again instead of reusing it."""
     teacher.val_top1 = top1
     threshold = min_top1 if min_top1 is not None else 1.5 / num_classes
-    if top1 < threshold and teacher.weights is not None and (teacher.weights.parent / TEACHER_INFO).is_file():
+    if top1 < threshold and teacher.weights is not None and TrainedTeacher.exists(teacher.weights.parent):
         folder = teacher.weights.parent
         if main_process:
             shutil.rmtree(folder, ignore_errors=True)
@@ -285,3 +261,58 @@ def check_teacher(
             f"{100 / num_classes:.1f}%); it was likely trained on other data or another class "
             "order. Use the right checkpoint, or lower teacher.min_top1 if this is intended"
         )
+
+
+@dataclass(frozen=True)
+class ReadyTeacher:
+    """A loaded teacher that passed its accuracy check, with its validation logits by image index
+    (the student's agreement and KL are measured against them at every evaluation)."""
+
+    teacher: ConvnetTeacher
+    val_logits: dict[int, torch.Tensor]
+    val_top1: float
+
+
+def prepare_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec) -> ReadyTeacher | None:
+    """The teacher stage in one call: load the teacher (training it first when the recipe asks
+    and none is cached), evaluate it once on the validation split, refuse it below the accuracy
+    floor. None when the recipe has no teacher and needs none. Nothing of the student exists yet,
+    so a useless teacher costs no student setup."""
+    acc = accelerator
+    teacher = obtain_teacher(acc, recipe, split, spec)
+    if teacher is None:
+        return None
+    batch = math.ceil(recipe.eval.batch_size / acc.num_processes)
+    loader = acc.prepare(eval_loader(split.val, spec, batch, recipe.data.num_workers))
+    stats, logits = evaluate_teacher(acc, teacher, loader)
+    acc.free_memory()  # the eval loader: the student's run prepares its own
+    check_teacher(teacher, stats["top1"], split.num_classes, recipe.teacher.min_top1, acc.is_main_process)
+    if teacher.trained_here and acc.is_main_process and teacher.weights is not None:
+        folder = teacher.weights.parent
+        record = TrainedTeacher.read(folder)
+        TrainedTeacher(**{**record.__dict__, "val_top1": stats["top1"], "val_top5": stats["top5"]}).write(folder)
+    acc.print(f"teacher: {teacher.architecture} val top-1 {100 * stats['top1']:.2f}%")
+    return ReadyTeacher(teacher, logits, stats["top1"])
+
+
+def resolve_teacher_model(recipe: Recipe) -> Recipe:
+    """The recipe as it will run: teacher.model null takes the architecture a teacher.checkpoint
+    folder records; a folder recording another architecture than teacher.model is refused (the
+    run would load the folder's, and recipe.yaml and the model card would name the other)."""
+    cfg = recipe.teacher
+    recorded = checkpoint_architecture(cfg.checkpoint) if cfg.checkpoint is not None else None
+    if cfg.model is None:
+        if recorded is None and (cfg.checkpoint is not None or cfg.train is not None):
+            where = f"teacher.checkpoint {cfg.checkpoint} is a weights file" if cfg.checkpoint else "teacher.train"
+            raise RecipeError(
+                f"teacher.model is null, which takes the architecture from a teacher folder, but {where}; "
+                "set teacher.model to the timm architecture"
+            )
+    elif recorded is not None and recorded != cfg.model:
+        raise RecipeError(
+            f"teacher.model is {cfg.model} but the teacher.checkpoint folder {cfg.checkpoint} holds a "
+            f"{recorded}; set teacher.model={recorded}, or teacher.model=null to take the folder's"
+        )
+    if recorded is None or cfg.model == recorded:
+        return recipe
+    return recipe.model_copy(update={"teacher": cfg.model_copy(update={"model": recorded})})

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -29,14 +31,15 @@ from distill.models.teacher import Teacher
 from distill.recipe.schema import Recipe, flatten, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.checkpoint import TrainingState
+from distill.run.records import RunSummary
 from distill.run.rundir import RunDir
 from distill.run.tracking import RunLog, check_trackers
-from distill.training.engine import STOP, evaluate_student, evaluate_teacher, train_one_epoch
+from distill.training.engine import STOP, EpochHooks, EpochOptions, Trainee, evaluate_student, train_one_epoch
 from distill.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, effective_lr
 from distill.training.progress import ProgressReport
 from distill.training.step import Step
-from distill.training.teacher_outputs import TeacherOutputCache, open_output_cache
-from distill.training.teacher_stage import check_teacher, obtain_teacher
+from distill.training.teacher_outputs import open_output_cache
+from distill.training.teacher_stage import ReadyTeacher, prepare_teacher, resolve_teacher_model
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -129,19 +132,21 @@ class DistillRun:
     """A run of the recipe: ``DistillRun(recipe, argv).run()`` returns the summary."""
 
     def __init__(self, recipe: Recipe, argv: list[str] | None = None, accelerator: Accelerator | None = None) -> None:
-        self.recipe = recipe
         check_trackers(recipe.run.trackers)  # a tracker's missing package before anything runs
+        # The recipe as it runs (teacher.model from a teacher folder): recipe.yaml and the model
+        # card record this one.
+        self.recipe = resolve_teacher_model(recipe)
         self.argv = list(argv or [])
         self.accelerator = accelerator or make_accelerator(recipe)  # a study shares one launch
         self.rundir = RunDir.of(recipe)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunSummary:
         r, acc = self.recipe, self.accelerator
         STOP.install()  # SIGTERM / Ctrl-C: checkpoint at the next log step, then exit
         acc.free_memory()  # nothing prepared by an earlier run of this launch may linger
         wall_start = time.perf_counter()
         # The recipe's inputs first: a bad data.path or student is reported before the run
-        # directory is looked at (a finished run's "already finished" hid them) or written to.
+        # directory is looked at (a finished run's "already finished" would hide them) or written to.
         with acc.main_process_first():
             split = load_source(r.data)
         spec = student_input_spec(r)
@@ -155,7 +160,7 @@ class DistillRun:
                 self.rundir.discard_unstarted(acc)
             raise
 
-    def _run(self, split: SplitData, spec: InputSpec, resume_from: Any, wall_start: float) -> dict[str, Any]:
+    def _run(self, split: SplitData, spec: InputSpec, resume_from: Path | None, wall_start: float) -> RunSummary:
         r, acc = self.recipe, self.accelerator
         if split.skipped:
             acc.print(f"data: skipped {len(split.skipped)} undecodable images: {', '.join(split.skipped[:10])}")
@@ -163,25 +168,21 @@ class DistillRun:
             f"data: {r.data.source} {split.num_classes} classes, {len(split.train)} train / "
             f"{len(split.val)} val images (val: {split.val_origin}), input {(3, *spec.size)}"
         )
-        teacher = obtain_teacher(acc, r, split, spec)
+        ready = prepare_teacher(acc, r, split, spec)  # checked before anything of the student exists
         if r.run.teacher_only:
-            return self._teacher_only(teacher, split, spec, wall_start)
+            return self._teacher_only(ready, split, wall_start)
         student = setup_student(acc, r, split, spec)
-        outputs = open_output_cache(acc, r, teacher, split, student.pipeline, student.plan)
-        teacher_val: dict[int, torch.Tensor] | None = None
-        if teacher is not None:
-            t_stats, teacher_val = evaluate_teacher(acc, teacher, student.pipeline.val_loader, outputs)
-            check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
-            acc.print(f"teacher: {teacher.describe()['architecture']} val top-1 {100 * t_stats['top1']:.2f}%")
-        progress = TrainingState()
+        teacher = ready.teacher if ready is not None else None
+        output_cache = open_output_cache(acc, r, teacher, split, student.pipeline, student.plan)
+        state = TrainingState()
         if resume_from is not None:
-            progress = ckpt.load_checkpoint(acc, resume_from, student.ema)
-            acc.print(f"resuming from {resume_from} (epoch {progress.epoch + 1}, step {progress.global_step})")
+            state = ckpt.load_checkpoint(acc, resume_from, student.ema)
+            acc.print(f"resuming from {resume_from} (epoch {state.epoch + 1}, step {state.global_step})")
         log = RunLog(
             self.rundir.path,
             acc.is_main_process,
-            progress.epoch,
-            progress.global_step if resume_from else 0,
+            state.epoch,
+            state.global_step if resume_from else 0,
             trackers=r.run.trackers,
             config=flatten(recipe_to_dict(r)),
         )
@@ -190,10 +191,15 @@ class DistillRun:
             label_smoothing=r.train.label_smoothing,
             distillation=r.distillation,
             teacher=teacher,
-            outputs=outputs,
+            outputs=output_cache,
         )
-        final = self._train(student, step, progress, log, teacher_val, outputs)
-        summary = self._finish(student, teacher, split, progress, final, log, outputs, time.perf_counter() - wall_start)
+        teacher_logits = ready.val_logits if ready is not None else None
+        final = self._train(student, step, state, log, teacher_logits)
+        cache_report = output_cache.summary() if output_cache is not None else {"enabled": False}
+        if output_cache is not None:
+            output_cache.close()
+        wall = time.perf_counter() - wall_start
+        summary = self._finish(student, teacher, split, state, final, log, cache_report, wall)
         log.close()
         return summary
 
@@ -201,137 +207,116 @@ class DistillRun:
         self,
         student: Student,
         step: Step,
-        progress: TrainingState,
+        state: TrainingState,
         log: RunLog,
-        teacher_val: dict[int, torch.Tensor] | None,
-        outputs: TeacherOutputCache | None,
+        teacher_logits: dict[int, torch.Tensor] | None,
     ) -> dict[str, Any]:
         """The epoch loop; returns the last evaluation's record."""
         r, acc = self.recipe, self.accelerator
         report = ProgressReport(
             "student",
             student.steps_per_epoch * r.train.epochs,
-            progress.global_step,
+            state.global_step,
             r.train.epochs,
             acc.is_main_process,
             r.run.progress_every_s,
         )
+        trainee = Trainee(
+            student.model, student.pipeline.train_loader, student.optimizer, student.scheduler, student.ema
+        )
         final: dict[str, Any] = {}
         try:
-            for epoch in range(progress.epoch, r.train.epochs):
-                if outputs is not None:
-                    outputs.begin_epoch(epoch)
+            for epoch in range(state.epoch, r.train.epochs):
+                if step.outputs is not None:
+                    step.outputs.begin_epoch(epoch)
                 report.begin_epoch(epoch)
-                start, images = time.perf_counter(), progress.train_images
-                self._train_epoch(student, step, progress, epoch, log, report)
-                report.epoch_end(epoch + 1, time.perf_counter() - start, progress.train_images - images)
-                progress.epoch, progress.step_in_epoch = epoch + 1, 0
-                sums, progress.epoch_sums = progress.epoch_sums, {}
+                start, images = time.perf_counter(), state.train_images
+                hooks = self._epoch_hooks(student, state, log, report)
+                sums = train_one_epoch(acc, trainee, step, state, epoch, self._epoch_options(), hooks)
+                report.epoch_end(epoch + 1, time.perf_counter() - start, state.train_images - images)
                 if (epoch + 1) % r.eval.every_epochs == 0 or epoch + 1 == r.train.epochs:
-                    final = self._epoch_record(student, teacher_val, progress, sums)
+                    final = self._evaluation(student, teacher_logits, state, sums)
                     log.evaluation(final)
-                    if final["val/top1_fused"] > progress.best_top1:
-                        progress.best_top1, progress.best_epoch = final["val/top1_fused"], epoch + 1
-                        ckpt.save_checkpoint(acc, self.rundir.checkpoints, ckpt.BEST, progress, student.ema)
-                self._save_step(student, progress)
+                    if final["val/top1_fused"] > state.best_top1:
+                        state.best_top1, state.best_epoch = final["val/top1_fused"], epoch + 1
+                        ckpt.save_checkpoint(acc, self.rundir.checkpoints, ckpt.BEST, state, student.ema)
+                self._save_step(student, state)
         finally:
             report.close()
         if not final:
             # Resumed after the last epoch's checkpoint (killed before summary.json): that epoch's
             # record is already in metrics.jsonl, training sums included; re-evaluating would lose
-            # them (fault_trials found summary.json with NaN train losses).
-            final = self.rundir.logged_record(progress.epoch) or self._epoch_record(student, teacher_val, progress, {})
+            # them (summary.json would hold NaN train losses).
+            final = self.rundir.logged_record(state.epoch) or self._evaluation(student, teacher_logits, state, {})
         return final
 
-    def _teacher_only(
-        self, teacher: Teacher | None, split: SplitData, spec: InputSpec, wall_start: float
-    ) -> dict[str, Any]:
-        """The teacher stage as a run of its own: evaluate, copy the teacher into the run."""
-        from distill.data.pipeline import eval_loader
+    def _epoch_options(self) -> EpochOptions:
+        r = self.recipe
+        return EpochOptions(
+            seed=r.run.seed,
+            log_every=r.run.log_every_steps,
+            clip_grad=r.train.clip_grad,
+            data_seed=data_seed(r),
+            checkpoint_every=r.run.checkpoint_every_steps,
+        )
 
-        acc, r = self.accelerator, self.recipe
-        if teacher is None:
+    def _epoch_hooks(self, student: Student, state: TrainingState, log: RunLog, report: ProgressReport) -> EpochHooks:
+        def on_log(values: dict[str, float]) -> None:
+            log.scalars(values, state.global_step)
+            report.values(values)
+
+        return EpochHooks(on_log, lambda: self._save_step(student, state), report)
+
+    def _teacher_only(self, ready: ReadyTeacher | None, split: SplitData, wall_start: float) -> RunSummary:
+        """The teacher stage as a run of its own: the teacher, evaluated and checked, copied into the run."""
+        acc = self.accelerator
+        if ready is None:
             raise RecipeError("run.teacher_only=true needs teacher.train or teacher.checkpoint")
-        loader = eval_loader(split.val, spec, math.ceil(r.eval.batch_size / acc.num_processes), r.data.num_workers)
-        stats, _ = evaluate_teacher(acc, teacher, acc.prepare(loader), None)
-        check_teacher(teacher, stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
-        summary = {
-            "run": str(self.rundir.path),
-            "teacher": teacher.describe(),
-            "final": {"val/teacher_top1": stats["top1"]},
-            "wall_time_s": time.perf_counter() - wall_start,
-            "data": data_info(r, split, None),
-        }
+        teacher = ready.teacher
+        summary = RunSummary(
+            run=str(self.rundir.path),
+            teacher={**teacher.describe(), "folder": str(self.rundir.teacher_dir)},
+            final={"val/teacher_top1": ready.val_top1},
+            wall_time_s=time.perf_counter() - wall_start,
+            data=data_info(self.recipe, split, None),
+        )
         if acc.is_main_process:
             teacher.copy_to(self.rundir.teacher_dir)
-            summary["teacher"]["folder"] = str(self.rundir.teacher_dir)
             self.rundir.write_summary(summary)
-            name = summary["teacher"]["architecture"]
-            print(f"teacher {name}: val top-1 {100 * stats['top1']:.2f}%, saved to {self.rundir.teacher_dir}")
+            print(
+                f"teacher {teacher.architecture}: val top-1 {100 * ready.val_top1:.2f}%, "
+                f"saved to {self.rundir.teacher_dir}"
+            )
         acc.wait_for_everyone()
         return summary
 
-    def _save_step(self, student: Student, progress: TrainingState) -> None:
+    def _save_step(self, student: Student, state: TrainingState) -> None:
         """Checkpoint ``step_<global step>`` atomically, keeping the newest run.keep_checkpoints."""
-        root, name = self.rundir.checkpoints, ckpt.step_name(progress.global_step)
-        ckpt.save_checkpoint(self.accelerator, root, name, progress, student.ema, keep=self.recipe.run.keep_checkpoints)
+        root, name = self.rundir.checkpoints, ckpt.step_name(state.global_step)
+        ckpt.save_checkpoint(self.accelerator, root, name, state, student.ema, keep=self.recipe.run.keep_checkpoints)
 
-    def _train_epoch(
-        self, student: Student, step: Step, progress: TrainingState, epoch: int, log: RunLog, report: ProgressReport
-    ) -> None:
-        r = self.recipe
-
-        def on_log(values: dict[str, float]) -> None:
-            log.scalars(values, progress.global_step)
-            report.values(values)
-
-        train_one_epoch(
-            self.accelerator,
-            student.model,
-            student.pipeline.train_loader,
-            student.optimizer,
-            student.scheduler,
-            step,
-            progress,
-            epoch=epoch,
-            seed=r.run.seed,
-            data_seed=data_seed(r),
-            log_every=r.run.log_every_steps,
-            clip_grad=r.train.clip_grad,
-            on_log=on_log,
-            checkpoint_every=r.run.checkpoint_every_steps,
-            on_checkpoint=lambda: self._save_step(student, progress),
-            ema=student.ema,
-            report=report,
-        )
-
-    def _epoch_record(
+    def _evaluation(
         self,
         student: Student,
-        teacher_val: dict[int, torch.Tensor] | None,
-        progress: TrainingState,
+        teacher_logits: dict[int, torch.Tensor] | None,
+        state: TrainingState,
         sums: dict[str, float],
     ) -> dict[str, Any]:
-        acc = self.accelerator
+        """Evaluate after a completed epoch: the logged record. The run's last evaluation also
+        writes predictions.npz (every validation image's fused prediction)."""
+        acc, last = self.accelerator, state.epoch == self.recipe.train.epochs
         model = acc.unwrap_model(student.model, keep_torch_compile=False)
-        stats = evaluate_student(acc, model, student.pipeline.val_loader, teacher_val)
+        per_image: dict[str, np.ndarray] | None = {} if last else None
+        stats = evaluate_student(acc, model, student.pipeline.val_loader, teacher_logits, per_image)
         model.train()
-        n = sums.get("n", 0.0)
-        record: dict[str, Any] = {"epoch": progress.epoch, "step": progress.global_step}
-        for k in ("loss", "loss_ce", "loss_kd"):
-            record[f"train/{k}"] = sums[k] / n if n else math.nan
-        record["lr"] = student.optimizer.param_groups[0]["lr"]
-        record.update({f"val/{k}": v for k, v in stats.items()})
-        if teacher_val is None:
-            record.update({"val/teacher_top1": math.nan, "val/agreement": math.nan, "val/kl": math.nan})
+        if per_image and acc.is_main_process:
+            self.rundir.write_predictions(per_image)
+        ema_stats = None
         if student.ema is not None:
-            ema_stats = evaluate_student(acc, student.ema.module, student.pipeline.val_loader, teacher_val)
-            record.update({f"val_ema/{k}": v for k, v in ema_stats.items() if not k.startswith("teacher")})
-        record["throughput/train_img_s"] = (
-            progress.train_images / progress.train_time if progress.train_time else math.nan
-        )
+            ema_stats = evaluate_student(acc, student.ema.module, student.pipeline.val_loader, teacher_logits)
+        record = epoch_record(state, sums, student.optimizer.param_groups[0]["lr"], stats, ema_stats)
         acc.print(
-            f"epoch {progress.epoch}: loss {record['train/loss']:.4f}  top-1 cls {100 * record['val/top1_cls']:.2f}  "
+            f"epoch {state.epoch}: loss {record['train/loss']:.4f}  top-1 cls {100 * record['val/top1_cls']:.2f}  "
             f"dist {100 * record['val/top1_dist']:.2f}  fused {100 * record['val/top1_fused']:.2f}  "
             f"agreement {100 * record['val/agreement']:.2f}"
         )
@@ -342,44 +327,66 @@ class DistillRun:
         student: Student,
         teacher: Teacher | None,
         split: SplitData,
-        progress: TrainingState,
+        state: TrainingState,
         final: dict[str, Any],
         log: RunLog,
-        outputs: TeacherOutputCache | None,
+        cache_report: dict[str, Any],
         wall: float,
-    ) -> dict[str, Any]:
+    ) -> RunSummary:
+        """summary.json (written last: it marks the run finished), the export, the closing table."""
         r, acc = self.recipe, self.accelerator
-        summary: dict[str, Any] = {
-            "run": str(self.rundir.path),
-            "final": final,
-            "best": {"val/top1_fused": progress.best_top1, "epoch": progress.best_epoch},
-            "epochs": progress.epoch,
-            "steps": progress.global_step,
-            "wall_time_s": wall,
-            "train_time_s": progress.train_time,
-            "throughput_train_img_s": progress.train_images / progress.train_time if progress.train_time else None,
-            "teacher": teacher.describe() if teacher is not None else None,
-            "student_init": student.init,
-            "distillation": r.distillation.model_dump(mode="json"),
-            "world_size": acc.num_processes,
-            "precision": r.train.precision,
-            "effective_lr": effective_lr(r.train),
-            "data": data_info(r, split, student.pipeline.store),
-            "teacher_cache": outputs.summary() if outputs else {"enabled": False},
-            "metric_notes": METRIC_NOTES,
-            "export": None,
-        }
-        if outputs is not None:
-            outputs.close()
+        summary = RunSummary(
+            run=str(self.rundir.path),
+            final=final,
+            best={"val/top1_fused": state.best_top1, "epoch": state.best_epoch},
+            epochs=state.epoch,
+            steps=state.global_step,
+            wall_time_s=wall,
+            train_time_s=state.train_time,
+            throughput_train_img_s=state.train_images / state.train_time if state.train_time else None,
+            teacher=teacher.describe() if teacher is not None else None,
+            student_init=student.init,
+            distillation=r.distillation.model_dump(mode="json"),
+            world_size=acc.num_processes,
+            precision=r.train.precision,
+            effective_lr=effective_lr(r.train),
+            data=data_info(r, split, student.pipeline.store),
+            teacher_cache=cache_report,
+            metric_notes=METRIC_NOTES,
+        )
         if acc.is_main_process:
             if r.run.export:
                 model = acc.unwrap_model(student.model, keep_torch_compile=False)
-                summary["export"] = export_run_student(model, self.rundir.export_dir, r, split, summary, acc.device)
+                report = export_run_student(model, self.rundir.export_dir, r, split, summary.as_dict(), acc.device)
+                summary = replace(summary, export=report)
             log.hparams(flatten(recipe_to_dict(r)), {k: v for k, v in final.items() if "/" in k})
             self.rundir.write_summary(summary)
             print_summary(summary)
         acc.wait_for_everyone()
         return summary
+
+
+def epoch_record(
+    state: TrainingState,
+    sums: dict[str, float],
+    lr: float,
+    stats: dict[str, float],
+    ema_stats: dict[str, float] | None,
+) -> dict[str, Any]:
+    """One metrics.jsonl row: the epoch's mean training losses, the learning rate, the
+    validation statistics (NaN for the teacher's when there is none), the EMA's, the speed."""
+    n = sums.get("n", 0.0)
+    record: dict[str, Any] = {"epoch": state.epoch, "step": state.global_step}
+    for k in ("loss", "loss_ce", "loss_kd"):
+        record[f"train/{k}"] = sums[k] / n if n else math.nan
+    record["lr"] = lr
+    record.update({f"val/{k}": v for k, v in stats.items()})
+    if "teacher_top1" not in stats:
+        record.update({"val/teacher_top1": math.nan, "val/agreement": math.nan, "val/kl": math.nan})
+    if ema_stats is not None:
+        record.update({f"val_ema/{k}": v for k, v in ema_stats.items() if not k.startswith("teacher")})
+    record["throughput/train_img_s"] = state.train_images / state.train_time if state.train_time else math.nan
+    return record
 
 
 # What the logged metrics that are easy to misread measure (summary.json carries it).
@@ -405,13 +412,14 @@ def data_info(recipe: Recipe, split: SplitData, store: str | None) -> dict[str, 
     }
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    final = summary["final"]
+def print_summary(summary: RunSummary) -> None:
+    final = summary.final
 
     def pct(key: str) -> str:
         v = final.get(key)
         return f"{100 * v:6.2f}%" if isinstance(v, float) and math.isfinite(v) else "    n/a"
 
+    best = summary.best or {}
     rows = [
         ("val top-1 cls head", pct("val/top1_cls")),
         ("val top-1 dist head", pct("val/top1_dist")),
@@ -419,12 +427,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("val top-5 fused", pct("val/top5_fused")),
         ("teacher val top-1", pct("val/teacher_top1")),
         ("agreement with teacher", pct("val/agreement")),
-        ("best fused top-1", f"{100 * summary['best']['val/top1_fused']:6.2f}% (epoch {summary['best']['epoch']})"),
-        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        ("train throughput", f"{summary['throughput_train_img_s'] or 0:.0f} img/s"),
-        ("run directory", summary["run"]),
-        ("export", summary["export"]["path"] if summary["export"] else "(off)"),
+        ("best fused top-1", f"{100 * best['val/top1_fused']:6.2f}% (epoch {best['epoch']})"),
+        ("epochs / steps", f"{summary.epochs} / {summary.steps}"),
+        ("wall time", f"{summary.wall_time_s:.1f} s"),
+        ("train throughput", f"{summary.throughput_train_img_s or 0:.0f} img/s"),
+        ("run directory", summary.run),
+        ("export", summary.export["path"] if summary.export else "(off)"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
