@@ -412,12 +412,13 @@ def data_info(recipe: Recipe, split: SplitData, store: str | None) -> dict[str, 
     }
 
 
-def print_summary(summary: RunSummary) -> None:
+def summary_lines(summary: RunSummary) -> list[str]:
+    """The closing table: one row per figure, every value starting in the same column."""
     final = summary.final
 
     def pct(key: str) -> str:
         v = final.get(key)
-        return f"{100 * v:6.2f}%" if isinstance(v, float) and math.isfinite(v) else "    n/a"
+        return f"{100 * v:.2f}%" if isinstance(v, float) and math.isfinite(v) else "n/a"
 
     best = summary.best or {}
     rows = [
@@ -427,7 +428,7 @@ def print_summary(summary: RunSummary) -> None:
         ("val top-5 fused", pct("val/top5_fused")),
         ("teacher val top-1", pct("val/teacher_top1")),
         ("agreement with teacher", pct("val/agreement")),
-        ("best fused top-1", f"{100 * best['val/top1_fused']:6.2f}% (epoch {best['epoch']})"),
+        ("best fused top-1", f"{100 * best['val/top1_fused']:.2f}% (epoch {best['epoch']})"),
         ("epochs / steps", f"{summary.epochs} / {summary.steps}"),
         ("wall time", f"{summary.wall_time_s:.1f} s"),
         ("train throughput", f"{summary.throughput_train_img_s or 0:.0f} img/s"),
@@ -435,4 +436,8 @@ def print_summary(summary: RunSummary) -> None:
         ("export", summary.export["path"] if summary.export else "(off)"),
     ]
     width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    return [f"  {k:<{width}}  {v}" for k, v in rows]
+
+
+def print_summary(summary: RunSummary) -> None:
+    print("\n" + "\n".join(summary_lines(summary)))
