@@ -1,26 +1,31 @@
 """The run's set-up pieces, without training: the student's EMA, the trained-teacher key, the
-teacher-output cache key, the input pipeline's prepare and the shared step (issue 11's defects,
-each of which these tests reproduce on the code before the redesign)."""
+teacher-output cache key, the input pipeline's prepare and the shared step, the recipe as it runs
+(teacher.model against a teacher folder), the closing table and the launcher's thread count."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 
 from distill.data.pipeline import build_pipeline, data_seed
 from distill.data.sources import load_source
+from distill.errors import RecipeError
 from distill.models.spec import InputSpec
 from distill.models.student import student_input_spec
 from distill.recipe.schema import load_recipe
+from distill.run.records import RunSummary
 from distill.training.optim import batch_plan
 from distill.training.step import Step, as_prepared
 from distill.training.teacher_outputs import open_output_cache
-from distill.training.teacher_stage import teacher_key
-from distill.training.trainer import setup_student
+from distill.training.teacher_stage import resolve_teacher_model, teacher_key
+from distill.training.trainer import DistillRun, setup_student, summary_lines
 from tests.conftest import SMOKE
 
 
@@ -177,3 +182,80 @@ def test_train_attention_manual_switches_every_block_and_computes_the_same() -> 
         assert set_attention(model, "manual") == recipe.student.depth
         manual = model(x)
     assert torch.allclose(fused, manual, atol=1e-5)
+
+
+# The recipe as it runs: teacher.model and a teacher folder ------------------------------------
+
+
+def teacher_folder(tmp_path: Path, architecture: str) -> Path:
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 4}))
+    return folder
+
+
+def test_a_teacher_folder_holding_another_model_than_the_recipe_names_is_refused(tmp_path: Path) -> None:
+    folder = teacher_folder(tmp_path, "resnet18")
+    with pytest.raises(RecipeError) as info:
+        resolve_teacher_model(smoke(f"teacher.checkpoint={folder}", "teacher.model=resnet10t"))
+    assert str(info.value) == (
+        f"teacher.model is resnet10t but the teacher.checkpoint folder {folder} holds a resnet18; set "
+        "teacher.model=resnet18, or teacher.model=null to take the folder's"
+    )
+
+
+def test_teacher_model_null_takes_the_folders_and_the_run_records_it(tmp_path: Path) -> None:
+    folder = teacher_folder(tmp_path, "resnet18")
+    recipe = smoke(f"teacher.checkpoint={folder}", "teacher.model=null", f"run.output_dir={tmp_path}")
+    assert resolve_teacher_model(recipe).teacher.model == "resnet18"
+    run = DistillRun(recipe, accelerator=Accelerator(cpu=True))
+    assert run.recipe.teacher.model == "resnet18"  # what recipe.yaml and the model card record
+    run.rundir.prepare(run.accelerator, run.recipe, [])
+    assert yaml.safe_load(run.rundir.recipe_file.read_text())["teacher"]["model"] == "resnet18"
+    same = smoke(f"teacher.checkpoint={folder}", "teacher.model=resnet18")
+    assert resolve_teacher_model(same) is same
+
+
+def test_teacher_model_null_needs_a_folder(tmp_path: Path) -> None:
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(
+        RecipeError, match=re.escape(f"teacher.checkpoint {weights} is a weights file; set teacher.model")
+    ):
+        resolve_teacher_model(smoke(f"teacher.checkpoint={weights}", "teacher.model=null"))
+    with pytest.raises(RecipeError, match=re.escape("but teacher.train; set teacher.model")):
+        resolve_teacher_model(smoke("teacher.model=null"))
+
+
+# The closing table and the launcher's threads -------------------------------------------------
+
+
+def test_the_closing_table_starts_every_value_in_one_column() -> None:
+    summary = RunSummary(
+        run="runs/smoke",
+        final={"val/top1_cls": 0.9, "val/top1_dist": 0.6, "val/top1_fused": 0.65, "val/top5_fused": 1.0,
+               "val/teacher_top1": 1.0, "val/agreement": 0.65},
+        wall_time_s=15.25, data={}, best={"val/top1_fused": 0.65, "epoch": 1}, epochs=2, steps=16,
+        throughput_train_img_s=61.6,
+    )  # fmt: skip
+    lines = summary_lines(summary)
+    values = [line[26:] for line in lines]
+    assert values[:8] == ["90.00%", "60.00%", "65.00%", "100.00%", "100.00%", "65.00%", "65.00% (epoch 1)", "2 / 16"]
+    assert all(line[24:26] == "  " and line[26] != " " for line in lines)
+    assert sum("teacher" in line for line in lines) == 2  # its accuracy, and the agreement with it
+
+
+def test_launch_shares_the_physical_cores_when_no_thread_count_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.commands.launch import launch_command_parser
+
+    from distill.launch import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parse = launch_command_parser().parse_args
+    assert default_threads(parse(["--num_processes", "2", "--num_machines", "1", "x.py"]), 16) == 8
+    assert default_threads(parse(["--num_processes", "1", "--num_machines", "1", "x.py"]), 16) == 16
+    given = ["--num_cpu_threads_per_process", "3", "--num_processes", "2", "--num_machines", "1", "x.py"]
+    assert default_threads(parse(given), 16) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert default_threads(parse(["--num_processes", "2", "--num_machines", "1", "x.py"]), 16) is None
