@@ -13,6 +13,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -106,6 +107,7 @@ def test_smoke_run_leaves_the_run_directory_contract(smoke_run: Path) -> None:
     assert summary["distillation"] == {"type": "hard", "alpha": 0.5, "tau": 1.0, "kl_norm": "batchmean", "token": True}
     assert summary["throughput_train_img_s"] > 0 and summary["wall_time_s"] > 0
     assert summary["export"]["reload_max_abs_diff"] == 0.0
+    assert summary["version"] == 1 and summary["teacher"]["weights"].endswith("model.safetensors")
 
     ckpts = sorted(p.name for p in (smoke_run / "checkpoints").iterdir())
     assert ckpts == ["best", "step_00000012", "step_00000016"]  # keep_checkpoints=2, plus best
@@ -114,6 +116,19 @@ def test_smoke_run_leaves_the_run_directory_contract(smoke_run: Path) -> None:
         assert "model.safetensors" in files and "progress.json" in files
         assert not any(f.startswith("model_1") for f in files)
     assert {p.name for p in (smoke_run / "export").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+
+
+def test_predictions_hold_every_validation_image_of_the_final_evaluation(smoke_run: Path) -> None:
+    """predictions.npz: per validation image (sorted by index), its label and the fused head's
+    argmax at the final evaluation; their agreement is the last row's val/top1_fused."""
+    with np.load(smoke_run / "predictions.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    assert sorted(arrays) == ["index", "label", "pred_fused"]
+    assert all(a.dtype == np.int64 and a.shape == (40,) for a in arrays.values())
+    assert np.array_equal(arrays["index"], np.arange(40))
+    assert np.array_equal(np.bincount(arrays["label"]), [10, 10, 10, 10])
+    correct = int((arrays["pred_fused"] == arrays["label"]).sum())
+    assert correct / 40 == read_metrics(smoke_run)[-1]["val/top1_fused"] and correct == 26  # 0.65 pinned
 
 
 def test_tensorboard_holds_the_same_scalars_and_hparams(smoke_run: Path) -> None:
@@ -210,6 +225,13 @@ def test_two_processes_match_one_process(smoke_run: Path, tmp_path: Path, teache
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
     assert summary["world_size"] == 2
+    with (
+        np.load(tmp_path / "smoke" / "predictions.npz") as two_files,
+        np.load(smoke_run / "predictions.npz") as one_files,
+    ):
+        assert two_files.files == one_files.files
+        for key in one_files.files:  # gathered across the processes, each image once, by index
+            assert np.array_equal(two_files[key], one_files[key]), key
 
 
 def test_two_processes_with_no_distillation_train_both_heads(tmp_path: Path, teacher_cache: Path) -> None:
