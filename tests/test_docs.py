@@ -22,6 +22,8 @@ SCANNED = ["README.md", "docs", "distill", "tests", "recipes", "scripts", "Makef
 TEXT_SUFFIXES = {".md", ".py", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg", ".json", ".csv", ""}
 # Files outside the repository that nothing in it may cite (assembled so this file names none).
 OUTSIDE = ("PRODUCT" + ".md", "STYLE" + ".md", ".." + "/shared")
+# A folder of reference papers beside the repository, cited as reference/<name>.md.
+OUTSIDE_REFERENCE = re.compile(r"(?<![\w/-])" + "reference" + r"/[\w.-]+\.md\b")
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
@@ -113,6 +115,7 @@ def test_no_file_cites_a_file_outside_the_repository() -> None:
                 continue
             for number, line in enumerate(path.read_text(errors="ignore").splitlines(), 1):
                 hits += [f"{path.relative_to(ROOT)}:{number}: {word}" for word in OUTSIDE if word in line]
+                hits += [f"{path.relative_to(ROOT)}:{number}: {m}" for m in OUTSIDE_REFERENCE.findall(line)]
     assert not hits, "files cite files outside the repository:\n" + "\n".join(hits)
 
 
