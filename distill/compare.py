@@ -276,6 +276,7 @@ def study_plan(
     overrides come after ours, so they win. ``data_seed``: one data stream for every seed.
     ``axes``: the ``--vary`` grid; without it, one cell per variant named as before."""
     from distill.recipe.schema import load_recipe
+    from distill.run.rundir import teachers_dir
 
     base = load_recipe(recipe_path, overrides)  # validate once, before any run starts
     named = [v.name for v in variants]
@@ -296,7 +297,7 @@ def study_plan(
         methods[method] = v.name
     grid = cells(recipe_path, overrides, list(axes), data_seed) if axes else [Cell((), "")]
     study = Path(base.run.output_dir) / f"{base.run.name}-study"
-    cache = base.teacher.cache_dir or Path(base.run.output_dir) / "teachers"
+    cache = base.teacher.cache_dir or teachers_dir(base.run.output_dir)
     shared: list[str] = []
     if teacher_outputs:
         outputs_dir = base.teacher.output_cache.dir or study / "teacher_outputs"
@@ -426,14 +427,14 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             summary = DistillRun(recipe, [args.recipe, *overrides], accelerator=accelerator).run()
             seconds = time.perf_counter() - start
-            one_off = (summary.get("teacher") or {}).get("train_time_s") or 0.0  # later runs reuse the teacher
+            one_off = (summary.teacher or {}).get("train_time_s") or 0.0  # later runs reuse the teacher
             progress.finished(i, seconds, one_off)
             accelerator.print(progress.line(i, name, seconds, one_off))
         if accelerator.is_main_process and not args.no_analysis:
             from distill.analysis.core import analyze_run
 
             for name, _ in runs:  # once per finished run: a restarted study keeps what is current
-                done = study / name / "analysis" / "analysis.json"
+                done = RunDir(study / name).analysis_dir / "analysis.json"
                 if not done.is_file() or done.stat().st_mtime < RunDir(study / name).summary_file.stat().st_mtime:
                     print(f"study: analysing {name}")
                     analyze_run(study / name, args.analysis_images)

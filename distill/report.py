@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.run.rundir import RunDir
 from distill.study.report import build_report
 
 
@@ -24,12 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         dirs: list[Path] = []
         for p in map(Path, args.runs):
-            if (p / "summary.json").is_file():
+            if RunDir(p).finished():
                 dirs.append(p)
             elif p.is_dir():  # a study directory: every finished run inside it
-                dirs += sorted(
-                    c for c in p.iterdir() if (c / "summary.json").is_file() and (c / "metrics.jsonl").is_file()
-                )
+                dirs += sorted(c for c in p.iterdir() if RunDir(c).finished() and RunDir(c).metrics_file.is_file())
             else:
                 raise DistillError(f"{p} is neither a run directory nor a directory of runs")
         print(f"report: {build_report(dirs, Path(args.out))}")

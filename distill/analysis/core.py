@@ -812,12 +812,14 @@ def _recorded_teacher(loaded: Any) -> tuple[Path | None, str | None]:
     from distill.models.student import file_sha256
     from distill.run.rundir import RunDir
 
-    recorded = RunDir(loaded.run_dir).summary().get("teacher") or {}
+    summary = RunDir(loaded.run_dir).summary()
+    recorded = (summary.teacher if summary is not None else None) or {}
+    # "None": the string that summaries written before the typed record held for no file.
     if not recorded.get("weights") or recorded["weights"] == "None":
         return None, None
     weights = Path(recorded["weights"])
     # A relative <run.output_dir>/teachers/... path was relative to where the run was started.
-    moved = Path(loaded.run_dir).resolve().parent / "teachers" / weights.parent.name / weights.name
+    moved = RunDir(Path(loaded.run_dir).resolve()).teachers / weights.parent.name / weights.name
     found = next((w for w in (weights, moved) if w.is_file()), None)
     if found is None:
         return None, f"the teacher the run recorded ({weights}) is gone"
@@ -828,16 +830,16 @@ def _recorded_teacher(loaded: Any) -> tuple[Path | None, str | None]:
 
 def _cached_teacher(loaded: Any, recipe: Any, data: AnalysisData) -> tuple[Path | None, str | None]:
     """The trained-teacher cache folder the run's recipe keys today (an unfinished run)."""
-    from distill.training.teacher_stage import TEACHER_INFO, cache_dir, teacher_key
+    from distill.run.records import TrainedTeacher
+    from distill.run.rundir import RunDir
+    from distill.training.teacher_stage import cache_dir, teacher_key
 
     if recipe.teacher.cache_dir is None and loaded.run_dir is not None:  # <run.output_dir>/teachers, any cwd
-        teacher_cfg = recipe.teacher.model_copy(
-            update={"cache_dir": Path(loaded.run_dir).resolve().parent / "teachers"}
-        )
+        teacher_cfg = recipe.teacher.model_copy(update={"cache_dir": RunDir(Path(loaded.run_dir).resolve()).teachers})
         recipe = recipe.model_copy(update={"teacher": teacher_cfg})
     key = teacher_key(recipe, loaded.spec, data.split.num_classes)
     folder = cache_dir(recipe) / f"{recipe.teacher.model}-{key}"
-    if not (folder / TEACHER_INFO).is_file():
+    if not TrainedTeacher.exists(folder):
         return None, f"the run's trained teacher is not in {folder} (an analysis does not train one)"
     return folder, None
 
@@ -1002,12 +1004,13 @@ def analyze_run(run_dir: Path, images: int | None = 512, device: torch.device | 
     """The analysis of a finished run's last checkpoint into ``<run>/analysis`` (a study calls
     it for every run); returns the analysis.json path."""
     from distill.exports.artifacts import load_artifact
+    from distill.run.rundir import RunDir
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_artifact(Path(run_dir), "last", False)
     attention_modules(loaded.model)
     data = analysis_data(None, loaded)
     teacher, note = run_teacher(loaded, data, device)
-    out = Path(run_dir) / "analysis"
+    out = RunDir(Path(run_dir)).analysis_dir
     analyze(loaded, data, out, images, 6, 64, device, teacher, note, source=Path(run_dir))
     return out / "analysis.json"

@@ -51,7 +51,8 @@ def run_class_names(run_dir: Path, recipe: Recipe, num_classes: int) -> list[str
     export's config.json), else its data's, which means loading the split (slow for big folders);
     None when nothing recorded them and the data cannot be loaded any more."""
     rundir = RunDir(run_dir)
-    recorded = (rundir.summary().get("data") or {}).get("class_names")
+    summary = rundir.summary()
+    recorded = summary.data.get("class_names") if summary is not None else None
     if not recorded and (rundir.export_dir / "config.json").is_file():
         recorded = json.loads((rundir.export_dir / "config.json").read_text()).get("label_names")
     if recorded:

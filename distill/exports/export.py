@@ -405,7 +405,8 @@ def run_export(
     model = select_head(loaded.model, head)
     if TRANSFORMERS_DIR in formats and (problem := transformers_problem(model)):
         raise ExportError(f"--format transformers cannot represent this student exactly: {problem}")
-    summary = RunDir(run_dir).summary()
+    recorded = RunDir(run_dir).summary()
+    summary = recorded.as_dict() if recorded is not None else {}
     data = summary.get("data") or {
         "source": recipe.data.source, "path": recipe.data.path, "train_size": len(split.train),
         "val_size": len(split.val), "val_origin": split.val_origin,

@@ -62,16 +62,16 @@ def _run_grid(run: RunDir) -> tuple[int, int]:
 def _from_run(run: RunDir, which: str, path: Path) -> InitSource:
     summary = run.summary()
     if which == "final":
-        if not summary:
+        if summary is None:
             raise RecipeError(
                 f"student.init {path} is a run that has not finished (no summary.json): finish it, or "
                 "start from one of its checkpoints with student.init_checkpoint=last or best"
             )
         folder = ckpt.latest_checkpoint(run.checkpoints)
-        top1 = summary.get("final", {}).get("val/top1_fused")
+        top1 = summary.final.get("val/top1_fused")
     elif which == "best":
         folder = run.checkpoints / ckpt.BEST if (run.checkpoints / ckpt.BEST / ckpt.MARKER).is_file() else None
-        top1 = summary.get("best", {}).get("val/top1_fused")
+        top1 = (summary.best or {}).get("val/top1_fused") if summary is not None else None
     else:  # last, ema
         folder = ckpt.latest_checkpoint(run.checkpoints)
         top1 = None

@@ -208,7 +208,7 @@ class OutputCacheConfig(Section):
 
 
 class TeacherConfig(Section):
-    # Any timm convnet (DeiT used RegNetY-16GF); null: the architecture a teacher.checkpoint
+    # any timm convnet (DeiT used RegNetY-16GF); null: the architecture a teacher.checkpoint
     # folder records (a folder recording another than this one is refused).
     model: str | None = "regnety_160"
     checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder

@@ -28,6 +28,7 @@ import yaml
 from distill.errors import DistillError
 from distill.exports.export import init_text
 from distill.recipe.keys import changed_for_resume
+from distill.run.rundir import RunDir
 from distill.run.tracking import read_metrics
 
 VARIANT_ORDER = ("hard", "soft", "none", "hard-notoken", "soft-notoken", "none-notoken")
@@ -66,17 +67,17 @@ class RunRecord:
 
 
 def load_run(path: Path) -> RunRecord:
-    path = Path(path)
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json"):
-        if not (path / name).is_file():
-            raise DistillError(f"{path} is not a finished run: {name} is missing")
-    recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    path, run = Path(path), RunDir(path)
+    for file in (run.recipe_file, run.metrics_file, run.summary_file):
+        if not file.is_file():
+            raise DistillError(f"{path} is not a finished run: {file.name} is missing")
+    recipe = yaml.safe_load(run.recipe_file.read_text())
     metrics = read_metrics(path)
     if not metrics:
         raise DistillError(f"{path}/metrics.jsonl holds no evaluation")
     d = recipe["distillation"]
     variant = d["type"] if d.get("token", True) else f"{d['type']}-notoken"
-    summary = json.loads((path / "summary.json").read_text())
+    summary = run.summary().as_dict()  # type: ignore[union-attr]
     return RunRecord(path, variant, int(recipe["run"]["seed"]), recipe, metrics, summary)
 
 
@@ -580,9 +581,9 @@ def analysis_section(groups: dict[str, list[RunRecord]]) -> list[str]:
 
     found = {
         v: [
-            analysis_summary(r.path / "analysis" / "analysis.json")
+            analysis_summary(RunDir(r.path).analysis_dir / "analysis.json")
             for r in runs
-            if (r.path / "analysis" / "analysis.json").is_file()
+            if (RunDir(r.path).analysis_dir / "analysis.json").is_file()
         ]
         for v, runs in groups.items()
     }

@@ -3,7 +3,7 @@ parsing and no file formats.
 
 Randomness inside a step (drop-path, mixup) is re-seeded from (seed, epoch, step, rank) at every
 micro-step rather than carried in RNG history, so a resumed run replays exactly what an
-uninterrupted run would have done (measured in ecosystem notes: resume with RNG history alone
+uninterrupted run would have done (measured: a resume that restores the RNG history alone
 diverges from the first resumed batch when drop-path is on).
 """
 

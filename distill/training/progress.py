@@ -1,7 +1,8 @@
-"""TrainingState that shows wherever the output goes: a bar on a terminal, plain lines in a log file.
+"""Console progress that shows wherever the output goes: a bar on a terminal, plain lines in a
+log file. (What training has done, saved in checkpoints, is run.checkpoint.TrainingState.)
 
 On clusters stdout goes to a file and tqdm switches itself off there, which left a run silent
-between epochs (the teacher stage printed nothing for 126 s on 3,000 MNIST images, issue 12). So
+between epochs (measured: the teacher stage printed nothing for 126 s on 3,000 MNIST images). So
 off a terminal a line is printed at a steady interval (``run.progress_every_s``) and at every
 epoch end, with what a person watching a log wants: where the run is, the loss, the learning rate,
 the speed, the time spent and the time left.
@@ -28,7 +29,8 @@ def duration(seconds: float) -> str:
 
 
 class ProgressReport:
-    """TrainingState of one training stage (``name``: student or teacher) over ``total`` optimizer steps.
+    """Console progress of one training stage (``name``: student or teacher) over ``total``
+    optimizer steps.
 
     ``step()`` after every optimizer step, ``values(...)`` when the loss is known (every
     run.log_every_steps), ``epoch_end(...)`` at the end of an epoch. Only the main process reports.
