@@ -48,12 +48,12 @@ def _json(record: Any) -> str:
 class RunSummary:
     """summary.json: the final and best metrics, how long and how fast, the teacher, the
     distillation settings and the data. A teacher-only run fills run, teacher, final, wall time
-    and data; a student run fills everything."""
+    and data; a student run fills everything; a field a file lacks reads as its default."""
 
-    run: str  # the run directory
-    final: dict[str, Any]  # the last evaluation's record (metrics.jsonl keys)
-    wall_time_s: float
-    data: dict[str, Any]  # trainer.data_info: source, sizes, class names in output order
+    run: str | None = None  # the run directory
+    final: dict[str, Any] = field(default_factory=dict)  # the last evaluation's record (metrics.jsonl keys)
+    wall_time_s: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # trainer.data_info: sizes, class names in output order
     teacher: dict[str, Any] | None = None  # Teacher.describe(); None: no teacher
     best: dict[str, Any] | None = None  # {"val/top1_fused": ..., "epoch": ...}
     epochs: int | None = None  # epochs completed
