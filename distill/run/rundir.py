@@ -127,7 +127,7 @@ class RunDir:
 
     def discard_unstarted(self, accelerator: Accelerator) -> None:
         """After a failure: a run with no checkpoint yet leaves nothing behind (a folder holding
-        only recipe.yaml looked like a run). Other files of a shared directory stay."""
+        only recipe.yaml would look like a run). Other files of a shared directory stay."""
         # No collective here: the other processes may not reach this point.
         if not accelerator.is_main_process or ckpt.latest_checkpoint(self.checkpoints) is not None:
             return

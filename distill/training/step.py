@@ -40,13 +40,13 @@ class Step:
         label_smoothing: float,
         distillation: DistillationConfig | None = None,
         teacher: Teacher | None = None,
-        outputs: TeacherOutputCache | None = None,
+        output_cache: TeacherOutputCache | None = None,
     ) -> None:
         self.needs_teacher = distillation is not None and distillation.type != "none"
         if self.needs_teacher and teacher is None:
             raise ValueError(f"distillation type '{distillation.type}' needs a teacher")  # type: ignore[union-attr]
         self.prepare, self.label_smoothing = prepare, label_smoothing
-        self.teacher, self.outputs = teacher, outputs
+        self.teacher, self.output_cache = teacher, output_cache
         self.settings = None
         if distillation is not None:
             d = distillation
@@ -54,8 +54,8 @@ class Step:
 
     def teacher_logits(self, images: torch.Tensor, epoch: int, micro_step: int) -> torch.Tensor:
         assert self.teacher is not None
-        if self.outputs is not None:  # the micro-step fixes the rows: where this batch sits in the stream
-            return self.outputs.train_logits(epoch, micro_step, images, self.teacher)
+        if self.output_cache is not None:  # the micro-step fixes the rows: where this batch sits in the stream
+            return self.output_cache.train_logits(epoch, micro_step, images, self.teacher)
         return self.teacher(images)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any], epoch: int, micro_step: int) -> LossParts:

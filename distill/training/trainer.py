@@ -191,7 +191,7 @@ class DistillRun:
             label_smoothing=r.train.label_smoothing,
             distillation=r.distillation,
             teacher=teacher,
-            outputs=output_cache,
+            output_cache=output_cache,
         )
         teacher_logits = ready.val_logits if ready is not None else None
         final = self._train(student, step, state, log, teacher_logits)
@@ -227,8 +227,8 @@ class DistillRun:
         final: dict[str, Any] = {}
         try:
             for epoch in range(state.epoch, r.train.epochs):
-                if step.outputs is not None:
-                    step.outputs.begin_epoch(epoch)
+                if step.output_cache is not None:
+                    step.output_cache.begin_epoch(epoch)
                 report.begin_epoch(epoch)
                 start, images = time.perf_counter(), state.train_images
                 hooks = self._epoch_hooks(student, state, log, report)
