@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +289,7 @@ def prepare_teacher(accelerator: Accelerator, recipe: Recipe, split: SplitData, 
     check_teacher(teacher, stats["top1"], split.num_classes, recipe.teacher.min_top1, acc.is_main_process)
     if teacher.trained_here and acc.is_main_process and teacher.weights is not None:
         folder = teacher.weights.parent
-        record = TrainedTeacher.read(folder)
-        TrainedTeacher(**{**record.__dict__, "val_top1": stats["top1"], "val_top5": stats["top5"]}).write(folder)
+        replace(TrainedTeacher.read(folder), val_top1=stats["top1"], val_top5=stats["top5"]).write(folder)
     acc.print(f"teacher: {teacher.architecture} val top-1 {100 * stats['top1']:.2f}%")
     return ReadyTeacher(teacher, logits, stats["top1"])
 
