@@ -160,7 +160,9 @@ def read_manifest(root: Path) -> Manifest:
             "`python -m distill.shard RECIPE --out DIR`"
         )
     if not path.is_file():
-        raise DataError(f"no {MANIFEST} in {root}: write shards there with `python -m distill.shard RECIPE --out {root}`")
+        raise DataError(
+            f"no {MANIFEST} in {root}: write shards there with `python -m distill.shard RECIPE --out {root}`"
+        )
     return parse_manifest(path.read_text(), path)
 
 
