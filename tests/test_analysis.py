@@ -273,6 +273,107 @@ def test_select_images_is_seeded_and_sorted() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# analysis.json
+
+
+def unversioned_analysis() -> dict:
+    """An analysis.json in the layout written before the file carried a version: a 1 x 2 grid,
+    one block, a teacher. ``same_row_col`` is NaN there (no pair in a line that is not a
+    neighbour pair) and ``json`` writes it as NaN."""
+    return {
+        "model": {
+            "description": "run r (checkpoint step_00000016)", "path": "r", "run_dir": "r",
+            "checkpoint": "r/checkpoints/step_00000016", "progress": {"epoch": 2, "global_step": 16},
+            "architecture": "VisionTransformerDistilled", "depth": 1, "num_heads": 2, "embed_dim": 32,
+            "input": {"input_size": [3, 4, 8], "interpolation": "bilinear"},
+        },
+        "data": {"description": "synthetic val", "images": 4, "indices": [0, 1, 2, 3], "classes": ["a", "b"]},
+        "device": "cpu",
+        "attention_distance": {
+            "unit": "px", "grid": [1, 2], "patch_size": [4, 4], "uniform_px": 2.0, "per_head": [[1.0, 3.0]],
+            "per_layer": [2.0], "trend": "does not grow (one layer)", "prefix_share_per_head": [[0.25, 0.5]],
+            "prefix_queries": {
+                "cls": {"spread_px_per_head": [[1.5, 2.5]], "spread_px_per_layer": [2.0]},
+                "dist": {"spread_px_per_head": [[0.5, 0.5]], "spread_px_per_layer": [0.5]},
+            },
+        },
+        "pos_embed": {
+            "grid": [1, 2], "similarity": [[1.0, 0.5], [0.5, 1.0]], "neighbour": 0.5, "distant": 0.5,
+            "same_row_col": math.nan, "contrast": 0.0,
+        },
+        "token_similarity": {
+            "learned_tokens": 0.06, "layers": ["embedding", "block 1", "norm"], "cosine": [0.1, 0.9, 0.8],
+            "heads_output_cosine": 0.99, "paper": {"learned tokens": 0.06, "last layer": 0.93},
+        },
+        "disagreement": {
+            "sources": ["ground truth", "teacher", "cls", "dist", "fused"],
+            "matrix": [[0.0, 0.25, 0.5, 0.25, 0.25], [0.25, 0.0, 0.25, 0.0, 0.0], [0.5, 0.25, 0.0, 0.25, 0.25],
+                       [0.25, 0.0, 0.25, 0.0, 0.0], [0.25, 0.0, 0.25, 0.0, 0.0]],
+            "top1": {"teacher": 0.75, "cls": 0.5, "dist": 0.75, "fused": 0.75},
+            "paper_teacher": {"cls": 0.112, "dist": 0.1, "fused": 0.102},
+            "with_teacher": {"cls": 0.25, "dist": 0.0, "fused": 0.0},
+            "classes": [{"class": "b", "images": 2, "cls": 0.5, "dist": 0.0, "fused": 0.0},
+                        {"class": "a", "images": 2, "cls": 0.0, "dist": 0.0, "fused": 0.0}],
+        },
+        "attention_maps": {"skipped": "the model has no class token, or no images were asked for (--maps 0)"},
+        "figures": {"attention_distance": "attention_distance.png"},
+        "notes": ["a note"],
+        "seconds": {"pass": 1.5, "figures": 0.5, "total": 2.0},
+        "versions": {"distill": "0.1.0", "torch": "2.5.1", "timm": "1.0.31"},
+    }  # fmt: skip
+
+
+def test_an_unversioned_analysis_is_read_and_rewritten_in_the_same_layout(tmp_path: Path) -> None:
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(unversioned_analysis(), indent=1))
+    got = record.read_analysis(old)
+    assert got.version == 1 and got.seconds.pass_ == 1.5
+    assert isinstance(got.pos_embed, record.PosEmbed) and math.isnan(got.pos_embed.same_row_col)
+    assert isinstance(got.attention_maps, record.Skipped)
+    assert got.disagreement.classes is not None and got.disagreement.classes[0].with_teacher["cls"] == 0.5
+    new = tmp_path / "new.json"
+    record.write_analysis(got, new)
+    written = json.loads(new.read_text())
+    assert next(iter(written)) == "version" and written.pop("version") == 1
+    assert json.dumps(written) == json.dumps(unversioned_analysis())  # NaN compares as text
+    assert record.analysis_summary(old) == {
+        "model": "run r (checkpoint step_00000016)", "images": 4, "attention_distance_px": [2.0],
+        "attention_distance_trend": "does not grow (one layer)", "uniform_distance_px": 2.0,
+        "token_cosine": {"embedding": 0.1, "block 1": 0.9, "norm": 0.8}, "learned_token_cosine": 0.06,
+        "heads_output_cosine": 0.99, "disagreement_with_teacher": {"cls": 0.25, "dist": 0.0, "fused": 0.0},
+        "pos_embed_contrast": 0.0, "notes": ["a note"],
+    }  # fmt: skip
+
+
+def test_a_newer_analysis_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps({"version": 2, **unversioned_analysis()}))
+    with pytest.raises(record.AnalysisError, match=r"analysis\.json version 2, which this distill cannot read"):
+        record.read_analysis(path)
+
+
+def test_a_broken_analysis_names_the_field(tmp_path: Path) -> None:
+    broken = unversioned_analysis()
+    del broken["attention_distance"]["per_layer"]
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(record.AnalysisError, match=r"not a readable analysis\.json \(attention_distance\.per_layer: "):
+        record.read_analysis(path)
+    path.write_text("[]")
+    with pytest.raises(record.AnalysisError, match=r"not an analysis\.json \(not a JSON object\)"):
+        record.analysis_summary(path)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "weights"),
+    [(None, None), ({}, None), ({"weights": None}, None), ({"weights": "None"}, None),
+     ({"weights": "runs/teachers/resnet-1/model.safetensors"}, Path("runs/teachers/resnet-1/model.safetensors"))],
+)  # fmt: skip
+def test_recorded_teacher_weights(teacher: dict | None, weights: Path | None) -> None:
+    assert inputs.recorded_weights(teacher) == weights
+
+
+# ---------------------------------------------------------------------------------------------
 # Files, summary and the command
 
 
@@ -332,6 +433,41 @@ def test_images_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (tmp_path / "config.json").write_text("{}")
     assert main([str(tmp_path), "--images", images]) == 2
     assert capsys.readouterr().err == f"error: --images must be at least 1 (or 'all'), got {images}\n"
+
+
+def test_a_split_folder_is_data(tmp_path: Path) -> None:
+    """A folder of class folders, no train/: read as one split, as python -m distill.evaluate reads it."""
+    from PIL import Image
+
+    from distill.exports.artifacts import LoadedModel
+    from distill.models.spec import InputSpec
+
+    for k, name in enumerate(["ant", "bee"]):
+        (tmp_path / "holdout" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * k, 10 * i, 0)).save(tmp_path / "holdout" / name / f"{i}.png")
+    spec = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bilinear")
+    data = inputs.analysis_data(str(tmp_path / "holdout"), LoadedModel(tiny_vit(), spec, "a student"))
+    assert data.split.class_names == ["ant", "bee"] and len(data.split.val) == 6
+    assert data.description == f"imagefolder {tmp_path.resolve()}/holdout" and not data.own
+
+
+def test_device_must_be_cpu_or_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--device", "gpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: invalid choice: 'gpu' (choose from 'cpu', 'cuda')" in err and "Traceback" not in err
+
+
+def test_cuda_without_a_gpu_is_one_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([str(tmp_path), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --device cuda but torch sees no GPU; pass --device cpu or leave --device out\n"
+    )
 
 
 @pytest.mark.slow
