@@ -4,14 +4,13 @@
                               [--checkpoint last|best|PATH] [--ema] [--maps N] [--device cpu|cuda]
 
 MODEL is a run directory (its newest checkpoint, or --checkpoint), a checkpoint directory or an
-export folder (which needs --data and has no teacher). IMAGE_FOLDER is a root with ``train/`` (and
-``val/`` or ``test/``) or one split folder of ``<class>/<image>`` folders, as python -m
-distill.evaluate reads it. Writes analysis.json, analysis.md and
-PNG figures to --out (default: <run>/analysis, or <export>-analysis beside an export): mean
-attention distance per layer and head, position-embedding similarity, class/distillation token
-similarity per layer, disagreement between ground truth, the teacher and each head, and the
-prefix tokens' attention maps. distill/analysis/ has the maths (maths.py) and the file
-format (record.py).
+export folder (which needs --data and has no teacher). IMAGE_FOLDER is a root with ``train/``
+(and ``val/`` or ``test/``) or one split folder of ``<class>/<image>`` folders, read as
+``python -m distill.evaluate`` reads it. Writes analysis.json, analysis.md and PNG figures to
+--out (default: <run>/analysis, or <export>-analysis beside an export): mean attention distance
+per layer and head, position-embedding similarity, class/distillation token similarity per
+layer, disagreement between ground truth, the teacher and each head, and the prefix tokens'
+attention maps. distill/analysis/ has the maths (maths.py) and the file format (record.py).
 """
 
 from __future__ import annotations
@@ -97,14 +96,13 @@ def analyze(args: argparse.Namespace) -> None:
 def print_findings(record: AnalysisRecord, out: Path) -> None:
     """The headline of each analysis; the rest is in analysis.md."""
     from distill.analysis.markdown import attention_sentence, disagreement_sentence
-    from distill.analysis.record import analysis_summary
+    from distill.analysis.record import TokenSimilarity
 
     print(attention_sentence(record.attention_distance))
-    summary = analysis_summary(record)
-    if summary["token_cosine"] is not None:
-        layers = ", ".join(f"{k} {v:.2f}" for k, v in summary["token_cosine"].items())
-        print(f"class/distillation token cosine: learned {summary['learned_token_cosine']:.2f}, {layers} "
-              "(DeiT-B: 0.06 -> 0.93)")  # fmt: skip
+    tok = record.token_similarity
+    if isinstance(tok, TokenSimilarity):
+        layers = ", ".join(f"{k} {v:.2f}" for k, v in zip(tok.layers, tok.cosine))
+        print(f"class/distillation token cosine: learned {tok.learned_tokens:.2f}, {layers} (DeiT-B: 0.06 -> 0.93)")
     print(disagreement_sentence(record.disagreement, record.data.images))
     print(f"wrote {out / 'analysis.md'} in {record.seconds.total:.1f} s")
 

@@ -53,9 +53,9 @@ def analysis_data(data: str | None, loaded: LoadedModel) -> AnalysisData:
 
 def recorded_weights(teacher: dict[str, Any] | None) -> Path | None:
     """The teacher weights file a run's summary.json names, or None when it names none.
-    summary.json's teacher entry is the teacher's ``describe()``, which has written
-    ``str(weights)``: a teacher without a file then reads as the string "None", while a typed
-    teacher record writes null. Both mean "no file", so either is accepted here and nowhere else."""
+    summary.json's teacher entry comes from the teacher's ``describe()``, which writes
+    ``str(weights)``: a teacher without a file reads as the string "None" there, where a typed
+    teacher record writes null. Both mean "no file", so both are accepted, here and nowhere else."""
     weights = (teacher or {}).get("weights")
     if weights is None or weights in ("", "None"):
         return None

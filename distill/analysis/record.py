@@ -2,8 +2,8 @@
 writer (``write_analysis``), the one reader (``read_analysis``) and the figures a study report
 shows per run (``analysis_summary``).
 
-Version 1 has the layout analysis.json had before it carried a version, so a file without one
-is read as version 1; a newer version is refused with a message naming it.
+A file without ``version`` has version 1's layout less that field and is read as version 1; any
+other version is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def read_analysis(path: Path) -> AnalysisRecord:
         raise AnalysisError(f"cannot read {path} ({exc}); rerun python -m distill.analyze") from None
     if not isinstance(raw, dict):
         raise AnalysisError(f"{path} is not an analysis.json (not a JSON object); rerun python -m distill.analyze")
-    version = raw.get("version", SCHEMA_VERSION)  # no version: the layout of version 1
+    version = raw.get("version", SCHEMA_VERSION)  # no version: version 1's layout
     if version != SCHEMA_VERSION:
         raise AnalysisError(
             f"{path} is analysis.json version {version}, which this distill cannot read (it reads version "
