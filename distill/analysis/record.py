@@ -184,7 +184,7 @@ def read_analysis(path: Path) -> AnalysisRecord:
     version = raw.get("version", SCHEMA_VERSION)  # no version: version 1's layout
     if version != SCHEMA_VERSION:
         raise AnalysisError(
-            f"{path} is analysis.json version {version}, which this distill cannot read (it reads version "
+            f"{path} is analysis.json version {version!r}, which this distill cannot read (it reads version "
             f"{SCHEMA_VERSION}); update distill, or rerun python -m distill.analyze to rewrite it"
         )
     try:
