@@ -89,7 +89,7 @@ def chosen_splits(cfg: DataConfig) -> dict[str, Any]:
     val = next((n for n in val_names if n in splits), None)
     if cfg.val_split and val is None:
         raise DataError(f"data.val_split '{cfg.val_split}' not found (splits: {', '.join(splits)})")
-    names = [cfg.train_split] + ([val] if val and len(splits[val]) else [])  # an empty val: held out
+    names = [cfg.train_split] + ([val] if val else [])
     return {n: _standard_columns(splits[n], f"{cfg.source} split '{n}'") for n in names}
 
 
