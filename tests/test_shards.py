@@ -246,6 +246,16 @@ def test_a_manifest_of_another_version_is_refused(sharded: Path) -> None:
         load_shards(sharded)
 
 
+def test_an_empty_split_comes_back_empty_and_is_refused_as_the_source_would(sharded: Path) -> None:
+    """A hub dataset may hold an empty split: its shard set lists it with no shards."""
+    record = manifest(sharded)
+    record["splits"]["test"] = {"count": 0, "class_counts": [0, 0, 0], "shards": []}
+    (sharded / MANIFEST).write_text(json.dumps(record))
+    assert len(load_shards(sharded)["test"]) == 0
+    with pytest.raises(DataError, match=r"shards data is empty \(train 15, val 0 images\)"):
+        load_source(shards_cfg(sharded, "data.val_split=test"))
+
+
 @pytest.fixture()
 def bad_shards(tmp_path: Path) -> Path:
     root = write_folder(tmp_path / "folder")

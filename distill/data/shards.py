@@ -217,7 +217,10 @@ def load_shards(root: Path, verify: bool = False) -> dict[str, Any]:
     splits = {}
     for name, split in manifest.splits.items():
         parts = [open_shard(root, record, manifest.class_names, verify) for record in split.shards]
-        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if not parts:  # an empty split of the source (a hub dataset's): empty here too
+            ds = datasets.Dataset.from_dict({"image": [], "label": [], "key": []}, shard_features(manifest.class_names))
+        else:
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         counts = np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=len(manifest.class_names))
         if len(ds) != split.count or counts.tolist() != split.class_counts:
             raise DataError(
