@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.compare import Axis, Variant, main, split_values, study_plan
+from distill.compare import main
+from distill.study.plan import Axis, Variant, split_values, study_plan
 from distill.data.pipeline import build_pipeline, data_seed
 from distill.data.sources import load_source
 from distill.errors import RecipeError

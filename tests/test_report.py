@@ -11,9 +11,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.study.report import build_report, load_run, mean_std, paired_difference, verdict
+from distill.study.record import StudyRecord
+from distill.study.report import build_report
+from distill.study.runs import load_run
+from distill.study.stats import mean_std, paired_difference, verdict
 
 T_975_DF2 = 4.302652729911275  # Student t, two-sided 95%, 2 degrees of freedom (tables: 4.303)
+Z_975 = 1.959963984540054  # standard normal, two-sided 95%
+VAL_SIZE = 10_000  # validation images of every fake run (summary.json data.val_size)
+
+
+def bound_half(a: list[float], b: list[float], n: int = VAL_SIZE) -> float:
+    """The report's half-width without per-image results, by hand (points): the seeds' t(2)
+    half-width and the validation set's worst case, z * sqrt((mean(min(a+b, 2-a-b)) - d^2) / N),
+    added in quadrature."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    seeds = T_975_DF2 * 100 * sd / math.sqrt(len(d))
+    q = sum(min(x + y, 2 - x - y) for x, y in zip(a, b, strict=True)) / len(d)
+    images = Z_975 * 100 * math.sqrt((q - mean**2) / n)
+    return math.hypot(seeds, images)
 
 
 def test_paired_difference_by_hand() -> None:
@@ -75,7 +93,7 @@ def fake_run(root: Path, variant: str, seed: int) -> Path:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "wall_time_s": 60.0 + seed, "throughput_train_img_s": 400.0, "world_size": 1,
-        "teacher": {"architecture": "resnet10t", "sha256": "ab" * 32},
+        "teacher": {"architecture": "resnet10t", "sha256": "ab" * 32}, "data": {"val_size": VAL_SIZE},
     }  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     return run
@@ -85,13 +103,16 @@ def test_report_from_fake_runs(tmp_path: Path) -> None:
     runs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED]
     md = build_report(runs, tmp_path / "report")
     text = md.read_text()
-    # hard - none: differences 3, 4, 5 points -> mean 4, sd 1
-    half = T_975_DF2 / math.sqrt(3)
+    # hard - none: differences 3, 4, 5 points -> mean 4, sd 1; no per-image results: the bound
+    hard, soft, none = ([FUSED[(v, s)] for s in (0, 1, 2)] for v in ("hard", "soft", "none"))
+    half = bound_half(hard, none)
+    assert half == pytest.approx(2.7473, abs=1e-4)  # t(2) part 2.4841, validation part 1.1734
     assert f"hard beats none by 4.00 points (95% CI {4 - half:.2f} to {4 + half:.2f}, 3 seeds)" in text
     # hard - soft: differences 2, 3, 3 -> mean 2.667, sd 0.577
-    sd = math.sqrt(1 / 3)
-    lo, hi = 8 / 3 - T_975_DF2 * sd / math.sqrt(3), 8 / 3 + T_975_DF2 * sd / math.sqrt(3)
-    assert f"hard beats soft by 2.67 points (95% CI {lo:.2f} to {hi:.2f}, 3 seeds)" in text
+    half = bound_half(hard, soft)
+    assert f"hard beats soft by 2.67 points (95% CI {8 / 3 - half:.2f} to {8 / 3 + half:.2f}, 3 seeds)" in text
+    assert "| hard - none | +4.00 | 1.00 | 1.25 to 6.75 | 3 | bound (no per-image results) |" in text
+    assert "Every interval accounts for the seed-to-seed spread and the validation set's sampling noise, bounded" in text
     # per-variant table: hard fused 84.00 +- 1.00, best equals final here, cls one point lower
     assert "| hard | 0,1,2 | 83.00 ± 1.00 | 82.00 ± 1.00 | 84.00 ± 1.00 | 84.00 ± 1.00 | 90.00 ± 0.00 |" in text
     assert "| soft-KL normalisation | batchmean |" in text and "| teacher | resnet10t |" in text
@@ -141,7 +162,8 @@ def _lines_by_axes(fig: object) -> list[tuple[str, set[str]]]:
 def test_loss_kd_of_soft_and_hard_never_share_an_axis(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from distill.study.report import _group, loss_figure
+    from distill.study.naming import group_cells as _group
+    from distill.study.plots import loss_figure
 
     runs = [load_run(fake_run(tmp_path / "study", v, s)) for (v, s) in FUSED]
     fig = loss_figure(_group(runs))
@@ -166,7 +188,8 @@ def test_loss_kd_of_soft_and_hard_never_share_an_axis(tmp_path: Path) -> None:
 def test_loss_kd_panels_split_soft_runs_by_kl_norm(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from distill.study.report import _group, loss_figure
+    from distill.study.naming import group_cells as _group
+    from distill.study.plots import loss_figure
 
     runs = [load_run(fake_run(tmp_path / "study", "soft", s)) for s in (0, 1)]
     runs[1].recipe["distillation"]["kl_norm"] = "deit"  # C times smaller: not on the batchmean scale
@@ -201,7 +224,7 @@ def test_model_card_kl_row_names_the_direction_with_four_digits(kl: object, show
 
 
 def test_unconverged_variants_are_named_and_converged_ones_are_not(tmp_path: Path) -> None:
-    from distill.study.report import convergence_notes
+    from distill.study.sections import convergence_notes
 
     rising = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]  # +10 points in the last epoch
     notes = convergence_notes({"hard": rising})
@@ -220,7 +243,7 @@ def test_the_bar_chart_says_where_its_cut_axis_starts(tmp_path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from distill.study.report import plot_bars
+    from distill.study.plots import plot_bars
 
     runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
     captured = {}
@@ -259,7 +282,7 @@ def grid_run(root: Path, kind: str, tau: float, seed: int) -> Path:
 
 
 def test_value_text_and_setting_names() -> None:
-    from distill.study.report import setting_names, value_text
+    from distill.study.naming import setting_names, value_text
 
     assert [value_text(v) for v in (3.0, 0.0003, 1e-05, 2, None, True, "bf16", [0.5, 1.0])] == [
         "3", "0.0003", "1e-05", "2", "null", "true", "bf16", "[0.5, 1]",
@@ -271,7 +294,8 @@ def test_value_text_and_setting_names() -> None:
 
 
 def test_cells_are_found_from_the_recipes_and_named_by_their_settings(tmp_path: Path) -> None:
-    from distill.study.report import _group, name_cells
+    from distill.study.naming import group_cells as _group
+    from distill.study.naming import name_cells
 
     runs = [load_run(grid_run(tmp_path, k, t, s)) for (k, t) in GRID for s in (0, 1, 2)]
     assert name_cells(runs) == ["distillation.tau"]  # run.seed, run.name, keep_checkpoints, type: not settings
@@ -285,13 +309,17 @@ def test_cells_are_found_from_the_recipes_and_named_by_their_settings(tmp_path: 
 
 def test_a_grid_report_pairs_cells_that_differ_in_one_setting(tmp_path: Path) -> None:
     dirs = [grid_run(tmp_path / "study", k, t, s) for (k, t) in GRID for s in (0, 1, 2)]
-    text = build_report(dirs, tmp_path / "report", axes=["distillation.tau"]).read_text()
-    # soft tau=3 - soft tau=1 = 3 points on every seed: sd 0, the interval is the point
-    assert "- soft tau=3 beats soft tau=1 by 3.00 points (95% CI 3.00 to 3.00, 3 seeds)" in text
+    text = build_report(dirs, tmp_path / "report", StudyRecord(axes=("distillation.tau",))).read_text()
+    # soft tau=3 - soft tau=1 = 3 points on every seed: sd 0, yet the interval is not the point, for
+    # the validation set's sampling noise is shared by every seed
+    half = bound_half(list(GRID[("soft", 3.0)]), list(GRID[("soft", 1.0)]))
+    assert half == pytest.approx(Z_975 * 100 * math.sqrt((0.35 - 0.03**2) / VAL_SIZE))  # q: 0.37, 0.35, 0.33
+    assert f"- soft tau=3 beats soft tau=1 by 3.00 points (95% CI {3 - half:.2f} to {3 + half:.2f}, 3 seeds)" in text
+    assert half == pytest.approx(1.1580, abs=1e-4)
     # hard tau=1 vs hard tau=3: identical numbers
     assert "- hard tau=1 vs hard tau=3: no difference beyond noise (+0.00 points" in text
     # soft tau=1 - hard tau=1: differences -2, 1, -2 -> mean -1, sd sqrt(3)
-    half = T_975_DF2 * math.sqrt(3) / math.sqrt(3)
+    half = bound_half(list(GRID[("hard", 1.0)]), list(GRID[("soft", 1.0)]))
     assert (
         f"- hard tau=1 vs soft tau=1: no difference beyond noise (+1.00 points, 95% CI {1 - half:.2f} to {1 + half:.2f}"
         in text
@@ -327,7 +355,8 @@ def test_a_grid_varying_the_data_says_cells_saw_different_images(tmp_path: Path)
 
 
 def test_int8_columns_appear_when_the_study_quantized_its_runs(tmp_path: Path) -> None:
-    from distill.study.report import INT8_FILE, variant_rows
+    from distill.study.runs import INT8_FILE
+    from distill.study.tables import variant_rows
 
     runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
     assert "int8 fused" not in variant_rows({"hard": runs})[0]
@@ -358,10 +387,12 @@ PAPER = {"soft": ["distillation.tau", "distillation.alpha"]}  # what compare rec
 def test_a_named_variant_is_a_variant_of_its_own_compared_with_every_other(tmp_path: Path) -> None:
     """--types none,soft,soft:tau=3:alpha=0.1,hard: the paper's soft setting beside the code's,
     every pair of variants compared (they differ in the variant only), hard and none keep their names."""
-    from distill.study.report import _group, comparisons, load_run, name_cells
+    from distill.study.naming import group_cells as _group
+    from distill.study.naming import name_cells
+    from distill.study.tables import comparisons
 
     dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED] + paper_soft_runs(tmp_path)
-    text = build_report(dirs, tmp_path / "report", [], PAPER).read_text()
+    text = build_report(dirs, tmp_path / "report", StudyRecord(variant_settings=PAPER)).read_text()
     assert "## Results per variant" in text  # no grid: tau and alpha belong to the soft variants
     for name in ("hard", "none", "soft tau=1 alpha=0.5", "soft tau=3 alpha=0.1"):
         assert f"| {name} | 0,1,2 |" in text, name
@@ -377,7 +408,7 @@ def test_a_lone_named_variant_keeps_its_settings_in_its_name_and_is_compared(tmp
     """--types none,soft:tau=3:alpha=0.1,hard: no plain soft, so tau and alpha differ between types
     only; they still name the soft variant, never make cells, and every pair is compared."""
     dirs = [fake_run(tmp_path / "study", v, s) for (v, s) in FUSED if v != "soft"] + paper_soft_runs(tmp_path)
-    text = build_report(dirs, tmp_path / "report", [], PAPER).read_text()
+    text = build_report(dirs, tmp_path / "report", StudyRecord(variant_settings=PAPER)).read_text()
     assert "## Results per variant" in text and "| soft tau=3 alpha=0.1 | 0,1,2 |" in text
     assert "| none | 0,1,2 |" in text and "| hard | 0,1,2 |" in text
     assert "- soft tau=3 alpha=0.1 beats hard by 2.67 points" in text and "- hard beats none by 4.00 points" in text
@@ -385,7 +416,7 @@ def test_a_lone_named_variant_keeps_its_settings_in_its_name_and_is_compared(tmp
 
 def test_the_report_command_reads_the_study_layout_compare_wrote(tmp_path: Path) -> None:
     from distill.report import main
-    from distill.study.report import STUDY_FILE
+    from distill.study.record import STUDY_FILE
 
     study = tmp_path / "study"
     for v, s in FUSED:
@@ -401,19 +432,25 @@ def test_the_report_command_reads_the_study_layout_compare_wrote(tmp_path: Path)
     assert "## Results per cell" in (tmp_path / "plain" / "report.md").read_text()
 
 
+PAIRS = [("hard", "soft"), ("hard", "none"), ("soft", "none")]
+
+
 def test_a_study_of_many_variants_says_what_it_cannot_conclude(tmp_path: Path) -> None:
     text = build_report([fake_run(tmp_path / "s", v, s) for (v, s) in FUSED], tmp_path / "report").read_text()
     findings = text.split("## Findings")[1].split("## Results")[0]
     assert "with 3 comparisons at 95% each, about 0.1 can fall outside noise by chance alone" in findings
-    # soft - none: 1, 1, 2 -> sd 0.577, half-width 4.303 * 0.577 / sqrt(3) = 1.43; hard - none: 2.48
-    assert "half-widths run from 1.43 to 2.48 points" in findings
+    # soft - none: 1, 1, 2 -> sd 0.577, t(2) part 1.43, widened to 1.88; hard - soft 1.84; hard - none 2.75
+    widths = sorted(bound_half(*([FUSED[(v, s)] for s in (0, 1, 2)] for v in pair)) for pair in PAIRS)
+    assert f"half-widths run from {widths[0]:.2f} to {widths[-1]:.2f} points (median {widths[1]:.2f})" in findings
+    assert "half-widths run from 1.84 to 2.75 points (median 1.88)" in findings
     assert findings.index("beats") < findings.index("no difference")
 
 
 def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path: Path, monkeypatch) -> None:
     """The CIFAR-10 study's report failed here (KeyError 'dist'): hard-notoken has no dist head."""
     import distill.analysis.core
-    from distill.study.report import _group, analysis_section, load_run
+    from distill.study.naming import group_cells as _group
+    from distill.study.sections import analysis_section
 
     runs = [load_run(fake_run(tmp_path / "s", "hard", 0)), load_run(fake_run(tmp_path / "s", "none", 0))]
     for r in runs:

@@ -152,16 +152,18 @@ def reading_notes(keys: list[str], pairs: Pairs) -> list[str]:
 
 def method_notes(pairs: Pairs) -> list[str]:
     """What the intervals account for, per method used (stats.METHODS)."""
-    used = [m for m in METHODS if any(p.method == m and p.has_interval for _, _, p in pairs)]
+    with_interval = [(a, b, p) for a, b, p in pairs if p.has_interval]
     notes = []
-    for m in used:
-        which = [f"{a} - {b}" for a, b, p in pairs if p.method == m and p.has_interval]
-        scope = "every interval" if len(which) == sum(p.has_interval for _, _, p in pairs) else ", ".join(which)
-        notes.append(f"Intervals ({scope}) account for the {METHODS[m]}.")
-    if "bound" in used:
+    for method, text in METHODS.items():
+        which = [f"{a} - {b}" for a, b, p in with_interval if p.method == method]
+        if len(which) == len(with_interval) and which:
+            notes.append(f"Every interval accounts for the {text}.")
+        elif which:
+            notes.append(f"The intervals of {', '.join(which)} account for the {text}.")
+    if any(p.method == "bound" for _, _, p in with_interval):
         notes.append(
             "The bound takes the runs to disagree on as many validation images as their accuracies allow, so "
-            "those intervals are wider than the per-image results (predictions.npz) would make them."
+            "those intervals are wider than per-image results (predictions.npz) would make them."
         )
     return notes
 
