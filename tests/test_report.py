@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -112,7 +113,9 @@ def test_report_from_fake_runs(tmp_path: Path) -> None:
     half = bound_half(hard, soft)
     assert f"hard beats soft by 2.67 points (95% CI {8 / 3 - half:.2f} to {8 / 3 + half:.2f}, 3 seeds)" in text
     assert "| hard - none | +4.00 | 1.00 | 1.25 to 6.75 | 3 | bound (no per-image results) |" in text
-    assert "Every interval accounts for the seed-to-seed spread and the validation set's sampling noise, bounded" in text
+    assert (
+        "Every interval accounts for the seed-to-seed spread and the validation set's sampling noise, bounded" in text
+    )
     # per-variant table: hard fused 84.00 +- 1.00, best equals final here, cls one point lower
     assert "| hard | 0,1,2 | 83.00 ± 1.00 | 82.00 ± 1.00 | 84.00 ± 1.00 | 84.00 ± 1.00 | 90.00 ± 0.00 |" in text
     assert "| soft-KL normalisation | batchmean |" in text and "| teacher | resnet10t |" in text
@@ -470,3 +473,111 @@ def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path:
     text = "\n".join(analysis_section(_group(runs)))
     assert "| variant | cls | dist | fused |" in text
     assert "| hard | 20.0 | 10.0 | 15.0 |" in text and "| hard-notoken | 30.0 | - | - |" in text  # one seed: no spread
+
+
+# Intervals: seed spread and the finite validation set ------------------------------------------
+
+
+def test_equal_differences_on_every_seed_give_a_zero_width_t_interval() -> None:
+    p = paired_difference([48.31, 47.9, 48.6], [47.31, 46.9, 47.6])
+    assert p.lo == pytest.approx(1.0) and p.hi == pytest.approx(1.0) and p.method == "seeds"
+    assert verdict("soft", "hard", p) == "soft beats hard by 1.00 points (95% CI 1.00 to 1.00, 3 seeds)"
+
+
+def test_the_reported_interval_is_never_zero_width_for_a_non_zero_difference() -> None:
+    from distill.study.stats import paired_interval
+
+    # the same accuracies as above, on 10,000 validation images: the validation set is one sample
+    # that every seed shares, so no agreement between seeds narrows its part of the noise
+    p = paired_interval([0.4831, 0.479, 0.486], [0.4731, 0.469, 0.476], VAL_SIZE)
+    half = bound_half([0.4831, 0.479, 0.486], [0.4731, 0.469, 0.476])
+    assert p.method == "bound" and (p.lo, p.hi) == (pytest.approx(1 - half), pytest.approx(1 + half))
+    assert half == pytest.approx(Z_975 * 100 * math.sqrt(((0.9562 + 0.948 + 0.962) / 3 - 0.01**2) / VAL_SIZE), rel=1e-4)
+    assert (
+        verdict("soft", "hard", p)
+        == "soft vs hard: no difference beyond noise (+1.00 points, 95% CI -0.92 to 2.92, 3 seeds)"
+    )
+    # even runs right (a) and wrong (b) on every image keep one image's worth: z / N
+    p = paired_interval([1.0, 1.0], [0.0, 0.0], 100)
+    assert p.hi - p.lo == pytest.approx(2 * Z_975 * 100 / 100)
+    # per-image results with no disagreement at all between seeds: the images still vary
+    a = np.array([[1, 1, 0, 1], [1, 1, 0, 1]])
+    b = np.array([[1, 0, 0, 0], [1, 0, 0, 0]])
+    p = paired_interval([0.75, 0.75], [0.25, 0.25], 4, (a, b))
+    # D = 0, 1, 0, 1 on both seeds: MS_image = 2 * 1/3, MS_rest = 0 -> variance (2/3) / (2 * 4) = 1/12
+    assert p.method == "images" and p.mean == pytest.approx(50.0)
+    assert p.hi - p.lo == pytest.approx(2 * Z_975 * 100 * math.sqrt(1 / 12))
+
+
+def test_one_seed_says_so_instead_of_a_verdict() -> None:
+    from distill.study.stats import paired_interval
+
+    p = paired_interval([0.5], [0.4], VAL_SIZE)
+    assert not p.has_interval and not p.beyond_noise
+    assert verdict("soft", "hard", p) == (
+        "soft - hard: +10.00 points from 1 seed; too few seeds for a confidence interval (at least 2)"
+    )
+    unknown = paired_interval([0.5, 0.6], [0.4, 0.5], None)  # runs that do not record their val size
+    assert verdict("soft", "hard", unknown) == (
+        "soft - hard: +10.00 points (2 seeds); no interval: the runs do not record their validation set's size "
+        "(summary.json)"
+    )
+
+
+def test_exact_paired_variance_by_hand() -> None:
+    from distill.study.stats import images_interval
+
+    # D = a - b on 2 seeds x 3 images: [[1, 0, 0], [0, 0, -1]]; per-seed means 1/3, -1/3
+    a = np.array([[1, 1, 0], [1, 0, 0]])
+    b = np.array([[0, 1, 0], [1, 0, 1]])
+    mean, half = images_interval(a, b)
+    # seeds: sd of (1/3, -1/3) = sqrt(2)/3, t(1) half-width 12.706 * (sqrt(2)/3) / sqrt(2) = 4.235
+    # images: per-image means 1/2, 0, -1/2 -> MS_image = 2 * (1/2) / 2 = 1/2; residuals
+    # [[1/2, 0, 1/2] - ...]: MS_rest = 1/2 * (4 * 1/4)... computed: sum of squares 1, / (1 * 2) = 1/2
+    # -> image variance max(1/2 - 1/2, 0) / 6 = 0, floored at (1/3)^2
+    t1 = 12.706204736174707
+    assert float(mean) == pytest.approx(0.0)
+    assert float(half) == pytest.approx(math.hypot(t1 * (math.sqrt(2) / 3) / math.sqrt(2), Z_975 / 3))
+
+
+def _probit_studies(rng: np.random.Generator, draws: int, seeds: int, images: int) -> tuple[np.ndarray, ...]:
+    """Synthetic paired studies with a known true difference: image difficulty z, an image effect
+    that only run a has (zeta), seed effects e and per-(seed, image) noise shared in part by the
+    two runs. a is right where 0.15 + e_a - 2 z + 0.5 zeta - h_a > 0, b where e_b - 2 z - h_b > 0,
+    so P(a right) = Phi(0.15 / sqrt(1 + 4 + 0.25 + tau^2)) and P(b right) = 1/2 exactly. The
+    validation set (z, zeta) is drawn afresh per study and shared by its seeds."""
+    shape = (draws, seeds, images)
+    z = rng.standard_normal((draws, 1, images))
+    zeta = rng.standard_normal((draws, 1, images))
+    e_a, e_b = (0.05 * rng.standard_normal((draws, seeds, 1)) for _ in range(2))
+    common = rng.standard_normal(shape)
+    h_a = math.sqrt(0.5) * (common + rng.standard_normal(shape))
+    h_b = math.sqrt(0.5) * (common + rng.standard_normal(shape))
+    right_a = 0.15 + e_a - 2 * z + 0.5 * zeta - h_a > 0
+    right_b = e_b - 2 * z - h_b > 0
+    return right_a, right_b
+
+
+def test_intervals_cover_the_true_difference_in_95_percent_of_studies() -> None:
+    """2,000 synthetic studies of 2-5 seeds on 400 shared validation images each (accuracies k/400):
+    the per-image interval covers the truth in 93-97% of them, the bound (accuracies only) at least
+    95%, and the seed-only t-interval, which misses the shared validation set, less often."""
+    from scipy.stats import norm
+
+    from distill.study.stats import bound_interval, images_interval, seed_half_width
+
+    truth = norm.cdf(0.15 / math.sqrt(1 + 4 + 0.25 + 0.05**2)) - 0.5
+    rng = np.random.default_rng(0)
+    covered = {"images": 0, "bound": 0, "seeds": 0}
+    for seeds in (2, 3, 4, 5):
+        a, b = _probit_studies(rng, 500, seeds, 400)
+        mean, half = images_interval(a, b)
+        covered["images"] += int((abs(mean - truth) <= half).sum())
+        mean, half = bound_interval(a.mean(-1), b.mean(-1), 400)
+        covered["bound"] += int((abs(mean - truth) <= half).sum())
+        d = a.mean(-1) - b.mean(-1)
+        covered["seeds"] += int((abs(d.mean(-1) - truth) <= seed_half_width(d)).sum())
+    rate = {k: v / 2000 for k, v in covered.items()}
+    assert 0.93 <= rate["images"] <= 0.97, rate
+    assert rate["bound"] >= 0.95, rate
+    assert rate["seeds"] < rate["images"], rate
