@@ -581,3 +581,137 @@ def test_intervals_cover_the_true_difference_in_95_percent_of_studies() -> None:
     assert 0.93 <= rate["images"] <= 0.97, rate
     assert rate["bound"] >= 0.95, rate
     assert rate["seeds"] < rate["images"], rate
+
+
+# The study record, and runs the report must not take -----------------------------------------
+
+
+def test_study_json_round_trips_and_reads_the_unversioned_form(tmp_path: Path) -> None:
+    from distill.errors import DistillError
+    from distill.study.record import STUDY_FILE, StudyRecord, read_study, write_study
+
+    old = {"types": ["none", "soft"], "axes": [], "variant_settings": PAPER, "recipe": "r.yaml", "seeds": [0, 1]}
+    (tmp_path / STUDY_FILE).write_text(json.dumps(old))
+    record = read_study(tmp_path)
+    assert record == StudyRecord("r.yaml", ("none", "soft"), (0, 1), (), PAPER, version=0)
+    assert record.settings is None and record.runs == {}
+    new = StudyRecord("r.yaml", ("soft",), (0,), ("distillation.tau",), {}, ("train.epochs=2",),
+                      {"train": {"epochs": 2}}, {"soft-seed0": {"run.seed": 0}})  # fmt: skip
+    write_study(tmp_path, new)
+    assert read_study(tmp_path) == new and json.loads((tmp_path / STUDY_FILE).read_text())["version"] == 1
+    (tmp_path / STUDY_FILE).write_text(json.dumps({"version": 9}))
+    with pytest.raises(DistillError, match=r"study.json has version 9, newer than this distill reads \(1\)"):
+        read_study(tmp_path)
+    assert read_study(tmp_path / "nowhere") is None
+
+
+def _record_of(study: Path) -> None:
+    """study.json as distill.compare writes it, planned from the runs now in ``study``."""
+    from distill.study.record import StudyRecord, planned_record, write_study
+
+    trees = [(p.name, yaml.safe_load((p / "recipe.yaml").read_text())) for p in sorted(study.iterdir())]
+    settings = dict(trees)["hard-seed0"]
+    write_study(study, planned_record(StudyRecord(types=("hard", "soft", "none"), seeds=(0, 1, 2)), settings, trees))
+
+
+def test_the_report_refuses_a_run_made_with_other_settings_than_its_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distill.report import main
+
+    study = tmp_path / "study"
+    for v, s in FUSED:
+        fake_run(study, v, s)
+    _record_of(study)
+    assert main([str(study), "--out", str(tmp_path / "ok")]) == 0
+    run = study / "hard-seed1"
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["train"]["lr"] = 0.002  # trained again later with another lr, in the same folder
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main([str(study), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {run} was made with other settings than its study planned (study.json): it differs in train.lr" in err
+    )
+    assert not (tmp_path / "bad" / "report.md").exists()
+    stranger = fake_run(tmp_path / "other", "hard", 2).rename(study / "hard-copy-seed2")
+    recipe["train"]["lr"] = 0.001
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main([str(study), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{stranger} is not one of the runs its study planned" in capsys.readouterr().err
+
+
+def test_the_report_refuses_two_runs_of_one_variant_and_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distill.report import main
+
+    a, b = fake_run(tmp_path / "one", "hard", 0), fake_run(tmp_path / "two", "hard", 0)
+    assert main([str(a), str(b), "--out", str(tmp_path / "all")]) == 2
+    assert (
+        f"error: runs {a}, {b} are all hard with seed 0: a report takes one run per hard and seed"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_report_says_what_it_skipped_in_a_study_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from distill.report import main
+
+    for v, s in FUSED:
+        fake_run(tmp_path / "study", v, s)
+    nested = fake_run(tmp_path / "study" / "old-study", "hard", 0).parent
+    unfinished = fake_run(tmp_path / "elsewhere", "soft", 2).rename(tmp_path / "study" / "soft-seed5")
+    (unfinished / "summary.json").unlink()
+    assert main([str(tmp_path / "study"), "--out", str(tmp_path / "study" / "report")]) == 0
+    out = capsys.readouterr().out
+    assert f"report: skipped {nested} (a study of its own inside {tmp_path / 'study'}: pass it by name" in out
+    assert f"report: skipped {unfinished} (unfinished: no summary.json)" in out
+    # the report folder given as if it were a run: pointed at the study
+    assert main([str(tmp_path / "study" / "report"), "--out", str(tmp_path / "again")]) == 2
+    assert (
+        f"error: {tmp_path / 'study' / 'report'} is a report, not a run: its runs are in the study folder "
+        f"{tmp_path / 'study'}" in capsys.readouterr().err
+    )
+
+
+def test_a_one_seed_report_words_its_counts(tmp_path: Path) -> None:
+    dirs = [grid_run(tmp_path / "study", "soft", t, 0) for t in (1.0, 3.0)]
+    text = build_report(dirs, tmp_path / "report", StudyRecord(axes=("distillation.tau",))).read_text()
+    assert "2 runs: soft tau=1 (1 seed), soft tau=3 (1 seed)." in text
+    assert "With one comparison at 95%: a 1 in 20 chance that it falls outside noise by chance alone." in text
+    assert "- soft tau=1 - soft tau=3: -3.00 points from 1 seed; too few seeds for a confidence interval" in text
+    assert "| soft tau=1 - soft tau=3 | -3.00 | n/a (1 seed) | n/a | 1 | - |" in text
+    assert "nan" not in text and "1 seeds" not in text and "1 comparisons" not in text
+    assert "-notoken" not in text  # the note on notoken variants only where there is one
+    notoken = fake_run(tmp_path / "nt", "hard", 0)
+    recipe = yaml.safe_load((notoken / "recipe.yaml").read_text())
+    recipe["distillation"]["token"] = False
+    (notoken / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    text = build_report([notoken], tmp_path / "nt-report").read_text()
+    assert "Variants ending in `-notoken` train a plain ViT" in text
+
+
+def test_epoch_ticks_are_whole_numbers_and_long_bar_labels_are_slanted(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from distill.study.plots import curve_figure, plot_bars
+
+    runs = [load_run(fake_run(tmp_path, "hard", s)) for s in (0, 1, 2)]
+    fig = curve_figure({"hard": runs}, "val/top1_fused", "val top-1 fused (%)")
+    try:
+        fig.canvas.draw()
+        ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 2]
+        assert ticks == [1.0, 2.0]  # epochs 1 and 2; never 1.25, 1.5, ...
+    finally:
+        plt.close(fig)
+    captured = {}
+    real_close = plt.close
+    plt.close = lambda fig: captured.setdefault("fig", fig)  # type: ignore[assignment]
+    try:
+        plot_bars({"soft tau=1 alpha=0.5": runs, "hard": runs}, tmp_path / "bars.png")
+    finally:
+        plt.close = real_close
+    labels = captured["fig"].axes[0].get_xticklabels()
+    assert [label.get_text() for label in labels] == ["soft tau=1 alpha=0.5", "hard"]
+    assert all(label.get_rotation() == 25 for label in labels)
+    real_close(captured["fig"])
