@@ -715,3 +715,37 @@ def test_epoch_ticks_are_whole_numbers_and_long_bar_labels_are_slanted(tmp_path:
     assert [label.get_text() for label in labels] == ["soft tau=1 alpha=0.5", "hard"]
     assert all(label.get_rotation() == 25 for label in labels)
     real_close(captured["fig"])
+
+
+def _predictions(run: Path, right: np.ndarray, seed: int) -> None:
+    """<run>/predictions.npz as a run writes it, in a shuffled order: right[i] says whether the
+    fused head was right on validation image i."""
+    order = np.random.default_rng(seed).permutation(len(right))
+    label = np.arange(len(right), dtype=np.int64) % 10
+    pred = np.where(right, label, (label + 1) % 10).astype(np.int64)
+    np.savez(run / "predictions.npz", index=order.astype(np.int64), label=label[order], pred_fused=pred[order])
+
+
+def test_per_image_results_give_the_exact_interval(tmp_path: Path) -> None:
+    from distill.study.stats import images_interval
+
+    rng = np.random.default_rng(1)
+    right = {v: (rng.random((3, 200)) < acc).astype(bool) for v, acc in (("hard", 0.6), ("none", 0.5))}
+    dirs = []
+    for v, r in right.items():
+        for s in (0, 1, 2):
+            run = fake_run(tmp_path / "study", v, s)
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            rows[-1]["val/top1_fused"] = float(r[s].mean())
+            (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            _predictions(run, r[s], s)
+            dirs.append(run)
+    text = build_report(dirs, tmp_path / "report").read_text()
+    mean, half = images_interval(right["hard"], right["none"])
+    lo, hi = 100 * (float(mean) - float(half)), 100 * (float(mean) + float(half))
+    assert f"| hard - none | {100 * float(mean):+.2f} | " in text
+    assert f" | {lo:.2f} to {hi:.2f} | 3 | per-image (exact) |" in text
+    assert "Every interval accounts for the seed-to-seed spread and the validation set's sampling noise, exact" in text
+    (dirs[0] / "predictions.npz").unlink()  # one run without: the bound, from the recorded size
+    text = build_report(dirs, tmp_path / "report2").read_text()
+    assert "| 3 | bound (no per-image results) |" in text and "per-image (exact)" not in text
