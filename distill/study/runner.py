@@ -110,7 +110,7 @@ def _stale(run: Path, done: Path) -> bool:
 
 def analyse_runs(study: Path, names: list[str], images: int) -> None:
     """python -m distill.analyze on each finished run, once: a restarted study keeps what is current."""
-    from distill.analysis.core import analyze_run
+    from distill.analysis.runner import analyze_run
 
     for name in names:
         if _stale(study / name, study / name / "analysis" / "analysis.json"):
