@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.study.collect import find_runs
 from distill.study.report import build_report
-from distill.study.runs import find_runs
 
 
 def main(argv: list[str] | None = None) -> int:

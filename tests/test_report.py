@@ -305,7 +305,7 @@ def test_cells_are_found_from_the_recipes_and_named_by_their_settings(tmp_path: 
     groups = _group(runs)
     assert list(groups) == ["hard tau=1", "hard tau=3", "soft tau=1", "soft tau=3"]
     assert [r.seed for r in groups["soft tau=3"]] == [0, 1, 2]
-    # one variant and nothing else varied: the cell is the variant, as before grids
+    # one variant and nothing else varied: the cell is the variant
     plain = [load_run(fake_run(tmp_path / "plain", v, s)) for v, s in FUSED]
     assert name_cells(plain) == [] and list(_group(plain)) == ["hard", "soft", "none"]
 
@@ -417,7 +417,7 @@ def test_a_lone_named_variant_keeps_its_settings_in_its_name_and_is_compared(tmp
     assert "- soft tau=3 alpha=0.1 beats hard by 2.67 points" in text and "- hard beats none by 4.00 points" in text
 
 
-def test_the_report_command_reads_the_study_layout_compare_wrote(tmp_path: Path) -> None:
+def test_the_report_command_reads_the_study_record_compare_wrote(tmp_path: Path) -> None:
     from distill.report import main
     from distill.study.record import STUDY_FILE
 
@@ -637,7 +637,9 @@ def test_the_report_refuses_a_run_made_with_other_settings_than_its_study(
     stranger = fake_run(tmp_path / "other", "hard", 2).rename(study / "hard-copy-seed2")
     recipe["train"]["lr"] = 0.001
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert main([str(study), "--out", str(tmp_path / "bad")]) == 2
+    assert main([str(study), "--out", str(tmp_path / "also")]) == 0  # the study folder: passed over, said so
+    assert f"report: skipped {stranger} (not one of the runs {study / 'study.json'} planned)" in capsys.readouterr().out
+    assert main([*map(str, sorted(study.glob("*-seed*"))), "--out", str(tmp_path / "bad")]) == 2  # named: refused
     assert f"{stranger} is not one of the runs its study planned" in capsys.readouterr().err
 
 
@@ -666,6 +668,10 @@ def test_the_report_says_what_it_skipped_in_a_study_folder(tmp_path: Path, capsy
     out = capsys.readouterr().out
     assert f"report: skipped {nested} (a study of its own inside {tmp_path / 'study'}: pass it by name" in out
     assert f"report: skipped {unfinished} (unfinished: no summary.json)" in out
+    assert main([str(tmp_path), "--out", str(tmp_path / "top")]) == 2  # a folder of studies only
+    assert f"error: {tmp_path} holds no run of its own, only studies: pass one of them ({tmp_path / 'study'})" in (
+        capsys.readouterr().err
+    )
     # the report folder given as if it were a run: pointed at the study
     assert main([str(tmp_path / "study" / "report"), "--out", str(tmp_path / "again")]) == 2
     assert (

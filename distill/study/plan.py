@@ -172,7 +172,7 @@ class Cell:
 def cells(recipe_path: str, overrides: list[str], axes: list[Axis], data_seed: int | None = None) -> list[Cell]:
     """Every combination of the axes' values, validated by the recipe schema (a bad key or value
     is the schema's message) and named by the values the recipe resolves them to, so that 3 and
-    3.0 are one value (refused as a repeat) and names match the report's (report.value_text)."""
+    3.0 are one value (refused as a repeat) and names match the report's (naming.value_text)."""
     from distill.recipe.keys import NO_EFFECT, effects
     from distill.recipe.schema import load_recipe, recipe_to_dict
 

@@ -1,5 +1,5 @@
-"""Finished runs as a study reads them: the run record, the per-image results of its final
-evaluation, and finding the runs inside the folders a user names."""
+"""Finished runs as a study reads them: the run record and the per-image results of its final
+evaluation."""
 
 from __future__ import annotations
 
@@ -84,51 +84,3 @@ def load_run(path: Path) -> RunRecord:
     variant = d["type"] if d.get("token", True) else f"{d['type']}-notoken"
     summary = json.loads((path / "summary.json").read_text())
     return RunRecord(path, variant, int(recipe["run"]["seed"]), recipe, metrics, summary)
-
-
-def is_finished_run(path: Path) -> bool:
-    return (path / "summary.json").is_file() and (path / "metrics.jsonl").is_file()
-
-
-def _holds_runs(path: Path) -> bool:
-    return path.is_dir() and any(is_finished_run(c) for c in path.iterdir() if c.is_dir())
-
-
-@dataclass
-class Found:
-    """The runs found in the folders a user named, and what was passed over, with why."""
-
-    runs: list[Path] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-
-def find_runs(paths: list[Path]) -> Found:
-    """Each path is a finished run, or a folder whose finished runs are taken (a study folder).
-    Inside a folder, unfinished runs and nested studies are passed over and named in ``skipped``;
-    a report folder, or a folder without runs, is refused with what to pass instead."""
-    found = Found()
-    for p in map(Path, paths):
-        if is_finished_run(p):
-            found.runs.append(p)
-            continue
-        if not p.is_dir():
-            raise DistillError(f"{p} is neither a run directory nor a directory of runs")
-        runs = sorted(c for c in p.iterdir() if c.is_dir() and is_finished_run(c))
-        if not runs:
-            raise DistillError(_no_runs_message(p))
-        found.runs += runs
-        for c in sorted(c for c in p.iterdir() if c.is_dir() and not is_finished_run(c)):
-            if _holds_runs(c):
-                found.skipped.append(f"{c} (a study of its own inside {p}: pass it by name to report its runs)")
-            elif (c / "recipe.yaml").is_file():
-                found.skipped.append(f"{c} (unfinished: no summary.json)")
-    return found
-
-
-def _no_runs_message(path: Path) -> str:
-    if (path / "report.md").is_file() and _holds_runs(path.parent):
-        return (
-            f"{path} is a report, not a run: its runs are in the study folder {path.parent}; "
-            f"pass that instead (python -m distill.report {path.parent} --out DIR)"
-        )
-    return f"{path} holds no finished run (a run directory has summary.json and metrics.jsonl)"

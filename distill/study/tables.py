@@ -156,7 +156,7 @@ def _data_seed(run: RunRecord) -> str:
 
 
 def _cache_note(runs: list[RunRecord]) -> str:
-    """Whether teacher outputs were replayed from the cache (teacher_cache.py), and how."""
+    """Whether teacher outputs were replayed from the cache (teacher.output_cache), and how."""
     caches = [r.summary.get("teacher_cache") or {} for r in runs]
     used = [c for c in caches if c.get("enabled")]
     if not used:
