@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"study: analysing {name}")
                     analyze_run(study / name, args.analysis_images)
         if accelerator.is_main_process and args.int8:
-            from distill.exports.export import int8_top1
+            from distill.exports.int8 import int8_top1
             from distill.study.report import INT8_FILE
 
             for name, _ in runs:  # once per finished run, as the analyses

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
-from distill.exports.export import init_text
+from distill.exports.card import init_text
 from distill.recipe.keys import changed_for_resume
 from distill.run.tracking import read_metrics
 
@@ -288,7 +288,7 @@ def variant_rows(groups: dict[str, list[RunRecord]], unit: str = "variant") -> l
     return rows
 
 
-INT8_FILE = "int8.json"  # <run>/int8.json: distill.export.int8_top1 of the run's final student
+INT8_FILE = "int8.json"  # <run>/int8.json: distill.exports.int8.int8_top1 of the run's final student
 
 
 def _int8(run: RunRecord) -> dict[str, float] | None:
