@@ -191,9 +191,9 @@ def test_single_head_exports_give_that_heads_predictions(smoke_run: Path, tmp_pa
 def test_a_single_head_export_reports_that_head_only_in_every_format(
     smoke_run: Path, tmp_path: Path, head: str
 ) -> None:
-    """The other head is zeros in the timm folder: evaluate reports the kept head alone (a "top-1
-    dist" of a cls export was the share of class-0 images), and transformers holds the kept head
-    with its own weights (its cls_logits were the class head doubled)."""
+    """The other head is zeros in the timm folder: evaluate reports the kept head alone (the zeroed
+    head's "top-1" would be the share of class-0 images), and transformers holds the kept head
+    with its own weights, not the doubled ones of the timm folder."""
     from transformers import AutoModelForImageClassification
 
     from distill.evaluate import main as evaluate_main

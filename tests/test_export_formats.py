@@ -93,7 +93,7 @@ def test_the_timm_folder_loads_in_transformers_with_identical_logits_and_label_n
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
     config = json.loads((export_dir / "config.json").read_text())
-    # TimmWrapper passes num_classes itself: a second one in model_args was a TypeError.
+    # TimmWrapper passes num_classes itself: a second one in model_args is a TypeError.
     assert "num_classes" not in config["model_args"] and config["num_classes"] == 4
     timm_model = load_timm(export_dir)
     assert torch.equal(timm_model.head_dist.weight, student().head_dist.weight)  # both heads loaded, not reset
