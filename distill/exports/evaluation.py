@@ -20,19 +20,20 @@ def _split_folders(folder: Path) -> list[str]:
     return [n for n in VAL_SPLIT_NAMES if n in subfolders]
 
 
-def folder_overrides(folder: Path, split: str = "val") -> list[str]:
-    """An image folder as imagefolder data: a root with ``train/`` as it is; a root holding only
-    a validation split (``val/``, ``test/`` or ``validation/``) as that split; otherwise a folder
-    of class folders as one split (its parent the root, itself both the train and the val split)."""
-    if (folder / "train").is_dir():
-        return ["data.source=imagefolder", f"data.path={folder}"]
-    held = _split_folders(folder)
-    if held and split == "train":
+def split_overrides(folder: Path, split: str = "val") -> list[str]:
+    """An image folder as imagefolder data (data.sources.folder_overrides), and a root that holds
+    only a validation split (``val/``, ``test/`` or ``validation/``, no ``train/``) as that split."""
+    from distill.data.sources import folder_overrides
+
+    held = [] if (folder / "train").is_dir() else _split_folders(folder)
+    if not held:
+        return folder_overrides(folder)
+    if split == "train":
         raise DistillError(
             f"{folder} has no train/ folder, only {', '.join(f'{n}/' for n in held)}; evaluate it with --split val"
         )
-    root, name = (folder.resolve(), held[0]) if held else (folder.resolve().parent, folder.resolve().name)
-    return ["data.source=imagefolder", f"data.path={root}", f"data.train_split={name}", f"data.val_split={name}"]
+    root = folder.resolve()
+    return ["data.source=imagefolder", f"data.path={root}", f"data.train_split={held[0]}", f"data.val_split={held[0]}"]
 
 
 def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list[str], str]:
@@ -46,7 +47,7 @@ def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list
             raise DistillError("an export has no recipe: pass --data RECIPE.yaml or an image folder")
         cfg = fallback.data
     elif Path(data).is_dir():
-        cfg = load_recipe(None, folder_overrides(Path(data), split)).data
+        cfg = load_recipe(None, split_overrides(Path(data), split)).data
     elif not Path(data).exists():
         raise DistillError(f"--data {data} does not exist; give a recipe YAML or an image folder")
     else:
