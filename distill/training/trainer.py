@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from distill.data.pipeline import InputPipeline, build_pipeline, data_seed
 from distill.data.sources import SplitData, load_source, seeded
 from distill.errors import LaunchError, RecipeError
-from distill.exports.export import export_run_student
+from distill.exports.end_of_run import export_run_student
 from distill.models.spec import InputSpec
 from distill.models.student import build_student, set_attention, student_input_spec
 from distill.models.student_init import initialise, resolve_init
