@@ -112,10 +112,15 @@ class DataConfig(Section):
     # runs with different run.seed differ only in the model's randomness (init, drop-path), so
     # their teacher outputs are the same and teacher.output_cache can share them.
     seed: int | None = None
-    # Repeated augmentation (Hoffer et al. 2020; DeiT trains with 3): each global micro-batch
-    # holds N differently augmented views of the same images, and an epoch covers len(train) / N
-    # distinct images, as DeiT's RASampler does. 1 is off. Repeat 0 of an image is the view it
-    # gets without repetition; repeat r of image i in epoch e is a function of (data seed, e, i, r).
+    # Repeated augmentation (Hoffer et al. 2020; DeiT trains with 3): each global batch holds N
+    # differently augmented views of the same images, and an epoch covers len(train) / N distinct
+    # images, as DeiT's RASampler does. 1 is off. The views of an image go to different processes
+    # (and accumulation micro-steps) when there are at least N of those, as in DeiT, so mixup and
+    # cutmix never mix an image with another view of itself; with fewer, a process's batch holds
+    # ceil(N / shares) views at most. A global batch that is not a multiple of N holds
+    # ceil(batch / N) images and leaves out the last views of its last images. Repeat 0 of an
+    # image is the view it gets without repetition; repeat r of image i in epoch e is a function
+    # of (data seed, e, i, r).
     repeated_aug: int = Field(1, ge=1)
     # 'tensor': decode every image once into a uint8 tensor and augment whole batches as tensors
     # (timm's random resized crop with Pillow's filter, and flip; on the GPU when there is one),
