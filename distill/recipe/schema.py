@@ -153,8 +153,11 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     weight_decay: float = Field(0.05, ge=0.0)  # never on tokens, pos-embed, biases, norms (timm)
     sched: Literal["cosine", "step", "constant"] = "cosine"  # timm create_scheduler_v2
+    # Linear warm-up from warmup_lr to the peak lr (timm). A run of epochs <= warmup_epochs never
+    # leaves it (it ends below its peak and never decays): it trains, with one warning line at
+    # the start, also recorded with the run (recipe.checks.warmup_warning).
     warmup_epochs: float = Field(5.0, ge=0.0)
-    warmup_lr: float = Field(1e-6, ge=0.0)  # the lr warmup starts from
+    warmup_lr: float = Field(1e-6, ge=0.0)  # the lr warmup starts from (no effect without warm-up)
     min_lr: float = Field(1e-5, ge=0.0)  # the schedule's floor
     clip_grad: float | None = Field(None, gt=0.0)  # DeiT: no clipping
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # labels only, never teacher targets

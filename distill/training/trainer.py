@@ -26,6 +26,7 @@ from distill.models.spec import InputSpec
 from distill.models.student import build_student, set_attention, student_input_spec
 from distill.models.student_init import check_init, initialise
 from distill.models.teacher import Teacher
+from distill.recipe.checks import check_settings
 from distill.recipe.schema import Recipe, flatten, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.checkpoint import TrainingState
@@ -131,6 +132,7 @@ class DistillRun:
     def __init__(self, recipe: Recipe, argv: list[str] | None = None, accelerator: Accelerator | None = None) -> None:
         self.recipe = recipe
         check_trackers(recipe.run.trackers)  # a tracker's missing package before anything runs
+        self.warnings = check_settings(recipe)  # settings with no effect: refused, or warned about
         self.argv = list(argv or [])
         self.accelerator = accelerator or make_accelerator(recipe)  # a study shares one launch
         self.rundir = RunDir.of(recipe)
@@ -139,6 +141,8 @@ class DistillRun:
         r, acc = self.recipe, self.accelerator
         STOP.install()  # SIGTERM / Ctrl-C: checkpoint at the next log step, then exit
         acc.free_memory()  # nothing prepared by an earlier run of this launch may linger
+        for line in self.warnings:
+            acc.print(f"warning: {line}")
         wall_start = time.perf_counter()
         # The recipe's inputs first: a bad data.path or student is reported before the run
         # directory is looked at (a finished run's "already finished" hid them) or written to.
