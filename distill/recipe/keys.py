@@ -29,7 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from distill.recipe.schema import PROVENANCE_KEY, DataConfig, Recipe, section_model
+from distill.recipe.overrides import section_model
+from distill.recipe.schema import PROVENANCE_KEY, DataConfig, Recipe
 
 
 class Effect(str, Enum):

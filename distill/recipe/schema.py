@@ -10,8 +10,6 @@ changing a field or its comment, run ``python -m distill.recipe_doc > docs/recip
 
 from __future__ import annotations
 
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from distill.errors import RecipeError
+from distill.recipe.overrides import apply_override, format_errors, missing_recipe, parse_override
 
 
 class Section(BaseModel):
@@ -154,8 +153,8 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.05, ge=0.0)  # never on tokens, pos-embed, biases, norms (timm)
     sched: Literal["cosine", "step", "constant"] = "cosine"  # timm create_scheduler_v2
     # Linear warm-up from warmup_lr to the peak lr (timm). A run of epochs <= warmup_epochs never
-    # leaves it (it ends below its peak and never decays): it trains, with one warning line at
-    # the start, also recorded with the run (recipe.checks.warmup_warning).
+    # leaves it (its lr ends below the peak and never decays): it trains, with a warning line at
+    # its start that the run also records.
     warmup_epochs: float = Field(5.0, ge=0.0)
     warmup_lr: float = Field(1e-6, ge=0.0)  # the lr warmup starts from (no effect without warm-up)
     min_lr: float = Field(1e-5, ge=0.0)  # the schedule's floor
@@ -323,97 +322,6 @@ class Recipe(Section):
 PROVENANCE_KEY = "provenance"  # written next to the recipe in a run's recipe.yaml; ignored here
 
 
-def _section_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
-    """Valid keys at ``path`` (a pydantic error location) inside the schema."""
-    current: Any = model
-    for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section (model class) inside ``X``, ``X | None`` or ``Optional[X]``; None for a value
-    field. keys.py and recipe_doc.py walk the schema with it too."""
-    for arg in typing.get_args(annotation) or (annotation,):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside ``X``, ``X | None`` or ``Optional[X]``, else the annotation."""
-    return section_model(annotation) or annotation
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            valid = _section_fields(Recipe, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(map(str, (*loc[:-1], close[0])))}'?" if close else ""
-            lines.append(f"unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
-        else:
-            got = e.get("input")
-            got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"'{dotted}': {msg}{got_txt}")
-    return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (['a', 'b'], value parsed as YAML)."""
-    if "=" not in text:
-        raise RecipeError(f"bad override '{text}': expected dotted.key=value, e.g. train.epochs=3")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise RecipeError(f"bad override '{text}': empty key part in '{key}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"bad override '{text}': value is not valid YAML ({exc})") from None
-    return parts, value
-
-
-def _is_value_field(parts: list[str]) -> bool:
-    """True when ``parts`` names a plain value (not a section or a free-form mapping)."""
-    current: Any = Recipe
-    for part in parts:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return False
-        field = current.model_fields.get(part)
-        if field is None:
-            return False
-        current = _model_in(field.annotation)
-    is_section = isinstance(current, type) and issubclass(current, BaseModel)
-    return not is_section and typing.get_origin(current) is not dict
-
-
-def apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        child = node.get(part)
-        if child is None and _is_value_field(parts[: i + 1]):
-            raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file (or start from defaults), apply ``a.b=value`` overrides, validate."""
     tree: dict[str, Any] = {}
@@ -422,7 +330,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         source = str(path)
         p = Path(path)
         if not p.is_file():
-            raise RecipeError(f"recipe file not found: {p} (pass the path of a YAML recipe)")
+            raise RecipeError(missing_recipe(p, overrides))
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
@@ -434,14 +342,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         tree = loaded
         tree.pop(PROVENANCE_KEY, None)
     for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(tree, parts, value, text)
+        parts, value = parse_override(text, Recipe)
+        apply_override(tree, parts, value, text, Recipe)
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err, source)) from None
+        raise RecipeError(format_errors(err, source, Recipe)) from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
