@@ -1,4 +1,4 @@
-"""Recipe loading, dotted overrides and error messages (distill/config.py)."""
+"""Recipe loading, dotted overrides and error messages (distill/recipe/schema.py, overrides.py)."""
 
 from __future__ import annotations
 

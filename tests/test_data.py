@@ -1,4 +1,4 @@
-"""Data sources, the (seed, epoch, index) augmentation contract, samplers and loaders (distill/data.py)."""
+"""Data sources, the (seed, epoch, index) augmentation contract, samplers and loaders (distill/data/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The recipe-field effect table (distill/keys.py): complete, nested, and read correctly."""
+"""The recipe-field effect table (distill/recipe/keys.py): complete, nested, and read correctly."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def tree(*overrides: str) -> dict[str, Any]:
 
 def test_every_schema_field_is_classified_and_no_entry_is_stale() -> None:
     schema, table = set(all_fields()), set(TABLE)
-    assert not schema - table, f"recipe fields missing from distill/keys.py TABLE: {sorted(schema - table)}"
+    assert not schema - table, f"recipe fields missing from distill/recipe/keys.py TABLE: {sorted(schema - table)}"
     assert not table - schema, f"TABLE entries that are not recipe fields: {sorted(table - schema)}"
 
 
@@ -136,7 +136,7 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
 
 
 def test_teacher_outputs_fields_beyond_the_teacher() -> None:
-    # The batch layout fixes the rows of each step and of each epoch: it was missing from the key.
+    # The batch layout fixes the rows of each step and of each epoch.
     assert TABLE["train.batch_size"] == frozenset({TEACHER_OUTPUTS, RESULT})
     assert TABLE["train.grad_accum_steps"] == frozenset({TEACHER_OUTPUTS, RESULT})
     assert sorted(p for p, e in TABLE.items() if TEACHER_OUTPUTS in e and TEACHER not in e) == [

@@ -2,7 +2,7 @@
 into training batches (``build_pipeline`` -> ``InputPipeline``).
 
 Two data paths deliver the same contract (the view of image i in epoch e is a function of
-(data seed, e, i) alone; data.py and tensor_store.py say how): ``decode``, timm's PIL transforms
+(data seed, e, i) alone; sources.py and tensor_store.py say how): ``decode``, timm's PIL transforms
 per image in the loader, and ``tensor``, images decoded once and augmented as whole batches on
 the device. Which one a run uses is decided here, once, and only ``InputPipeline.prepare`` knows
 it: every caller (the student's run, the teacher stage, the bench) gets ``(images, targets)``

@@ -12,7 +12,7 @@ They nest: a field that changes the split changes a trained teacher; one that ch
 teacher changes its outputs; one that changes the outputs changes the result (tests/test_keys.py
 checks it). A field with no effect at all is an operational setting a resumed run may change.
 
-The table is keyed by the schema's leaf fields (distill.config.Recipe), free-form dict fields
+The table is keyed by the schema's leaf fields (recipe.schema.Recipe), free-form dict fields
 (``teacher.model_args``) as a whole; a new recipe field is classified here in the same commit
 (tests/test_keys.py fails until it is). Keys of the data's identity that are not recipe fields
 (the package version, world size, the resolved data path, the teacher's weight digest) are for
@@ -53,7 +53,7 @@ UNKNOWN = frozenset(Effect)
 
 TABLE: dict[str, frozenset[Effect]] = {
     # -- run ------------------------------------------------------------------------------------
-    "run.name": RESULT_ONLY,  # where the run lives; kept in the resume check as before
+    "run.name": RESULT_ONLY,  # where the run lives (part of the resume check)
     "run.output_dir": RESULT_ONLY,  # likewise (the caches under it are found by key, not by place)
     # The data stream's seed when data.seed is None (pipeline.data_seed); the teacher stage seeds
     # from teacher.train.seed, so a trained teacher does not depend on it.
@@ -86,7 +86,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     # -- data: how they are read ---------------------------------------------------------------
     "data.num_workers": NO_EFFECT,  # a view is a function of (seed, epoch, index), not of the worker
     # The student's data stream (order, views, mixup); the teacher stage draws its own from
-    # teacher.train.seed, so a trained teacher does not depend on it (it used to be hashed).
+    # teacher.train.seed, so a trained teacher does not depend on it.
     "data.seed": IN_OUTPUTS,
     "data.repeated_aug": IN_TEACHER,  # which views the stream holds (the teacher stage's too)
     "data.store": IN_TEACHER,  # the tensor path's views differ from PIL's; both stages use it
@@ -195,7 +195,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "train.ema_decay": RESULT_ONLY,
     # A speed switch: the student's compiled run is tested to train like the eager one. The
     # teacher stage runs under it too (Accelerate compiles what it prepares), and a teacher
-    # trained either way is shared, as before the redesign (one teacher per study).
+    # trained either way is shared (one teacher per study).
     "train.compile": RESULT_ONLY,
     # The student's attention kernel (the same arithmetic, rounded differently); the teacher
     # stage trains a convnet, which has none.
