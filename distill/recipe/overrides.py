@@ -154,8 +154,7 @@ def missing_recipe(path: Path, overrides: Sequence[str]) -> str:
         files = [o for o in overrides if "=" not in o]
         recipe = files[0] if files else "RECIPE.yaml"
         return (
-            f"'{text}' is an override, not a recipe file: the recipe comes first, then the overrides "
-            f"({recipe} {text})"
+            f"'{text}' is an override, not a recipe file: the recipe comes first, then the overrides ({recipe} {text})"
         )
     candidates = [Path("recipes") / f"{path.name}.yaml", RECIPES / f"{path.name}.yaml"]
     if path.suffix in ("", ".yml"):
