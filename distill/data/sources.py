@@ -198,6 +198,21 @@ def _load_imagefolder(cfg: DataConfig) -> dict[str, Any]:
     return splits
 
 
+def folder_overrides(folder: Path) -> list[str]:
+    """An image folder given on a command line as imagefolder data: a root with ``train/`` as it
+    is, otherwise a folder of class folders as one split (its parent the root, itself both the
+    train and the val split)."""
+    if (folder / "train").is_dir():
+        return ["data.source=imagefolder", f"data.path={folder}"]
+    root = folder.resolve()
+    return [
+        "data.source=imagefolder",
+        f"data.path={root.parent}",
+        f"data.train_split={root.name}",
+        f"data.val_split={root.name}",
+    ]
+
+
 def _standard_columns(ds: Any, where: str) -> Any:
     """Rename a dataset's image and ClassLabel columns to 'image'/'label'; drop the rest."""
     import datasets
