@@ -14,6 +14,7 @@ COMMANDS = {
     "export": "export a run's student (timm folder and other formats) with its checks and model card",
     "analyze": "look inside a student: the ViT and DeiT papers' analyses",
     "scan": "list every image of a recipe's data that does not decode",
+    "shard": "write a recipe's data as shards that data.source=shards reads on any number of nodes",
     "bench": "benchmark the distillation training step against timm's TokenDistillationTask",
     "profile_step": "where a training step's time goes, per precision",
     "recipe_doc": "print the recipe reference (docs/recipe-reference.md) generated from the schema",

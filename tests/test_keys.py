@@ -263,11 +263,13 @@ def test_a_path_the_data_source_does_not_read_is_refused() -> None:
             check_settings(load_recipe(None, [f"data.source={source}", "data.path=/data/cifar10"]))
         assert str(info.value) == (
             f"data.path=/data/cifar10 has no effect: data.source={source} reads no path; set "
-            "data.source=imagefolder (a folder of class sub-folders) or data.source=hub (a dataset name), "
-            "or remove data.path"
+            "data.source=imagefolder (a folder of class sub-folders), hub (a dataset name) or shards (a folder "
+            "distill.shard wrote), or remove data.path"
         )
-    with pytest.raises(RecipeError, match=r"^data.hub_config=plain_text has no effect: data.source=imagefolder is"):
-        check_settings(load_recipe(None, ["data.source=imagefolder", "data.path=/x", "data.hub_config=plain_text"]))
+    shards = load_recipe(None, ["data.source=shards", "data.path=/x", "data.hub_config=plain_text"])
+    assert check_settings(shards) == [
+        "data.hub_config=plain_text has no effect: data.source=shards is not a Hub dataset"
+    ]  # a warning: the recipe of a Hub dataset, switched to the shards written from it
     assert (
         check_settings(load_recipe(None, ["data.source=hub", "data.path=cifar10", "data.hub_config=plain_text"])) == []
     )
@@ -284,11 +286,13 @@ def test_settings_with_no_effect_are_one_warning_line_each() -> None:
             "distillation.tau=3",
             "student.init_heads=reset",
             "data.synthetic.noise=0.5",
+            "data.verify_shards=true",
             "train.epochs=300",
         ],
     )
     assert check_settings(recipe) == [
         "data.synthetic.noise=0.5 has no effect: data.source=digits generates no synthetic images",
+        "data.verify_shards=True has no effect: data.source=digits reads no shards",
         "teacher.train has no effect: teacher.checkpoint is given: the teacher is loaded, not trained",
         "distillation.tau=3.0 has no effect: distillation.type=hard has no temperature or KL term",
         "student.init_heads=reset has no effect: student.init is not set: the student starts from random weights",

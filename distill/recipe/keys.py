@@ -358,17 +358,15 @@ _NO_INIT = _when_unset("student.init", "the student starts from random weights")
 # key: data.load_source, the loss (training.losses), the teacher stage, student.init, the optimizer.
 INERT: dict[str, Inert] = {
     "data.path": Inert(
-        _unless("data.source", ("imagefolder", "hub"), "reads no path"),
+        _unless("data.source", ("imagefolder", "hub", "shards"), "reads no path"),
         error=True,
-        fix="set data.source=imagefolder (a folder of class sub-folders) or data.source=hub (a dataset name), "
-        "or remove data.path",
+        fix="set data.source=imagefolder (a folder of class sub-folders), hub (a dataset name) or shards "
+        "(a folder distill.shard wrote), or remove data.path",
     ),
-    "data.hub_config": Inert(
-        _unless("data.source", ("hub",), "is not a Hub dataset"),
-        error=True,
-        fix="set data.source=hub, or remove data.hub_config",
-    ),
+    # A warning only: a recipe switched to the shards written from its Hub dataset keeps it.
+    "data.hub_config": Inert(_unless("data.source", ("hub",), "is not a Hub dataset")),
     "data.synthetic": Inert(_unless("data.source", ("synthetic",), "generates no synthetic images")),
+    "data.verify_shards": Inert(_unless("data.source", ("shards",), "reads no shards")),
     "data.val_fraction": Inert(_val_fraction),
     "teacher.train": Inert(_TEACHER_TRAIN),
     "distillation.tau": Inert(_SOFT),
