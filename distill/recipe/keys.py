@@ -193,8 +193,8 @@ TABLE: dict[str, frozenset[Effect]] = {
     # teacher stage runs under it too (Accelerate compiles what it prepares), and a teacher
     # trained either way is shared, as before the redesign (one teacher per study).
     "train.compile": RESULT_ONLY,
-    # The student's attention kernel (the same arithmetic, rounded differently); the teacher
-    # stage trains a convnet, which has none.
+    # The student's attention kernel (the same arithmetic, rounded differently; auto picks one
+    # by device and precision); the teacher stage trains a convnet, which has none.
     "train.attention": RESULT_ONLY,
     # -- eval ----------------------------------------------------------------------------------
     # Val batch composition (the last bits of batched kernels); the teacher stage evaluates

@@ -159,20 +159,28 @@ class TrainConfig(OptimConfig):
     # One precision per launch (Accelerate fixes it at start-up); the teacher stage uses it too.
     # bf16 autocast: fast on GPUs and on CPUs with AMX or avx512_bf16; elsewhere it is emulated
     # (this project's 2-core avx512f machines: a whole step 3x slower than fp32, measured by
-    # python -m distill.bench). On a CPU with bf16 pair it with train.attention=manual (the CPU
-    # flash-attention kernel is slow in bf16: 1.8x fp32's training throughput with it, README
-    # Speed). fp16: GPU only.
+    # python -m distill.bench). On a CPU, train.attention=auto pairs bf16 with timm's manual
+    # attention (the CPU flash-attention kernel is slow in bf16). fp16: GPU only.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA (DeiT never used it)
     # torch.compile the student's forward (Inductor). Off by default: compiling costs tens of
     # seconds per run, which only pays off on long runs (figures: python -m distill.bench).
     compile: bool = False
     # The student's attention: 'fused' is F.scaled_dot_product_attention (torch picks the kernel),
-    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False). On a CPU with
-    # bf16, torch's flash kernel is the bottleneck: measured on AMD EPYC (avx512_bf16) with
-    # recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against 893 manual (fp32: 460 fused,
-    # 441 manual); python -m distill.profile_step shows where the time goes.
-    attention: Literal["fused", "manual"] = "fused"
+    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False), 'auto' the
+    # rule of attention_on(). On a CPU with bf16, torch's flash kernel is the bottleneck: measured
+    # on AMD EPYC (avx512_bf16) with recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against
+    # 893 manual (fp32: 460 fused, 441 manual); python -m distill.profile_step shows where the
+    # time goes, python -m distill.bench times every choice on the machine at hand.
+    attention: Literal["auto", "fused", "manual"] = "auto"
+
+    def attention_on(self, device_type: str) -> Literal["fused", "manual"]:
+        """train.attention resolved for a device: 'auto' takes 'manual' on a CPU under bf16/fp16
+        autocast (the bench's figures above: 1.8x fp32's throughput, 2x bf16 fused) and 'fused'
+        otherwise (fp32 on a CPU: 460 fused against 441 manual; GPUs run the fused kernels)."""
+        if self.attention != "auto":
+            return self.attention
+        return "manual" if device_type == "cpu" and self.precision != "fp32" else "fused"
 
 
 class TeacherTrainConfig(OptimConfig):

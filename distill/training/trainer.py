@@ -89,7 +89,9 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     # on whether the teacher was trained now or found in the cache.
     with seeded(r.run.seed):
         student = build_student(r.student, split.num_classes, r.distillation.token)
-    set_attention(student, r.train.attention)  # the EMA, a copy, and evaluation keep it
+    attention = r.train.attention_on(acc.device.type)
+    set_attention(student, attention)  # the EMA, a copy, and evaluation keep it
+    acc.print(f"student: attention {attention} (train.attention={r.train.attention}, {r.train.precision})")
     init = initialise(student, r.student)
     if init is not None:
         acc.print(f"student: initialised from {init[0].path} ({init[0].what}) {init[1]}")
