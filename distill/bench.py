@@ -40,16 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{flag}", type=int)
     g.add_argument("--num-classes", type=int, help="default: the recipe's (an image folder's class folders counted)")
     m = parser.add_argument_group("measurement")
-    m.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed run")
-    m.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    m.add_argument("--repeats", type=int, default=5, help="alternating repetitions of every configuration")
+    m.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed run")
+    m.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    m.add_argument("--repeats", type=int, default=3, help="alternating repetitions of every configuration")
     m.add_argument("--kd", choices=("hard", "soft"), default=None, help="default: the recipe's type, else hard")
     m.add_argument(
         "--compile",
         choices=("no", "auto", "yes"),
+        nargs="?",
+        const="yes",
         default="auto",
-        help="fast path: torch.compile student and teacher; auto: when its measured compile time pays back "
-        "within the recipe's steps (never without a recipe)",
+        help="fast path: torch.compile student and teacher (--compile alone: yes); auto: when its measured "
+        "compile time pays back within the recipe's steps (never without a recipe)",
     )
     m.add_argument(
         "--fast-precision",

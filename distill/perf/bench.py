@@ -1,6 +1,6 @@
 """Benchmark the distillation training step against timm's TokenDistillationTask.
 
-    python -m distill.bench RECIPE.yaml [dotted.key=value ...] [--warmup 3 --steps 10 --repeats 5]
+    python -m distill.bench RECIPE.yaml [dotted.key=value ...] [--warmup 2 --steps 6 --repeats 3]
     python -m distill.bench --student deit_tiny_distilled_patch16_224 --teacher resnet50 \\
         --img-size 32 --patch-size 4 --num-classes 10 --batch-size 64 [--json PATH]
 
@@ -101,9 +101,9 @@ REFERENCE = "timm TokenDistillationTask"
 
 @dataclass
 class Options:
-    warmup: int = 3
-    steps: int = 10
-    repeats: int = 5
+    warmup: int = 2
+    steps: int = 6
+    repeats: int = 3
     kd: str | None = None  # None: the recipe's type (hard when it is none)
     compile: Literal["no", "auto", "yes"] = "no"  # the fast path's compile (see distill.perf.fastpath)
     fast_precision: str = "auto"

@@ -167,11 +167,12 @@ class TrainConfig(OptimConfig):
     # seconds per run, which only pays off on long runs (figures: python -m distill.bench).
     compile: bool = False
     # The student's attention: 'fused' is F.scaled_dot_product_attention (torch picks the kernel),
-    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False), 'auto' the
-    # rule of attention_on(). On a CPU with bf16, torch's flash kernel is the bottleneck: measured
-    # on AMD EPYC (avx512_bf16) with recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against
-    # 893 manual (fp32: 460 fused, 441 manual); python -m distill.profile_step shows where the
-    # time goes, python -m distill.bench times every choice on the machine at hand.
+    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False), 'auto' manual
+    # on a CPU under bf16/fp16 autocast and fused otherwise (the run logs its choice). On a CPU
+    # with bf16, torch's flash kernel is the bottleneck: measured on AMD EPYC (avx512_bf16) with
+    # recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against 893 manual (fp32: 460 fused,
+    # 441 manual); python -m distill.profile_step shows where the time goes, python -m
+    # distill.bench times every choice on the machine at hand.
     attention: Literal["auto", "fused", "manual"] = "auto"
 
     def attention_on(self, device_type: str) -> Literal["fused", "manual"]:
