@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.finished(i, seconds, one_off)
             accelerator.print(progress.line(i, name, seconds, one_off))
         if accelerator.is_main_process and not args.no_analysis:
-            from distill.analysis.core import analyze_run
+            from distill.analysis.runner import analyze_run
 
             for name, _ in runs:  # once per finished run: a restarted study keeps what is current
                 done = study / name / "analysis" / "analysis.json"

@@ -24,22 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distill.data.sources import folder_overrides
 from distill.errors import DistillError
 from distill.exports.artifacts import load_artifact, score
-
-
-def folder_overrides(folder: Path) -> list[str]:
-    """An image folder as imagefolder data: a root with ``train/`` as it is, otherwise a folder of
-    class folders as one split (its parent the root, itself both the train and the val split)."""
-    if (folder / "train").is_dir():
-        return ["data.source=imagefolder", f"data.path={folder}"]
-    root = folder.resolve()
-    return [
-        "data.source=imagefolder",
-        f"data.path={root.parent}",
-        f"data.train_split={root.name}",
-        f"data.val_split={root.name}",
-    ]
 
 
 def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list[str], str]:

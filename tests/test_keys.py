@@ -45,6 +45,7 @@ SPLIT_FIELDS = [
 # What a resumed run may change (trainer.RESUME_FREE_KEYS before this table).
 NO_EFFECT_FIELDS = [
     "data.num_workers",
+    "data.verify_shards",
     "run.checkpoint_every_steps",
     "run.export",
     "run.keep_checkpoints",

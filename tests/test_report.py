@@ -412,7 +412,7 @@ def test_a_study_of_many_variants_says_what_it_cannot_conclude(tmp_path: Path) -
 
 def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path: Path, monkeypatch) -> None:
     """The CIFAR-10 study's report failed here (KeyError 'dist'): hard-notoken has no dist head."""
-    import distill.analysis.core
+    import distill.analysis.record
     from distill.study.report import _group, analysis_section, load_run
 
     runs = [load_run(fake_run(tmp_path / "s", "hard", 0)), load_run(fake_run(tmp_path / "s", "none", 0))]
@@ -429,7 +429,7 @@ def test_inside_the_students_mixes_variants_with_and_without_the_token(tmp_path:
             "token_cosine": {"block 1": 0.9} if v == "hard" else None, "disagreement_with_teacher": heads[v],
         }  # fmt: skip
 
-    monkeypatch.setattr(distill.analysis.core, "analysis_summary", summary)
+    monkeypatch.setattr(distill.analysis.record, "analysis_summary", summary)
     text = "\n".join(analysis_section(_group(runs)))
     assert "| variant | cls | dist | fused |" in text
     assert "| hard | 20.0 | 10.0 | 15.0 |" in text and "| hard-notoken | 30.0 | - | - |" in text  # one seed: no spread

@@ -74,6 +74,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "data.max_train_samples": IN_SPLIT,
     "data.max_val_samples": IN_SPLIT,
     "data.on_bad_image": IN_SPLIT,  # 'skip' drops the unreadable images from the split
+    "data.verify_shards": NO_EFFECT,  # a check: the split is the same, or the load stops
     "data.synthetic.num_classes": IN_SPLIT,
     "data.synthetic.train_per_class": IN_SPLIT,
     "data.synthetic.val_per_class": IN_SPLIT,

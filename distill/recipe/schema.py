@@ -97,9 +97,10 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    # digits: scikit-learn's bundled 8x8 digits; hub: a Hugging Face dataset; synthetic: below.
-    source: Literal["digits", "imagefolder", "hub", "synthetic"] = "digits"
-    path: str | None = None  # imagefolder: a directory; hub: a dataset name
+    # digits: scikit-learn's bundled 8x8 digits; hub: a Hugging Face dataset; synthetic: below;
+    # shards: the folder `python -m distill.shard` wrote from any of these (docs/scale.md).
+    source: Literal["digits", "imagefolder", "hub", "synthetic", "shards"] = "digits"
+    path: str | None = None  # imagefolder, shards: a directory; hub: a dataset name
     hub_config: str | None = None  # hub: the dataset's configuration name
     train_split: str = "train"  # imagefolder: the sub-folder; hub: the split name
     val_split: str | None = None  # None: 'validation', 'val' or 'test' if present, else held out
@@ -129,6 +130,10 @@ class DataConfig(Section):
     # every image when the data loads and drops the bad ones (counted and listed).
     # `python -m distill.scan RECIPE` lists them all without training.
     on_bad_image: Literal["error", "skip"] = "error"
+    # shards: hash every shard (sha256) when the data loads, against its manifest. Size, image
+    # count and labels per class are always checked; the hash reads every byte (ImageNet: ~140 GB
+    # per process), so it is off by default. distill.shard hashes each shard as it writes it.
+    verify_shards: bool = False
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
 
@@ -310,10 +315,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.data.source in ("imagefolder", "hub") and not self.data.path:
+        if self.data.source in ("imagefolder", "hub", "shards") and not self.data.path:
             raise ValueError(
                 f"data.path is required for data.source={self.data.source} "
-                "(a directory for imagefolder, a dataset name for hub)"
+                "(a directory for imagefolder and shards, a dataset name for hub)"
             )
         return self
 

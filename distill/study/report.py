@@ -576,7 +576,7 @@ def analysis_section(groups: dict[str, list[RunRecord]]) -> list[str]:
     """ "Inside the students": each variant's analysis (python -m distill.analyze, written to
     <run>/analysis by distill.compare) side by side, mean ± spread over seeds. Empty when no run
     has one."""
-    from distill.analysis.core import analysis_summary
+    from distill.analysis.record import analysis_summary
 
     found = {
         v: [
