@@ -44,7 +44,7 @@ class RunConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
     keep_checkpoints: int = Field(2, ge=1)  # newest K kept; 'best' is kept on top of these
     log_every_steps: int = Field(10, ge=1)  # train scalars to every tracker; the finite-loss check
-    # Where the scalars go besides metrics.jsonl (distill/tracking.py). tensorboard writes <run>/tb
+    # Where the scalars go besides metrics.jsonl (distill/run/tracking.py). tensorboard writes <run>/tb
     # and needs nothing more; each other tracker needs its package (pip install 'distill[mlflow]'
     # and so on) and is configured by its own environment variables (MLFLOW_TRACKING_URI, ...).
     trackers: list[TrackerName] = ["tensorboard"]
@@ -259,7 +259,7 @@ class StudentConfig(Section):
     # (default 1). E.g. resnet18 with 2 stages: a stride-4, 64-channel map.
     stem: str | None = None
     stem_stages: int = Field(2, ge=1)
-    # Initial weights (distill/student_init.py): a run directory, a checkpoint folder, a timm Hub
+    # Initial weights (distill/models/student_init.py): a run directory, a checkpoint folder, a timm Hub
     # folder (an export) or a safetensors / torch weights file, distilled or plain ViT. A plain ViT
     # gets a distillation token, a position row and a distillation head (copies of the class
     # token's); position embeddings are resampled (2D bicubic) to this student's patch grid.
