@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
         help="also distil the recipe's student for EPOCHS epochs under each teacher, over --seeds",
     )
     p.add_argument("--seeds", default="0,1", help="the pilot's seeds, comma-separated (default: %(default)s)")
-    p.add_argument("--out", default=None, help="report directory (default: <run.output_dir>/<run.name>-teachers/report)")
+    p.add_argument(
+        "--out", default=None, help="report directory (default: <run.output_dir>/<run.name>-teachers/report)"
+    )
     return p
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from distill.errors import RecipeError, TeacherError
 from distill.models.ensemble import EnsembleTeacher, combine_logits, member_config, normalised_weights
 from distill.models.spec import InputSpec
-from distill.recipe.schema import load_recipe
+from distill.recipe.schema import Recipe, load_recipe
 from distill.training.losses import hard_kd, soft_kd
 
 # Two members, two images, three classes.
@@ -109,7 +109,7 @@ def test_ensemble_teacher_combines_keys_and_describes_its_members() -> None:
 # The recipe ------------------------------------------------------------------------------------
 
 
-def smoke(*overrides: str):  # noqa: ANN201
+def smoke(*overrides: str) -> Recipe:
     return load_recipe("recipes/smoke.yaml", list(overrides))
 
 
@@ -128,7 +128,7 @@ def test_bad_ensembles_are_refused_when_the_recipe_is_read(override: str, messag
 
 
 def test_checkpoint_beside_an_ensemble_is_refused() -> None:
-    with pytest.raises(RecipeError, match="teacher.checkpoint and teacher.ensemble are both set"):
+    with pytest.raises(RecipeError, match=r"teacher\.checkpoint and teacher\.ensemble are both set"):
         smoke("teacher.checkpoint=x.safetensors", "teacher.ensemble=[{model: resnet18}]")
 
 

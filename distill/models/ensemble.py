@@ -45,7 +45,9 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def combine_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], combine: Combine, tau: float) -> torch.Tensor:
+def combine_logits(
+    logits: Sequence[torch.Tensor], weights: Sequence[float], combine: Combine, tau: float
+) -> torch.Tensor:
     """The ensemble's logits from the members' (same shape, fp32), as the module docstring derives."""
     w = normalised_weights(weights)
     stacked = torch.stack([z.float() for z in logits])  # (members, batch, classes)
@@ -67,8 +69,8 @@ def member_config(teacher: TeacherConfig, member: TeacherMemberConfig) -> Teache
     own = member.model_dump(exclude={"weight"})
     if own["checkpoint"] is None and own["train"] is None:
         own["train"] = teacher.train.model_dump() if teacher.train is not None else None
-    if own["model"] is None and own["checkpoint"] is None:
-        own["model"] = teacher.model
+    if own["model"] is None:  # a folder's recorded architecture, else the recipe's teacher.model
+        own["model"] = _recorded_architecture(own["checkpoint"]) or teacher.model
     shared = teacher.model_dump(exclude={*own, "ensemble", "combine"})
     return TeacherConfig.model_validate({**shared, **own})
 
@@ -130,6 +132,11 @@ class EnsembleTeacher:
             **({"tau": self.tau} if self.combine == "probs" else {}),
             "input": {"size": list(self.spec.size), "mean": list(self.spec.mean), "std": list(self.spec.std)},
             "members": members,
+            **(
+                {"train_time_s": sum(times)}
+                if (times := [m["train_time_s"] for m in members if "train_time_s" in m])
+                else {}
+            ),
         }
 
     def copy_to(self, folder: Path) -> None:
@@ -143,6 +150,19 @@ class EnsembleTeacher:
             m.copy_to(sub)
             entries.append({"checkpoint": sub.name, "weight": w, "img_size": list(m.spec.size)})
         (folder / "ensemble.json").write_text(json.dumps({"combine": self.combine, "members": entries}, indent=1))
+
+
+def _train_time(members: list[dict[str, Any]]) -> dict[str, float]:
+    """The members' training time (the teacher stage's), where this run trained any."""
+    times = [m["train_time_s"] for m in members if "train_time_s" in m]
+    return {"train_time_s": sum(times)} if times else {}
+
+
+def _recorded_architecture(checkpoint: Path | None) -> str | None:
+    config = Path(str(checkpoint)).expanduser() / "config.json" if checkpoint is not None else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("architecture")
 
 
 def _name(teacher: Teacher) -> str:

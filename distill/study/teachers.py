@@ -107,7 +107,9 @@ def calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE
     for b in range(bins):
         inside = which == b
         if inside.any():
-            ece += float(inside.double().mean()) * abs(float(right[inside].mean()) - float(conf[inside].double().mean()))
+            ece += float(inside.double().mean()) * abs(
+                float(right[inside].mean()) - float(conf[inside].double().mean())
+            )
     return ece
 
 

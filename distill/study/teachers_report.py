@@ -143,11 +143,11 @@ def _figures(folder: Path, rows: list[dict[str, Any]], pilot: list[dict[str, Any
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
     names = [p["teacher"] for p in pilot]
-    best = pilot[0]["student_top1"]
     means = [100 * p["student_top1"] for p in pilot]
-    lo = [100 * (best + p["vs_best_lo"]) if math.isfinite(p["vs_best_lo"]) else m for p, m in zip(pilot, means, strict=True)]
-    hi = [100 * (best + p["vs_best_hi"]) if math.isfinite(p["vs_best_hi"]) else m for p, m in zip(pilot, means, strict=True)]
-    err = [[m - a for m, a in zip(means, lo, strict=True)], [b - m for m, b in zip(means, hi, strict=True)]]
+    # Whiskers: the 95% interval of each teacher's difference to the best, around its mean.
+    lo = [100 * (p["vs_best"] - p["vs_best_lo"]) if math.isfinite(p["vs_best_lo"]) else 0.0 for p in pilot]
+    hi = [100 * (p["vs_best_hi"] - p["vs_best"]) if math.isfinite(p["vs_best_hi"]) else 0.0 for p in pilot]
+    err = [lo, hi]
     ax.bar(names, means, yerr=err, capsize=4)
     ax.set_ylabel("student validation top-1, % (mean over seeds)")
     ax.set_title("pilot: student per teacher (bars: 95% interval of the difference to the best)")
@@ -159,13 +159,16 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}%" if math.isfinite(v) else "n/a"
 
 
-def _markdown(rows: list[dict[str, Any]], m: Measured, pilot: list[dict[str, Any]], epochs: tuple[int | None, int]) -> str:
+def _markdown(
+    rows: list[dict[str, Any]], m: Measured, pilot: list[dict[str, Any]], epochs: tuple[int | None, int]
+) -> str:
     lines = ["# Teacher candidates", "", f"Validation split: {len(m.labels)} images.", ""]
     lines += ["| teacher | top-1 | NLL (nats) | ECE | img/s | sha256 |", "|---|---|---|---|---|---|"]
     for r in rows:
         sha = str(r.get("sha256") or "")[:12]
         lines.append(
-            f"| {r['teacher']} | {_pct(r['top1'])} | {r['nll']:.3f} | {_pct(r['ece'])} | {r['images_per_s']:.0f} | {sha} |"
+            f"| {r['teacher']} | {_pct(r['top1'])} | {r['nll']:.3f} | {_pct(r['ece'])} | "
+            f"{r['images_per_s']:.0f} | {sha} |"
         )
     lines += ["", "The ensemble row (when asked) is the equal-weight mean of the candidates' softmax at temperature 1; "
               "its speed is the members' run one after the other.", ""]  # fmt: skip
@@ -179,7 +182,11 @@ def _markdown(rows: list[dict[str, Any]], m: Measured, pilot: list[dict[str, Any
         lines += [f"## Pilot: the recipe's student under each teacher, {epochs[0]} epoch(s)", ""]
         lines += ["| rank | teacher | student top-1 (mean ± sd) | seeds | vs best (95% CI) |", "|---|---|---|---|---|"]
         for k, p in enumerate(pilot):
-            ci = "best" if k == 0 else f"{100 * p['vs_best']:+.2f} ({100 * p['vs_best_lo']:.2f} to {100 * p['vs_best_hi']:.2f})"
+            ci = (
+                "best"
+                if k == 0
+                else f"{100 * p['vs_best']:+.2f} ({100 * p['vs_best_lo']:.2f} to {100 * p['vs_best_hi']:.2f})"
+            )
             if k and not math.isfinite(p["vs_best_lo"]):
                 ci = f"{100 * p['vs_best']:+.2f} (no interval: fewer than 2 seeds)"
             sd = _pct(p["student_top1_sd"]) if p["seeds"] > 1 else "n/a"

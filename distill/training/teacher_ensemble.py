@@ -21,17 +21,16 @@ from distill.models.metrics import classifier_sample_stats
 from distill.models.spec import InputSpec
 from distill.recipe.schema import Recipe
 from distill.training.engine import evaluate
+from distill.training.teacher_stage import check_teacher, obtain_teacher
 
 
 def obtain_ensemble(accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec) -> EnsembleTeacher:
     """The members on the device, each with its validation top-1 (each checked against the
     accuracy floor), combined as teacher.combine says at the distillation temperature."""
-    from distill.training.teacher_stage import check_teacher, obtain_teacher, resolve_teacher_model
-
     entries = recipe.teacher.ensemble
     if not entries:
         raise TeacherError("teacher.ensemble is empty; list at least one member")
-    recipes = [resolve_teacher_model(member_recipe(recipe, i)) for i in range(len(entries))]
+    recipes = [member_recipe(recipe, i) for i in range(len(entries))]
     loaded_first = sorted(range(len(entries)), key=lambda i: recipes[i].teacher.checkpoint is None)
     members: dict[int, Any] = {}
     for i in loaded_first:

@@ -214,6 +214,10 @@ def obtain_teacher(
     """The frozen teacher on the device, fed student-space batches of ``spec`` (resized to its own
     input size inside), or None when the recipe has none and needs none."""
     cfg = recipe.teacher
+    if cfg.ensemble is not None:  # several teachers as one, each obtained as below
+        from distill.training.teacher_ensemble import obtain_ensemble  # it imports this module
+
+        return obtain_ensemble(accelerator, recipe, split, spec)  # type: ignore[return-value]
     trained_here, train_time_s = False, None
     if cfg.checkpoint is not None:
         folder = Path(str(cfg.checkpoint)).expanduser()
