@@ -160,7 +160,8 @@ def measure_teachers(recipe: Recipe) -> Measured:
     loader = eval_loader(split.val, spec, recipe.eval.batch_size, recipe.data.num_workers)
     per: list[list[torch.Tensor]] = [[] for _ in ensemble.members]
     seconds, labels = [0.0] * len(ensemble.members), []
-    for batch in loader:
+    timed = 0  # images in the timed batches: the first batch warms each member up and is not timed
+    for k, batch in enumerate(loader):
         images = batch["image"].to(acc.device)
         labels.append(batch["label"])
         for i, member in enumerate(ensemble.members):
@@ -168,10 +169,11 @@ def measure_teachers(recipe: Recipe) -> Measured:
             out = member(images)
             if images.is_cuda:
                 torch.cuda.synchronize()
-            seconds[i] += time.perf_counter() - start
+            seconds[i] += (time.perf_counter() - start) if k else 0.0
             per[i].append(out.cpu())
+        timed += len(images) if k else 0
     logits = [torch.cat(p) for p in per]
-    count = sum(len(x) for x in labels)
+    count = timed
     mixed = combine_logits(logits, ensemble.shares, ensemble.combine, ensemble.tau)
     described = [{**m.describe(), "val_top1": t} for m, t in zip(ensemble.members, ensemble.member_top1, strict=True)]
     return Measured(torch.cat(labels), logits, mixed, [count / s if s else math.nan for s in seconds], described)
