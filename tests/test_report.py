@@ -219,7 +219,7 @@ def card_info_for(final: dict) -> dict:
     ("kl", "shown"), [(0.5952284187078476, "0.5952"), (1.23456789e-05, "1.235e-05"), (None, "n/a"), ("x", "n/a")]
 )
 def test_model_card_kl_row_names_the_direction_with_four_digits(kl: object, shown: str) -> None:
-    from distill.exports.export import model_card
+    from distill.exports.card import model_card
 
     final = {"val/top1_fused": 0.8} if kl is None else {"val/top1_fused": 0.8, "val/kl": kl}
     card = model_card(card_info_for(final))

@@ -120,7 +120,7 @@ def analyse_runs(study: Path, names: list[str], images: int) -> None:
 
 def quantize_runs(study: Path, names: list[str]) -> None:
     """Each finished run's student quantized to int8 and its top-1 recorded, once, as the analyses."""
-    from distill.exports.export import int8_top1
+    from distill.exports.int8 import int8_top1
     from distill.study.runs import INT8_FILE
 
     for name in names:

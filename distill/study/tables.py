@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.exports.export import init_text
+from distill.exports.card import init_text
 from distill.study.naming import settings_apart, value_text
 from distill.study.plots import HEADS
 from distill.study.runs import RunRecord
