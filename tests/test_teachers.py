@@ -67,7 +67,7 @@ def test_candidates_are_parsed_and_bad_ones_refused(tmp_path: Path) -> None:
         parse_candidates("resnet_nineteen", recipe)
     with pytest.raises(RecipeError, match="names a teacher twice"):
         parse_candidates("resnet18,resnet18", recipe)
-    with pytest.raises(RecipeError, match="no teacher.train"):
+    with pytest.raises(RecipeError, match=r"no teacher\.train"):
         parse_candidates("resnet18", load_recipe(SMOKE, ["teacher.train=null"]))
 
 
@@ -97,7 +97,7 @@ def test_a_member_that_cannot_be_loaded_is_refused_before_any_training(tmp_path:
     broken = tmp_path / "broken"
     broken.mkdir()
     run = ensemble_run(tmp_path, [{"model": "resnet10t"}, {"checkpoint": str(broken)}])
-    with pytest.raises(TeacherError, match="member 1: teacher folder .*broken lacks config.json"):
+    with pytest.raises(TeacherError, match=r"member 1: teacher folder .*broken lacks config\.json"):
         run.run()
     assert not (tmp_path / "runs" / "teachers").exists() and not (tmp_path / "runs" / "smoke").exists()
 
@@ -105,11 +105,11 @@ def test_a_member_that_cannot_be_loaded_is_refused_before_any_training(tmp_path:
 def test_a_member_with_another_class_count_is_refused(tmp_path: Path) -> None:
     five = teacher_folder(tmp_path / "five", [*NAMES, "class_4"])
     run = ensemble_run(tmp_path, [{"checkpoint": str(five)}])
-    with pytest.raises(TeacherError, match="member 0: .*only the teacher has: 'class_4'"):
+    with pytest.raises(TeacherError, match=r"member 0: .*only the teacher has: 'class_4'"):
         run.run()
     # A bare weights file records no names: its head's size is the check.
     bare = [{"model": "resnet10t", "checkpoint": str(five / "model.safetensors")}]
-    with pytest.raises(TeacherError, match="member 0: .*has a 5-class head .* but the data has 4 classes"):
+    with pytest.raises(TeacherError, match=r"member 0: .*has a 5-class head .* but the data has 4 classes"):
         ensemble_run(tmp_path, bare).run()
 
 
@@ -165,7 +165,9 @@ def test_the_teachers_command_writes_its_report_with_a_pilot(tmp_path: Path) -> 
     assert (out / "teachers_accuracy_calibration.png").is_file() and (out / "pilot_student_top1.png").is_file()
 
 
-def test_the_teachers_command_refuses_a_candidate_that_cannot_be_loaded(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_the_teachers_command_refuses_a_candidate_that_cannot_be_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from distill.teachers import main
 
     out = tmp_path / "report"

@@ -150,13 +150,13 @@ def measure_teachers(recipe: Recipe) -> Measured:
     from distill.data.sources import load_source
     from distill.models.ensemble import combine_logits
     from distill.models.student import student_input_spec
-    from distill.training.teacher_ensemble import obtain_ensemble
+    from distill.training.teacher_stage import obtain_teacher
     from distill.training.trainer import make_accelerator
 
     acc = make_accelerator(recipe)
     split = load_source(recipe.data)
     spec = student_input_spec(recipe)
-    ensemble = obtain_ensemble(acc, recipe, split, spec)
+    ensemble = obtain_teacher(acc, recipe, split, spec)  # the recipe's teacher.ensemble: every candidate
     loader = eval_loader(split.val, spec, recipe.eval.batch_size, recipe.data.num_workers)
     per: list[list[torch.Tensor]] = [[] for _ in ensemble.members]
     seconds, labels = [0.0] * len(ensemble.members), []

@@ -8,6 +8,7 @@ classes are not the data's, stops the run before any member is trained.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,12 +22,20 @@ from distill.models.metrics import classifier_sample_stats
 from distill.models.spec import InputSpec
 from distill.recipe.schema import Recipe
 from distill.training.engine import evaluate
-from distill.training.teacher_stage import check_teacher, obtain_teacher
 
 
-def obtain_ensemble(accelerator: Accelerator, recipe: Recipe, split: SplitData, spec: InputSpec) -> EnsembleTeacher:
+def obtain_ensemble(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    split: SplitData,
+    spec: InputSpec,
+    obtain_teacher: Callable[..., Any],
+    check_teacher: Callable[..., None],
+) -> EnsembleTeacher:
     """The members on the device, each with its validation top-1 (each checked against the
-    accuracy floor), combined as teacher.combine says at the distillation temperature."""
+    accuracy floor), combined as teacher.combine says at the distillation temperature.
+    ``obtain_teacher`` and ``check_teacher`` are the teacher stage's for one teacher (it calls
+    this module, so they are passed in rather than imported)."""
     entries = recipe.teacher.ensemble
     if not entries:
         raise TeacherError("teacher.ensemble is empty; list at least one member")
