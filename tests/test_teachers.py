@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,14 +117,18 @@ def test_a_member_with_another_class_count_is_refused(tmp_path: Path) -> None:
 # Runs (slow: they train) ------------------------------------------------------------------------
 
 
+def summary(run: Path) -> dict[str, Any]:
+    return json.loads((run / "summary.json").read_text())
+
+
 @pytest.mark.slow
 def test_hard_run_with_a_vit_and_a_convnet_member_at_their_own_sizes_trains_and_exports(tmp_path: Path) -> None:
     # A ViT member given as a folder whose classes are the data's in another order (remapped by
     # name), at 24 px, beside a resnet10t the pipeline trains at the student's 16 px.
     vit = teacher_folder(tmp_path / "vit", NAMES[::-1], "vit_tiny_patch16_224", **VIT_ARGS)
     members = [{"model": "resnet10t", "weight": 3}, {"checkpoint": str(vit), "img_size": 24, "weight": 1}]
-    summary = ensemble_run(tmp_path, members, "distillation.type=hard", "run.export=true").run()
-    teacher = summary["teacher"]
+    ensemble_run(tmp_path, members, "distillation.type=hard", "run.export=true").run()
+    teacher = summary(tmp_path / "runs" / "smoke")["teacher"]
     got = [(m["architecture"], m["input"]["size"], m["weight"]) for m in teacher["members"]]
     assert got == [("resnet10t", [16, 16], 0.75), ("vit_tiny_patch16_224", [24, 24], 0.25)]
     assert teacher["members"][1]["class_order"] == [3, 2, 1, 0]
@@ -137,12 +142,12 @@ def test_hard_run_with_a_vit_and_a_convnet_member_at_their_own_sizes_trains_and_
 def test_soft_run_with_two_trained_members_reuses_each_member_and_replays_cached_outputs(tmp_path: Path) -> None:
     members = [{"model": "resnet10t"}, {"model": "resnet10t", "img_size": 24}]
     cache = [f"teacher.output_cache.dir={tmp_path / 'outputs'}", "teacher.output_cache.enabled=true"]
-    first = ensemble_run(tmp_path, members, "distillation.type=soft", "distillation.tau=2", *cache).run()
+    ensemble_run(tmp_path, members, "distillation.type=soft", "distillation.tau=2", *cache).run()
+    first = summary(tmp_path / "runs" / "smoke")
     assert [m["trained_here"] for m in first["teacher"]["members"]] == [True, True]
     assert len(list((tmp_path / "runs" / "teachers").iterdir())) == 2  # each member cached by its own key
-    again = ensemble_run(
-        tmp_path, members, "distillation.type=soft", "distillation.tau=2", "run.name=again", *cache
-    ).run()
+    ensemble_run(tmp_path, members, "distillation.type=soft", "distillation.tau=2", "run.name=again", *cache).run()
+    again = summary(tmp_path / "runs" / "again")
     assert [m["trained_here"] for m in again["teacher"]["members"]] == [False, False]
     assert again["teacher"]["sha256"] == first["teacher"]["sha256"]
     assert again["teacher_cache"]["train_replayed_images"] > 0
