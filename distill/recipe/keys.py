@@ -122,6 +122,11 @@ TABLE: dict[str, frozenset[Effect]] = {
     "teacher.inference_mode": IN_OUTPUTS,
     "teacher.channels_last": IN_OUTPUTS,
     "teacher.compile": IN_OUTPUTS,
+    # The members and how their outputs are combined (distill/models/ensemble.py). A member the
+    # pipeline trains is keyed by its own entry (ensemble.member_recipe reads it as a one-teacher
+    # recipe), so the list itself enters no trained-teacher key.
+    "teacher.ensemble": IN_OUTPUTS,
+    "teacher.combine": IN_OUTPUTS,
     # The output cache replays the outputs it keys; top-k mode (budget_mb, topk) approximates the
     # soft targets, so it changes the result but not the teacher's outputs (the cache keys its
     # own encoding). enabled: replay in top-k mode is not what a recomputing run trains on.

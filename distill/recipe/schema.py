@@ -228,6 +228,20 @@ class OutputCacheConfig(Section):
     verify_every: int = Field(50, ge=0)
 
 
+class TeacherMemberConfig(Section):
+    """One member of ``teacher.ensemble``: a teacher entry as ``teacher`` itself takes, and its
+    weight. A member with neither checkpoint nor train is trained with the recipe's teacher.train."""
+
+    model: str | None = None  # a timm classifier; None: a checkpoint folder's recorded architecture
+    checkpoint: Path | None = None  # a weights file or a timm folder, as teacher.checkpoint
+    model_args: dict[str, Any] = {}  # extra timm.create_model keyword arguments
+    mean: tuple[float, float, float] | None = None  # its input normalisation; None: its folder's, else timm's
+    std: tuple[float, float, float] | None = None
+    img_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None  # its own input size
+    train: TeacherTrainConfig | None = None  # None (and no checkpoint): the recipe's teacher.train
+    weight: float = 1.0  # its share of the combination (weights are divided by their sum)
+
+
 class TeacherConfig(Section):
     model: str = "regnety_160"  # any timm convnet (DeiT used RegNetY-16GF)
     checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder
@@ -247,6 +261,33 @@ class TeacherConfig(Section):
     channels_last: bool = True  # the channels-last memory layout
     compile: bool = False  # torch.compile the teacher's forward
     output_cache: OutputCacheConfig = OutputCacheConfig()
+    # Several teachers as one (distill/models/ensemble.py, docs/teachers.md): each member runs at
+    # its own size and normalisation on the same (mixed) student batch. With w_m = weight_m /
+    # sum(weights), combine 'probs' gives the teacher logits tau * log(sum_m w_m softmax(z_m / tau)),
+    # whose softmax at the distillation tau is exactly the members' weighted mean softmax (soft
+    # targets) and whose argmax is that mixture's (hard); 'logits' gives sum_m w_m z_m. When set,
+    # teacher.checkpoint must be unset; teacher.train trains the members that name no weights.
+    ensemble: list[TeacherMemberConfig] | None = None
+    combine: Literal["probs", "logits"] = "probs"
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> TeacherConfig:
+        if self.ensemble is None:
+            return self
+        if not self.ensemble:
+            raise ValueError("teacher.ensemble is empty; list at least one member, or remove it for one teacher")
+        weights = [m.weight for m in self.ensemble]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"teacher.ensemble weights {weights} must be >= 0 with a positive sum; give each member "
+                "a weight >= 0 (they are divided by their sum)"
+            )
+        if self.checkpoint is not None:
+            raise ValueError(
+                "teacher.checkpoint and teacher.ensemble are both set; give each member its checkpoint "
+                "in teacher.ensemble, or remove teacher.ensemble for one teacher"
+            )
+        return self
 
 
 class StudentConfig(Section):

@@ -42,6 +42,7 @@ from distill.training.engine import evaluate, train_one_epoch
 from distill.training.optim import batch_plan, build_optimizer, build_scheduler
 from distill.training.progress import ProgressReport
 from distill.training.step import Step
+from distill.training.teacher_ensemble import obtain_ensemble
 
 TEACHER_INFO = "teacher.json"
 
@@ -214,6 +215,8 @@ def obtain_teacher(
     """The frozen teacher on the device, fed student-space batches of ``spec`` (resized to its own
     input size inside), or None when the recipe has none and needs none."""
     cfg = recipe.teacher
+    if cfg.ensemble is not None:  # several teachers as one, each obtained as below
+        return obtain_ensemble(accelerator, recipe, split, spec, obtain_teacher, check_teacher)  # type: ignore[return-value]
     trained_here, train_time_s = False, None
     if cfg.checkpoint is not None:
         folder = Path(str(cfg.checkpoint)).expanduser()
