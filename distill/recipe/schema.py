@@ -55,6 +55,11 @@ class RunConfig(Section):
     # Stop after the teacher stage: train (or find) and evaluate the teacher, copy it to
     # <run>/teacher/ (a timm Hub folder that teacher.checkpoint can point at), no student.
     teacher_only: bool = False
+    # How long a process waits in a collective (a barrier, a broadcast) before the launch fails.
+    # torch's default is 10 minutes under NCCL (30 under gloo), while the main process alone loads
+    # and checks the data (data.on_bad_image=skip decodes every image) and, in compare, writes the
+    # analyses and the report: the other processes wait for it at the next barrier.
+    process_group_timeout_min: float = Field(60.0, gt=0.0)
 
     @field_validator("trackers", mode="before")
     @classmethod
@@ -173,6 +178,10 @@ class TrainConfig(OptimConfig):
     # recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against 893 manual (fp32: 460 fused,
     # 441 manual); python -m distill.profile_step shows where the time goes.
     attention: Literal["fused", "manual"] = "fused"
+    # TF32 matrix products and convolutions on NVIDIA GPUs (10-bit mantissa inputs: faster, less
+    # exact). Decided here for the whole process, since Accelerate turns TF32 matmuls on by itself
+    # when train.compile is on in fp32; no effect on a CPU.
+    tf32: bool = False
 
 
 class TeacherTrainConfig(OptimConfig):

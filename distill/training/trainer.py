@@ -29,6 +29,7 @@ from distill.models.teacher import Teacher
 from distill.recipe.schema import Recipe, flatten, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.checkpoint import TrainingState
+from distill.run.processes import accelerator_options, apply_tf32, main_value
 from distill.run.rundir import RunDir
 from distill.run.tracking import RunLog, check_trackers
 from distill.training.engine import STOP, evaluate_student, evaluate_teacher, train_one_epoch
@@ -55,7 +56,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # prepare() compiles the student (and unwraps it for saving); the teacher is compiled
         # by FrozenTeacher since it is never prepared.
         dynamo_backend="inductor" if recipe.train.compile else "no",
+        **accelerator_options(recipe),  # the process group's timeout, non-blocking batch copies
     )
+    apply_tf32(recipe)  # after Accelerate, which turns TF32 on under dynamo in fp32
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -240,7 +243,8 @@ class DistillRun:
             # Resumed after the last epoch's checkpoint (killed before summary.json): that epoch's
             # record is already in metrics.jsonl, training sums included; re-evaluating would lose
             # them (fault_trials found summary.json with NaN train losses).
-            final = self.rundir.logged_record(progress.epoch) or self._epoch_record(student, teacher_val, progress, {})
+            logged = main_value(acc, self.rundir.logged_record(progress.epoch))  # one decision for all
+            final = logged or self._epoch_record(student, teacher_val, progress, {})
         return final
 
     def _teacher_only(
