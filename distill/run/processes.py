@@ -150,16 +150,18 @@ def check_shared(accelerator: Accelerator, dirs: list[Path], within_s: float | N
                 if exc.errno not in STORAGE_ERRNOS:
                     raise
                 raise storage_error(exc, str(d), "choose a writable run.output_dir") from None
-            probes.append(str(probe))
+            probes.append(probe.name)
         return probes
 
+    # Each process looks for the main process's file under its own path of the folder: on a
+    # node-local disk that path holds another folder.
     probes = decided_by_main(accelerator, write_probes)
-    mine = [_visible(Path(p), Path(p).name, within_s) for p in probes]
+    mine = [_visible(d / name, name, within_s) for d, name in zip(dirs, probes, strict=True)]
     seen = gather_object([(accelerator.process_index, socket.gethostname(), mine)])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for p in probes:
-            Path(p).unlink(missing_ok=True)
+        for d, name in zip(dirs, probes, strict=True):
+            (d / name).unlink(missing_ok=True)
     for i, d in enumerate(dirs):
         blind = [f"process {rank} on {host}" for rank, host, ok in seen if not ok[i]]
         if blind:

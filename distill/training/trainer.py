@@ -171,7 +171,7 @@ class DistillRun:
             return self._teacher_only(teacher, split, spec, wall_start)
         student = setup_student(acc, r, split, spec)
         outputs = open_output_cache(acc, r, teacher, split, student.pipeline, student.plan)
-        teacher_val: dict[int, torch.Tensor] | None = None
+        teacher_val: torch.Tensor | None = None
         if teacher is not None:
             t_stats, teacher_val = evaluate_teacher(acc, teacher, student.pipeline.val_loader, outputs)
             check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
@@ -206,7 +206,7 @@ class DistillRun:
         step: Step,
         progress: TrainingState,
         log: RunLog,
-        teacher_val: dict[int, torch.Tensor] | None,
+        teacher_val: torch.Tensor | None,
         outputs: TeacherOutputCache | None,
     ) -> dict[str, Any]:
         """The epoch loop; returns the last evaluation's record."""
@@ -312,7 +312,7 @@ class DistillRun:
     def _epoch_record(
         self,
         student: Student,
-        teacher_val: dict[int, torch.Tensor] | None,
+        teacher_val: torch.Tensor | None,
         progress: TrainingState,
         sums: dict[str, float],
     ) -> dict[str, Any]:
