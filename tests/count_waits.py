@@ -84,11 +84,11 @@ def install() -> None:
             active[0] = False
 
     def flush(self: Any, accelerator: Any) -> Any:
-        active[0] = False
+        before, active[0] = active[0], False
         try:
             return real_flush(self, accelerator)
         finally:
-            active[0] = True
+            active[0] = before
 
     def step(self: Any, *args: Any) -> Any:
         counts["steps"] += active[0]

@@ -202,4 +202,4 @@ def test_a_training_step_never_waits_for_the_device(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     waits = json.loads(proc.stdout.rsplit("waits: ", 1)[1])
-    assert waits == {"steps": 16, "to(device) blocking": 2}  # 16 micro-steps (8 optimizer steps)
+    assert waits == {"steps": 8, "to(device) blocking": 2}
