@@ -1,6 +1,6 @@
 """Data sources -> train/val splits (Hugging Face datasets), image decoding, the bad-image scan.
 
-No loaders here (pipeline.py builds them). The data contract (PRODUCT.md): the augmented view of
+No loaders here (pipeline.py builds them). The data contract: the augmented view of
 image i in epoch e is a function of (data seed, e, i) alone; ``sample_seed`` is that function's
 one seed and ``seeded`` runs a transform under it. Runs that differ only in the loss therefore
 see identical batches, and teacher outputs can be cached by position in the stream.
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.data.shards import load_shards
 from distill.errors import DataError
 from distill.recipe.keys import SPLIT, data_fields
 from distill.recipe.schema import DataConfig
@@ -198,6 +199,21 @@ def _load_imagefolder(cfg: DataConfig) -> dict[str, Any]:
     return splits
 
 
+def folder_overrides(folder: Path) -> list[str]:
+    """An image folder given on a command line as imagefolder data: a root with ``train/`` as it
+    is, otherwise a folder of class folders as one split (its parent the root, itself both the
+    train and the val split)."""
+    if (folder / "train").is_dir():
+        return ["data.source=imagefolder", f"data.path={folder}"]
+    root = folder.resolve()
+    return [
+        "data.source=imagefolder",
+        f"data.path={root.parent}",
+        f"data.train_split={root.name}",
+        f"data.val_split={root.name}",
+    ]
+
+
 def _standard_columns(ds: Any, where: str) -> Any:
     """Rename a dataset's image and ClassLabel columns to 'image'/'label'; drop the rest."""
     import datasets
@@ -292,16 +308,21 @@ def load_source(cfg: DataConfig) -> SplitData:
     return _SPLITS[key]
 
 
-def _load_source(cfg: DataConfig) -> SplitData:
+def source_splits(cfg: DataConfig) -> dict[str, Any]:
+    """The source's own splits, before validation is chosen or held out (what shards hold)."""
     if cfg.source == "digits":
-        splits = {"train": _digits()}
-    elif cfg.source == "synthetic":
-        splits = {"train": _synthetic(cfg, "train"), "validation": _synthetic(cfg, "val")}
-    elif cfg.source == "imagefolder":
-        splits = _load_imagefolder(cfg)
-    else:
-        splits = dict(_load_hub(cfg))
+        return {"train": _digits()}
+    if cfg.source == "synthetic":
+        return {"train": _synthetic(cfg, "train"), "validation": _synthetic(cfg, "val")}
+    if cfg.source == "imagefolder":
+        return _load_imagefolder(cfg)
+    if cfg.source == "shards":
+        return load_shards(Path(str(cfg.path)).expanduser(), cfg.verify_shards)
+    return dict(_load_hub(cfg))
 
+
+def _load_source(cfg: DataConfig) -> SplitData:
+    splits = source_splits(cfg)
     if cfg.train_split not in splits:
         raise DataError(
             f"data.train_split '{cfg.train_split}' not found in {cfg.source} source (splits: {', '.join(splits)})"
