@@ -1,4 +1,4 @@
-"""A run's directory, ``<run.output_dir>/<run.name>/`` (PRODUCT.md): its layout, the decision to
+"""A run's directory, ``<run.output_dir>/<run.name>/``: its layout, the decision to
 start afresh, resume or refuse, finished-run detection, the summary, and the rows it logged.
 
 Every other module asks this one where a run's files are and what state the run is in.
