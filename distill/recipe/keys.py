@@ -67,6 +67,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "run.trackers": NO_EFFECT,  # where the same scalars are sent
     "run.export": NO_EFFECT,  # written after training, from the same weights
     "run.teacher_only": RESULT_ONLY,  # stops before the student: another result altogether
+    "run.process_group_timeout_min": NO_EFFECT,  # how long processes wait for each other
     # -- data: which images (data.load_source) ---------------------------------------------------
     "data.source": IN_SPLIT,
     "data.path": IN_SPLIT,
@@ -206,6 +207,9 @@ TABLE: dict[str, frozenset[Effect]] = {
     # The student's attention kernel (the same arithmetic, rounded differently; auto picks one
     # by device and precision); the teacher stage trains a convnet, which has none.
     "train.attention": RESULT_ONLY,
+    # TF32 rounds the inputs of every matrix product on a GPU: the teacher stage trains and the
+    # teacher runs under it, so trained teachers and their outputs differ with it.
+    "train.tf32": IN_TEACHER,
     # -- eval ----------------------------------------------------------------------------------
     # Val batch composition (the last bits of batched kernels); the teacher stage evaluates
     # with it too, but only to report, never to choose weights.

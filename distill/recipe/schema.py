@@ -54,6 +54,11 @@ class RunConfig(Section):
     # Stop after the teacher stage: train (or find) and evaluate the teacher, copy it to
     # <run>/teacher/ (a timm Hub folder that teacher.checkpoint can point at), no student.
     teacher_only: bool = False
+    # How long a process waits in a collective (a barrier, a broadcast) before the launch fails.
+    # torch's default is 10 minutes under NCCL (30 under gloo), while the main process alone loads
+    # and checks the data (data.on_bad_image=skip decodes every image) and, in compare, writes the
+    # analyses and the report: the other processes wait for it at the next barrier.
+    process_group_timeout_min: float = Field(60.0, gt=0.0)
 
     @field_validator("trackers", mode="before")
     @classmethod
@@ -186,6 +191,10 @@ class TrainConfig(OptimConfig):
     # 441 manual); python -m distill.profile_step shows where the time goes, python -m
     # distill.bench times every choice on the machine at hand.
     attention: Literal["auto", "fused", "manual"] = "auto"
+    # TF32 matrix products and convolutions on NVIDIA GPUs (10-bit mantissa inputs: faster, less
+    # exact). Decided here for the whole process, since Accelerate turns TF32 matmuls on by itself
+    # when train.compile is on in fp32; no effect on a CPU.
+    tf32: bool = False
 
     def attention_on(self, device_type: str) -> Literal["fused", "manual"]:
         """train.attention resolved for a device: 'auto' takes 'manual' on a CPU under bf16/fp16
