@@ -40,12 +40,14 @@ from distill.models.teacher import (
 from distill.recipe.keys import TEACHER, fields
 from distill.recipe.schema import Recipe
 from distill.run.checkpoint import TrainingState
+from distill.run.processes import main_value, unique_suffix
 from distill.run.records import TEACHER_RECORD_FILE, TrainedTeacher
 from distill.run.rundir import teachers_dir
 from distill.training.engine import EpochHooks, EpochOptions, Trainee, evaluate_teacher, train_one_epoch
 from distill.training.optim import batch_plan, build_optimizer, build_scheduler
 from distill.training.progress import ProgressReport
 from distill.training.step import Step
+from distill.training.teacher_ensemble import obtain_ensemble
 
 TEACHER_INFO = TEACHER_RECORD_FILE  # beside a teacher the pipeline trained (records.TrainedTeacher)
 
@@ -127,7 +129,7 @@ def _save_teacher(
 ) -> None:
     from timm.models import save_for_hf
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.tmp.{unique_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # The teacher learnt on the student's preprocessing; record it so a later load re-normalises
     # correctly (pretrained_cfg mean/std are what FrozenTeacher compares).
@@ -192,6 +194,8 @@ def obtain_teacher(
     """The frozen teacher on the device, fed student-space batches of ``spec`` (resized to its own
     input size inside), or None when the recipe has none and needs none."""
     cfg = recipe.teacher
+    if cfg.ensemble is not None:  # several teachers as one, each obtained as below
+        return obtain_ensemble(accelerator, recipe, split, spec, obtain_teacher, check_teacher)  # type: ignore[return-value]
     trained_here, train_time_s = False, None
     if cfg.checkpoint is not None:
         folder = Path(str(cfg.checkpoint)).expanduser()
@@ -206,7 +210,7 @@ def obtain_teacher(
         size = _pair(cfg.img_size) or spec.size
         train_spec = InputSpec(size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
         folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, train_spec, split.num_classes)}"
-        if not TrainedTeacher.exists(folder):
+        if not main_value(accelerator, TrainedTeacher.exists(folder)):  # one decision for all
             start = time.perf_counter()
             train_teacher(accelerator, recipe, split, train_spec, folder)
             trained_here, train_time_s = True, time.perf_counter() - start
@@ -269,7 +273,7 @@ class ReadyTeacher:
     (the student's agreement and KL are measured against them at every evaluation)."""
 
     teacher: ConvnetTeacher
-    val_logits: dict[int, torch.Tensor]
+    val_logits: torch.Tensor  # [val images, classes], rows by image index (this process's share filled)
     val_top1: float
 
 

@@ -32,6 +32,7 @@ from distill.recipe.checks import check_settings
 from distill.recipe.schema import Recipe, flatten, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.checkpoint import TrainingState
+from distill.run.processes import accelerator_options, apply_tf32, main_value
 from distill.run.records import RunSummary
 from distill.run.rundir import RunDir
 from distill.run.tracking import RunLog, check_trackers
@@ -59,7 +60,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # prepare() compiles the student (and unwraps it for saving); the teacher is compiled
         # by FrozenTeacher since it is never prepared.
         dynamo_backend="inductor" if recipe.train.compile else "no",
+        **accelerator_options(recipe),  # the process group's timeout, non-blocking batch copies
     )
+    apply_tf32(recipe)  # after Accelerate, which turns TF32 on under dynamo in fp32
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -93,7 +96,9 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     # on whether the teacher was trained now or found in the cache.
     with seeded(r.run.seed):
         student = build_student(r.student, split.num_classes, r.distillation.token)
-    set_attention(student, r.train.attention)  # the EMA, a copy, and evaluation keep it
+    attention = r.train.attention_on(acc.device.type)
+    set_attention(student, attention)  # the EMA, a copy, and evaluation keep it
+    acc.print(f"student: attention {attention} (train.attention={r.train.attention}, {r.train.precision})")
     init = initialise(student, r.student)
     if init is not None:
         acc.print(init.line())
@@ -213,7 +218,7 @@ class DistillRun:
         step: Step,
         state: TrainingState,
         log: RunLog,
-        teacher_logits: dict[int, torch.Tensor] | None,
+        teacher_logits: torch.Tensor | None,
     ) -> dict[str, Any]:
         """The epoch loop; returns the last evaluation's record."""
         r, acc = self.recipe, self.accelerator
@@ -251,7 +256,8 @@ class DistillRun:
             # Resumed after the last epoch's checkpoint (killed before summary.json): that epoch's
             # record is already in metrics.jsonl, training sums included; re-evaluating would lose
             # them (summary.json would hold NaN train losses).
-            final = self.rundir.logged_record(state.epoch) or self._evaluation(student, teacher_logits, state, {})
+            logged = main_value(acc, self.rundir.logged_record(state.epoch))  # one decision for all
+            final = logged or self._evaluation(student, teacher_logits, state, {})
         return final
 
     def _epoch_options(self) -> EpochOptions:
@@ -302,7 +308,7 @@ class DistillRun:
     def _evaluation(
         self,
         student: Student,
-        teacher_logits: dict[int, torch.Tensor] | None,
+        teacher_logits: torch.Tensor | None,
         state: TrainingState,
         sums: dict[str, float],
     ) -> dict[str, Any]:
