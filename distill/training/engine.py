@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from distill.data.stream import skip_batches
 from distill.errors import DistillError, TrainingError
 from distill.models.metrics import student_sample_stats
 from distill.models.student import student_heads
@@ -136,7 +137,7 @@ def train_one_epoch(
         loader.dataset.set_epoch(epoch)
     batches = loader
     if progress.step_in_epoch:
-        batches = accelerator.skip_first_batches(loader, progress.step_in_epoch)
+        batches = skip_batches(accelerator, loader, progress.step_in_epoch)
     meter = LossMeter(accelerator.device)
     rank = accelerator.process_index
     interval_start, interval_images = time.perf_counter(), 0
