@@ -183,6 +183,23 @@ def test_the_command_writes_and_reports(folder: Path, tmp_path: Path, capsys: py
     assert "error: data.path" in capsys.readouterr().err
 
 
+def test_shuffled_shards_hold_the_same_images_in_a_seeded_order(folder: Path, tmp_path: Path) -> None:
+    cfg = folder_cfg(folder)
+    write_shards(cfg, ShardOptions(tmp_path / "a", 4, threads=1, shuffle=7), lambda event: None)
+    write_shards(cfg, ShardOptions(tmp_path / "b", 4, threads=1, shuffle=7), lambda event: None)
+    assert manifest(tmp_path / "a")["splits"] == manifest(tmp_path / "b")["splits"]  # byte-identical shards
+    assert manifest(tmp_path / "a")["source"]["shuffle"] == 7
+    source, shards = load_source(cfg), load_source(shards_cfg(tmp_path / "a"))
+    keys = [cell["path"].split(":")[1] for cell in undecoded(shards.train)]
+    assert keys[:4] == ["cat/003.jpg", "emu/000.jpg", "dog/001.jpg", "dog/003.jpg"]  # rng([7, 0]).permutation(15)
+    by_key = {str(Path(c["path"]).relative_to(folder / "train")): c for c in undecoded(source.train)}
+    assert sorted(keys) == sorted(by_key)
+    for key, cell in zip(keys, undecoded(shards.train), strict=True):
+        assert cell["bytes"] == Path(by_key[key]["path"]).read_bytes()
+    with pytest.raises(DataError, match=r"holds shards of other data or another shard size"):
+        write_shards(cfg, ShardOptions(tmp_path / "a", 4, threads=1, shuffle=8), lambda event: None)
+
+
 # Bad shards: one clear error each -----------------------------------------------------------
 
 

@@ -221,10 +221,10 @@ def test_fewer_shards_than_processes_is_refused(even: tuple[Path, Any]) -> None:
 def test_a_stream_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
     tmp_path: Path, teacher_cache: Path
 ) -> None:
-    """The smoke recipe on 3 shards in stream mode, SIGKILLed after the step-4 checkpoint (half-way
+    """The smoke recipe on 3 shuffled shards in stream mode, SIGKILLed after the step-4 checkpoint (half-way
     through epoch 1 of 2), logs what the same run uninterrupted logs."""
     shards = tmp_path / "shards"
-    assert shard_main([str(SMOKE), "--out", str(shards), "--shard-size", "48"]) == 0
+    assert shard_main([str(SMOKE), "--out", str(shards), "--shard-size", "48", "--shuffle", "0"]) == 0
     common = [str(SMOKE), f"teacher.cache_dir={teacher_cache}", "data.source=shards", f"data.path={shards}"]
     args = [*common, "data.shard_access=stream", "data.stream_buffer=16"]
     check_ok(run_train(*args, f"run.output_dir={tmp_path / 'whole'}"))
