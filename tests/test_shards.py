@@ -357,3 +357,31 @@ def test_two_processes_on_shards_match_one_process_on_the_source(
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_study_on_shards_replays_the_teachers_outputs_in_its_second_run(
+    smoke_shards: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """distill.compare switches teacher.output_cache on: the soft run computes the teacher's
+    outputs on the shards, the hard run (same seed, same stream) replays every one of them."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    args = [
+        *(sys.executable, "-m", "distill.compare", str(SMOKE), "--types", "soft,hard", "--seeds", "0"),
+        *("data.source=shards", f"data.path={smoke_shards}", "teacher.output_cache.enabled=true"),
+        *(f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "train.epochs=1", "run.export=false"),
+        "--no-analysis",
+    ]
+    check_ok(subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=900))
+    study = tmp_path / "smoke-study"
+    soft, hard = (
+        json.loads((study / f"{v}-seed0" / "summary.json").read_text())["teacher_cache"] for v in ("soft", "hard")
+    )
+    assert soft["key"] == hard["key"] and (study / "teacher_outputs" / soft["key"]).is_dir()
+    assert (soft["train_computed_images"], soft["train_replayed_images"]) == (128, 0)
+    assert (hard["train_computed_images"], hard["train_replayed_images"]) == (0, 128)
+    assert hard["val_replayed_images"] == 40

@@ -235,3 +235,13 @@ def test_a_stream_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
     check_ok(resumed)
     assert "resuming from" in resumed.stdout
     assert read_metrics(tmp_path / "killed" / "smoke") == read_metrics(tmp_path / "whole" / "smoke")
+
+
+def test_a_study_in_stream_mode_asks_for_no_teacher_cache(capsys: pytest.CaptureFixture) -> None:
+    """distill.compare switches the teacher-output cache on; stream mode refuses it before any run."""
+    from distill.compare import main
+
+    args = [str(SMOKE), "--types", "soft,hard", "--seeds", "0", "data.source=shards", "data.path=s"]
+    assert main([*args, "data.shard_access=stream"]) == 2
+    err = capsys.readouterr().err
+    assert "data.shard_access=stream cannot use teacher.output_cache" in err and "--no-teacher-cache" in err

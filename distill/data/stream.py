@@ -117,8 +117,8 @@ class StreamOptions:
 
 class ShardStream(IterableDataset):
     """One process's stream: ``[(image, label, index, repeat), ...]`` per image (its N views),
-    each loader worker reading its own shards; ``start(epoch, taken)`` positions it after the
-    first ``taken`` images of the merged stream of that epoch."""
+    each loader worker reading its own shards. ``taken``: the images of the epoch's merged
+    stream already trained on (a resume); the workers start after them."""
 
     def __init__(self, shards: list[StreamShard], transform: Any, options: StreamOptions) -> None:
         self.shards, self.transform, self.o = shards, transform, options
