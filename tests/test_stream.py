@@ -26,6 +26,7 @@ from distill.data.stream import (
     StreamLoader,
     StreamOptions,
     buffer_order,
+    chunk_sizes,
     merged_counts,
     stream_batches,
     stream_shards,
@@ -76,7 +77,9 @@ def epoch(
 ) -> list[dict[str, torch.Tensor]]:
     """One process's batches of epoch ``e`` (``done``: resumed after that many)."""
     done = kw.pop("done", 0)
-    o = StreamOptions(kw.pop("seed", 0), kw.pop("buffer", 3), kw.pop("repeats", 1), world, rank, max(1, workers))
+    repeats = kw.pop("repeats", 1)
+    chunk = kw.pop("chunk", max(1, batch // (max(1, workers) * repeats)))  # as stream_loader chooses it
+    o = StreamOptions(kw.pop("seed", 0), kw.pop("buffer", 3), repeats, world, rank, max(1, workers), chunk)
     shards = stream_shards(data[0], "train", data[1])
     loader = StreamLoader(
         ShardStream(shards, transform(), o), batch, stream_batches(shards, o, batch, 1), workers, "cpu"
@@ -100,16 +103,24 @@ def test_the_shuffle_buffer_is_a_seeded_permutation_within_its_reach() -> None:
     assert buffer_order(5, 8, seed=3).tolist() != list(range(5))  # a shard smaller than the buffer
 
 
+def round_robin(sizes: list[list[int]], order: list[int]) -> list[int]:
+    """The stream each item of a merge comes from: chunk r of every stream in ``order``, r = 0, 1, ..."""
+    rounds = range(max(map(len, sizes), default=0))
+    return [w for r in rounds for w in order if r < len(sizes[w]) for _ in range(sizes[w][r])]
+
+
 def test_merged_counts_agrees_with_the_round_robin_it_describes() -> None:
-    for counts in ([3, 3], [5, 2, 0], [1, 4, 4, 2]):
-        merged = [w for r in range(max(counts)) for w in range(len(counts)) if r < counts[w]]
+    for counts, chunk in itertools.product(([3, 3], [5, 2, 0], [1, 4, 4, 2]), (1, 2, 3)):
+        merged = round_robin([chunk_sizes(c, chunk, chunk) for c in counts], list(range(len(counts))))
         for taken in range(sum(counts) + 1):
-            consumed, turn = merged_counts(counts, taken)
+            consumed, turn, first = merged_counts(counts, taken, chunk)
             assert consumed == [merged[:taken].count(w) for w in range(len(counts))]
-            rest = merged[taken:]
-            if rest:  # the next stream in turn that still has items gives the next item
-                order = [(turn + j) % len(counts) for j in range(len(counts))]
-                assert next(w for w in order if consumed[w] < counts[w]) == rest[0]
+            left = [
+                chunk_sizes(c - u, first if w == turn else chunk, chunk)
+                for w, (c, u) in enumerate(zip(counts, consumed))
+            ]
+            order = [(turn + j) % len(counts) for j in range(len(counts))]
+            assert round_robin(left, order) == merged[taken:]  # a resumed merge goes on with the same items
 
 
 # The promises ---------------------------------------------------------------------------------
@@ -165,7 +176,7 @@ def test_repeated_augmentation_reads_a_share_of_the_shards_with_adjacent_views(e
     assert all(pairs[j][0] == pairs[j + 1][0] for j in range(0, 14, 2))
 
 
-@pytest.mark.parametrize(("workers", "repeats", "batch"), [(0, 1, 4), (2, 1, 2), (2, 2, 3)])
+@pytest.mark.parametrize(("workers", "repeats", "batch"), [(0, 1, 4), (2, 1, 2), (2, 1, 4), (2, 2, 3)])
 def test_a_resume_continues_the_same_stream(even: tuple[Path, Any], workers: int, repeats: int, batch: int) -> None:
     whole = epoch(even, workers=workers, repeats=repeats, batch=batch, e=2)
     for done in range(1, len(whole)):

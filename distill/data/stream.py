@@ -91,18 +91,30 @@ def buffer_order(n: int, size: int, seed: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def merged_counts(counts: list[int], taken: int) -> tuple[list[int], int]:
-    """Items each of W streams has given when their round-robin merge (stream 0, 1, ..., W-1,
-    0, ...; an exhausted stream is passed over) has given ``taken``; and the stream next in turn."""
+def merged_counts(counts: list[int], taken: int, chunk: int) -> tuple[list[int], int, int]:
+    """Where W streams stand when their merge has given ``taken`` items: the merge takes ``chunk``
+    items from stream 0, then 1, ..., W-1, 0, ... (fewer from a stream near its end, none from an
+    exhausted one). Returns the items each stream has given, the stream in turn, and how many
+    items that stream has left to give in its current chunk."""
     if taken > sum(counts):
         raise ValueError(f"the streams hold {sum(counts)} items, fewer than {taken}")
     consumed, turn = [0] * len(counts), 0
     while taken:
-        if consumed[turn] < counts[turn]:
-            consumed[turn] += 1
-            taken -= 1
+        give = min(chunk, counts[turn] - consumed[turn])
+        if taken < give:
+            consumed[turn] += taken
+            return consumed, turn, chunk - taken
+        consumed[turn] += give
+        taken -= give
         turn = (turn + 1) % len(counts)
-    return consumed, turn
+    return consumed, turn, chunk
+
+
+def chunk_sizes(items: int, first: int, chunk: int) -> list[int]:
+    """``items`` cut into chunks: ``first`` items (or fewer, when that is all), then ``chunk`` each."""
+    sizes = [min(first, items)] if items else []
+    left = items - sum(sizes)
+    return sizes + [chunk] * (left // chunk) + ([left % chunk] if left % chunk else [])
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class StreamOptions:
     world: int  # processes
     rank: int
     workers: int  # loader workers per process (0 counts as 1: the process reads itself)
+    chunk: int = 1  # images a worker hands over at a time (one tensor transfer, not one per image)
 
 
 class ShardStream(IterableDataset):
@@ -135,18 +148,25 @@ class ShardStream(IterableDataset):
     def worker_counts(self) -> list[int]:
         return [sum(self.shards[k].images for k in self.slot_shards(w)) for w in range(self.o.workers)]
 
-    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, int, int, int]]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This loader worker's chunks of samples (collated), then empty ones up to the count of
+        the worker with the most: the loader's round robin then never passes over an exhausted
+        worker, and the order is the merge ``merged_counts`` describes."""
         info = get_worker_info()
         loader_worker = 0 if info is None else info.id
+        o = self.o
         counts = self.worker_counts()
-        consumed, turn = merged_counts(counts, self.taken)
-        worker = (turn + loader_worker) % self.o.workers  # the merge resumes with `turn`'s stream
-        # Pad every worker to the same number of items, so the loader's round-robin merge never
-        # passes over an exhausted worker before the end and the order is the one computed above.
-        left = [c - u for c, u in zip(counts, consumed, strict=True)]
-        yield from self._images(worker, consumed[worker])
-        for _ in range(max(left) - left[worker]):
-            yield []
+        consumed, turn, first = merged_counts(counts, self.taken, o.chunk)
+        sizes = [
+            chunk_sizes(c - u, first if w == turn else o.chunk, o.chunk)
+            for w, (c, u) in enumerate(zip(counts, consumed, strict=True))
+        ]
+        worker = (turn + loader_worker) % o.workers  # the resumed merge starts with `turn`'s stream
+        images = self._images(worker, consumed[worker])
+        for size in sizes[worker]:
+            yield collate([view for _ in range(size) for view in next(images)])
+        for _ in range(max(len(n) for n in sizes) - len(sizes[worker])):
+            yield {}
 
     def _images(self, worker: int, skip: int) -> Iterator[list[tuple[torch.Tensor, int, int, int]]]:
         for k in self.slot_shards(worker):
@@ -201,7 +221,7 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _collate(samples: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:
+def collate(samples: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:
     images, labels, indices, repeats = zip(*samples, strict=True)
     return {
         "image": torch.stack(images),
@@ -237,15 +257,22 @@ class StreamLoader:
         taken = done * self.batch_size
         views = self.dataset.o.repeats
         self.dataset.taken = taken // views  # whole images before the first sample still due
-        pending: list[tuple[torch.Tensor, int, int, int]] = []
         drop = taken % views  # views of a straddling image already trained on
+        pending: list[dict[str, torch.Tensor]] = []
+        held = 0
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
-        for views_of_image in loader:
-            pending += views_of_image[drop:] if views_of_image else []
-            drop = 0 if views_of_image else drop
-            while len(pending) >= self.batch_size and done < self.batches:
-                batch, pending = _collate(pending[: self.batch_size]), pending[self.batch_size :]
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        for chunk in loader:
+            if not chunk:
+                continue
+            if drop:
+                chunk, drop = {k: v[drop:] for k, v in chunk.items()}, 0
+            pending.append(chunk)
+            held += len(chunk["label"])
+            while held >= self.batch_size and done < self.batches:
+                joined = {k: torch.cat([c[k] for c in pending]) for k in chunk}
+                pending = [{k: v[self.batch_size :] for k, v in joined.items()}]
+                held -= self.batch_size
+                yield {k: v[: self.batch_size].to(self.device, non_blocking=True) for k, v in joined.items()}
                 done += 1
             if done == self.batches:
                 return
@@ -275,8 +302,10 @@ def stream_loader(
     from accelerate import PartialState
 
     state = PartialState()
+    workers = max(1, data.num_workers)
+    chunk = max(1, batch // (workers * data.repeated_aug))  # a batch holds a chunk from every worker
     o = StreamOptions(
-        seed, data.stream_buffer, data.repeated_aug, state.num_processes, state.process_index, max(1, data.num_workers)
+        seed, data.stream_buffer, data.repeated_aug, state.num_processes, state.process_index, workers, chunk
     )
     shards = stream_shards(Path(str(data.path)).expanduser(), data.train_split, train)
     batches = stream_batches(shards, o, batch, global_batch // (batch * state.num_processes))
