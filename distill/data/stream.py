@@ -12,8 +12,9 @@ The stream of one epoch, as a function of (data seed, epoch, processes P, loader
 - the in-shard shuffle: a shuffle buffer of ``data.stream_buffer`` images over each shard, seeded
   by (seed, epoch, shard) and emptied at the shard's end, so the images held at any moment are
   at most that many and a shard's order does not depend on P or W;
-- a process's stream interleaves its workers' streams one image at a time (a batch mixes W
-  shards), and is cut to the same number of whole batches on every process.
+- a process's stream takes its workers' streams in turn, a chunk of batch / (W x N) images from
+  each (a batch holds an equal share of W shards; a chunk is one tensor transfer), and is cut to
+  the same number of whole batches on every process.
 
 The view of image i (its index in the split) stays a function of (seed, epoch, i, repeat), as in
 random mode. A resume after micro-batch k of an epoch recomputes where each worker stood (shard
