@@ -1,3 +1,3 @@
 """distill: DeiT-style distillation of CNN teachers into Vision Transformer students."""
 
-__version__ = "0.2.0"  # 0.2: tensor data path resamples as Pillow does and is the default (data.store=auto)
+__version__ = "0.3.0"  # trained-teacher and teacher-output caches key on it

@@ -1,6 +1,7 @@
 """A comparison report from finished runs: report.md, results.csv and PNG plots.
 
-The command: parse arguments, call distill.study.report, print. distill.study.report documents the method.
+The command: parse arguments, call distill.study.report, print. distill.study.report documents the
+method, distill.study.stats the intervals.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill.errors import DistillError
+from distill.study.collect import find_runs
 from distill.study.report import build_report
 
 
@@ -22,17 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> None:
-        dirs: list[Path] = []
-        for p in map(Path, args.runs):
-            if (p / "summary.json").is_file():
-                dirs.append(p)
-            elif p.is_dir():  # a study directory: every finished run inside it
-                dirs += sorted(
-                    c for c in p.iterdir() if (c / "summary.json").is_file() and (c / "metrics.jsonl").is_file()
-                )
-            else:
-                raise DistillError(f"{p} is neither a run directory nor a directory of runs")
-        print(f"report: {build_report(dirs, Path(args.out))}")
+        found = find_runs([Path(p) for p in args.runs])
+        for note in found.skipped:
+            print(f"report: skipped {note}")
+        print(f"report: {build_report(found.runs, Path(args.out))}")
 
     return run_guarded(go)
 

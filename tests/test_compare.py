@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.compare import Axis, Variant, main, split_values, study_plan
+from distill.compare import main
 from distill.data.pipeline import build_pipeline, data_seed
 from distill.data.sources import load_source
 from distill.errors import RecipeError
 from distill.models.student import student_input_spec
 from distill.recipe.schema import load_recipe
+from distill.study.plan import Axis, Variant, split_values, study_plan
 from tests.conftest import SMOKE, check_ok, subprocess_env
 
 SMOKE_BASE = ["data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25"]
@@ -225,6 +226,16 @@ def test_a_study_stopped_mid_way_skips_finished_runs_and_resumes_the_rest(tmp_pa
     assert "resuming from" in second.stdout
     assert (study / "none-seed0" / "metrics.jsonl").read_text() == finished_metrics
     assert json.loads((study / "hard-seed0" / "summary.json").read_text())["epochs"] == 1
+    # The same study with other result-changing settings in the same folder: refused before training
+    # (the finished 1-epoch runs would be skipped and reported as 2-epoch runs).
+    changed = ["train.epochs=2" if a == "train.epochs=1" else a for a in args]
+    third = subprocess.run(changed, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert third.returncode == 2, third.stderr
+    assert f"run {study / 'none-seed0'} finished with other settings than this study's: it differs in train.epochs" in (
+        third.stderr
+    )
+    assert "skipped" not in third.stdout and (study / "none-seed0" / "metrics.jsonl").read_text() == finished_metrics
+    assert json.loads((study / "study.json").read_text())["settings"]["train"]["epochs"] == 1
 
 
 @pytest.mark.slow
@@ -303,3 +314,79 @@ def test_named_variants_are_checked_before_anything_runs(tmp_path: Path, capsys:
     assert main([*base, "--types", "soft:tau=3", "--vary", "distillation.tau=1,2"]) == 2
     assert "sets distillation.tau, which --vary varies too" in capsys.readouterr().err
     assert not (tmp_path / "smoke-study").exists()
+
+
+def _finished_run(study: Path, name: str, overrides: list[str]) -> Path:
+    """A finished run as the trainer leaves it: recipe.yaml (the resolved recipe) and summary.json."""
+    import yaml
+
+    from distill.recipe.schema import recipe_to_dict
+
+    run = study / name
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(load_recipe(SMOKE, overrides))))
+    (run / "summary.json").write_text("{}")
+    return run
+
+
+def test_a_study_refuses_finished_runs_made_with_other_settings_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """compare ... train.epochs=1, then the same with train.epochs=2 in the same folder: the
+    finished 1-epoch run was skipped and reported as the 2-epoch study's."""
+    base = [str(SMOKE), "--types", "hard", "--seeds", "0", f"run.output_dir={tmp_path}", "--no-analysis"]
+    study, runs = study_plan(str(SMOKE), [Variant("hard")], [0], [f"run.output_dir={tmp_path}", "train.epochs=1"])
+    run = _finished_run(study, "hard-seed0", dict(runs)["hard-seed0"])
+    before = sorted(p.name for p in study.rglob("*"))
+    assert main([*base, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: run {run} finished with other settings than this study's: it differs in train.epochs;" in err
+    assert "pass run.overwrite=true to train the study's runs again from scratch, or run.output_dir=..." in err
+    assert sorted(p.name for p in study.rglob("*")) == before  # nothing trained, no study.json written
+
+
+def test_a_fresh_start_or_the_same_settings_pass_the_check(tmp_path: Path) -> None:
+    from distill.study.plan import refuse_changed_runs
+
+    out = f"run.output_dir={tmp_path}"
+    study, runs = study_plan(str(SMOKE), [Variant("hard")], [0], [out, "train.epochs=1"])
+    _finished_run(study, "hard-seed0", dict(runs)["hard-seed0"])
+    same = [(n, load_recipe(SMOKE, ov)) for n, ov in runs]
+    refuse_changed_runs(study, same)
+    _, again = study_plan(str(SMOKE), [Variant("hard")], [0], [out, "train.epochs=2", "run.overwrite=true"])
+    refuse_changed_runs(study, [(n, load_recipe(SMOKE, ov)) for n, ov in again])
+    # an operational setting (no effect on the result) is no reason to refuse
+    _, quiet = study_plan(str(SMOKE), [Variant("hard")], [0], [out, "train.epochs=1", "run.keep_checkpoints=5"])
+    refuse_changed_runs(study, [(n, load_recipe(SMOKE, ov)) for n, ov in quiet])
+
+
+def test_the_study_record_holds_the_resolved_settings_of_every_run(tmp_path: Path) -> None:
+    from distill.study.plan import study_record
+    from distill.study.record import mismatch
+
+    out = [f"run.output_dir={tmp_path}", "train.epochs=2"]
+    variants, axes = [Variant("soft"), Variant.parse("soft:alpha=0.1")], [Axis.parse("distillation.tau=1,3")]
+    _, runs = study_plan(str(SMOKE), variants, [0, 1], out, axes=axes)
+    recipes = [(name, load_recipe(SMOKE, ov)) for name, ov in runs]
+    record = study_record(str(SMOKE), variants, [0, 1], axes, out, recipes)
+    assert record.version == 1 and record.types == ("soft", "soft-alpha0.1") and record.axes == ("distillation.tau",)
+    assert record.variant_settings == {"soft": ["distillation.alpha"]} and record.overrides == tuple(out)
+    assert record.settings["train"]["epochs"] == 2
+    assert record.runs["soft-alpha0.1-tau3-seed1"]["distillation.tau"] == 3.0
+    assert record.runs["soft-alpha0.1-tau3-seed1"]["distillation.alpha"] == 0.1
+    assert record.runs["soft-alpha0.1-tau3-seed1"]["run.seed"] == 1
+    from distill.recipe.schema import recipe_to_dict
+
+    for name, recipe in recipes:
+        assert mismatch(record, name, recipe_to_dict(recipe)) == []
+    other = recipe_to_dict(load_recipe(SMOKE, [*dict(runs)["soft-tau1-seed0"], "train.epochs=3"]))
+    assert mismatch(record, "soft-tau1-seed0", other) == ["train.epochs"]
+
+
+def test_help_names_the_default_study(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "By default 3 types (none, soft, hard) x 3 seeds (0, 1, 2) = 9 runs." in text
+    assert "--seeds SEEDS comma-separated integers, each a run of every type" in text and "(default: 0,1,2)" in text

@@ -1,4 +1,4 @@
-"""Recipe loading, dotted overrides and error messages (distill/config.py)."""
+"""Recipe loading, dotted overrides and error messages (distill/recipe/schema.py, overrides.py)."""
 
 from __future__ import annotations
 
@@ -381,3 +381,58 @@ def test_shipped_recipe_is_valid(path: Path) -> None:
     # The file must only hold keys the schema knows, so loading never silently drops anything:
     # dumping the resolved recipe and reloading it gives the same recipe.
     assert Recipe.model_validate(recipe_to_dict(recipe)) == recipe
+
+
+# Messages for the usual slips -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_an_override_given_before_the_recipe_says_the_recipe_comes_first() -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe("train.epochs=3", ["recipes/quickstart.yaml"])
+    assert str(info.value) == (
+        "'train.epochs=3' is an override, not a recipe file: the recipe comes first, then the overrides "
+        "(recipes/quickstart.yaml train.epochs=3)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("epochs=3", "did you mean train.epochs=3 or teacher.train.epochs=3?"),
+        ("tau=3", "did you mean distillation.tau=3?"),
+        ("epohcs=3", "did you mean train.epochs=3 or teacher.train.epochs=3?"),
+    ],
+)
+def test_a_bare_key_names_the_dotted_keys_that_hold_it(text: str, hint: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, [text])
+    assert str(info.value) == f"bad override '{text}': keys are dotted paths (section.key); {hint}"
+
+
+def test_a_recipe_named_without_its_path_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(REPO)
+    with pytest.raises(RecipeError, match=r"^recipe file not found: quickstart; did you mean recipes/quickstart.yaml"):
+        load_recipe("quickstart")
+    with pytest.raises(RecipeError, match=r"did you mean recipes/quickstart_finetune.yaml\?$"):
+        load_recipe("recipes/quickstart_finetune")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the repository's recipes, by their full path
+    with pytest.raises(RecipeError, match=f"did you mean {REPO / 'recipes' / 'smoke.yaml'}"):
+        load_recipe("smok")
+    with pytest.raises(RecipeError, match=r"^recipe file not found: nothing_like_it.yaml \(pass the path"):
+        load_recipe("nothing_like_it.yaml")
+
+
+def test_python_m_distill_lists_every_command() -> None:
+    import subprocess
+    import sys
+
+    from distill.__main__ import COMMANDS
+
+    commands = {p.stem for p in (REPO / "distill").glob("*.py")} - {"__init__", "__main__", "errors", "entrypoint"}
+    assert set(COMMANDS) == commands
+    proc = subprocess.run([sys.executable, "-m", "distill"], capture_output=True, text=True, cwd=REPO, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("usage: python -m distill.<command>")
+    assert [line.split()[0] for line in lines[2:]] == list(COMMANDS)

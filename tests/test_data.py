@@ -1,4 +1,4 @@
-"""Data sources, the (seed, epoch, index) augmentation contract, samplers and loaders (distill/data.py)."""
+"""Data sources, the (seed, epoch, index) augmentation contract, samplers and loaders (distill/data/)."""
 
 from __future__ import annotations
 
@@ -440,6 +440,50 @@ def test_repeated_sampler_holds_n_views_of_n_over_n_images() -> None:
     assert images == [i for i in plain[:4] for _ in range(3)]  # ...of 12 / 3 distinct ones, in a row
     assert [k // 12 for k in keys] == [0, 1, 2] * 4  # the repeat, encoded in the key
     assert len(EpochSampler(13, seed=3, shuffle=True, multiple=4, repeats=3)) == 12
+
+
+def deal(sampler: EpochSampler, per_process: int, processes: int) -> list[list[list[int]]]:
+    """Each process's micro-batches, dealt by Accelerate itself (BatchSamplerShard over the
+    per-process batches, as accelerator.prepare does)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    batches = BatchSampler(sampler, per_process, drop_last=True)
+    return [list(BatchSamplerShard(batches, processes, p)) for p in range(processes)]
+
+
+@pytest.mark.parametrize(("processes", "accum"), [(2, 2), (3, 1), (4, 1), (2, 1)])
+def test_repeated_views_are_spread_across_processes(processes: int, accum: int) -> None:
+    """Global batch 24, 3 views: each process's batch holds one view of an image whenever the
+    batch is split into at least 3 shares (2 processes x 2 accumulation steps, 3 or 4 processes);
+    2 shares of one batch hold 3 views between them, so one holds 2 (as DeiT's RASampler).
+    The union of the processes' batches at each micro-step is the one-process batch."""
+    n, batch, views = 120, 24, 3
+    sampler = EpochSampler(n, seed=3, shuffle=True, multiple=batch, repeats=views)
+    sampler.set_epoch(1)
+    [one] = deal(sampler, batch // accum, 1)
+    shards = deal(sampler, batch // (processes * accum), processes)
+    assert all(len(shard) == len(one) for shard in shards) and len(one) == 5 * accum
+    for k, whole in enumerate(one):
+        assert [key for shard in shards for key in shard[k]] == whole
+    most = 1 if processes * accum >= views else 2
+    for shard in shards:
+        assert max(max(Counter(key % n for key in b).values()) for b in shard) == most
+    for step in range(5):  # an optimizer step holds every view of its 8 images
+        keys = [key for whole in one[step * accum : (step + 1) * accum] for key in whole]
+        assert sorted(Counter(key % n for key in keys).values()) == [3] * 8
+        assert sorted(key // n for key in keys) == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_a_batch_not_a_multiple_of_the_views_leaves_out_the_last_views() -> None:
+    """Global batch 16, 3 views: 6 images a batch, views 0 and 1 of all six and view 2 of the
+    first four; the last two get 2 views that epoch."""
+    sampler = EpochSampler(60, seed=0, shuffle=False, multiple=16, repeats=3)
+    keys = list(sampler)
+    assert len(keys) == 48
+    first = keys[:16]
+    assert first == [*range(6), *range(60, 66), *range(120, 124)]
+    assert keys[16:22] == list(range(6, 12))  # the next batch starts with the next images
 
 
 def test_repeat_zero_is_the_view_without_repetition_and_repeats_differ(

@@ -1,4 +1,4 @@
-"""Data sources and their bad inputs: imagefolder layouts, the Hub offline, subsets (distill/data.py).
+"""Data sources and their bad inputs: imagefolder layouts, the Hub offline, subsets (distill/data/sources.py).
 
 Every error test checks the message text: these are what a user reads.
 """

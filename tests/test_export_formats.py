@@ -1,15 +1,17 @@
 """Every export format on a small untrained student (no training: seconds): the timm folder in
 transformers (Auto classes and pipeline, identical logits, the run's label names), transformers'
 native DeiT and ViT with their image processor, refusals for students it cannot hold, int8
-quantization, each format scored by ``distill.evaluate``, and the bad inputs' messages
-(distill/export_formats.py, distill/artifacts.py). The trained-run checks (re-validation, the
-int8 drop gate) are in tests/test_export.py."""
+quantization, each format scored by ``distill.evaluate`` (its data roots, JSON on standard output,
+progress), the export check record, and the bad inputs' messages (distill/exports/*_format.py,
+distill/exports/artifacts.py). The trained-run checks (re-validation, the int8 drop gate) are in
+tests/test_export.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,17 +23,15 @@ from distill.data.pipeline import eval_transform
 from distill.evaluate import main as evaluate_main
 from distill.export import main as export_main
 from distill.exports.artifacts import load_artifact, score
-from distill.exports.export import export_timm, run_export
-from distill.exports.formats import (
-    ExportError,
-    MissingPackageError,
-    load_timm,
-    transformers_problem,
-    write_onnx,
-    write_onnx_int8,
-    write_torchscript,
-    write_transformers,
-)
+from distill.exports.card import speed_words
+from distill.exports.check_record import CHECK_VERSION, read_check
+from distill.exports.end_of_run import export_timm
+from distill.exports.export import ExportOptions, parse_formats, resolve_formats, run_export
+from distill.exports.formats import ExportError, MissingPackageError
+from distill.exports.onnx_format import write_onnx, write_onnx_int8
+from distill.exports.timm_format import load_timm
+from distill.exports.torchscript_format import write_torchscript
+from distill.exports.transformers_format import transformers_problem, write_transformers
 from distill.models.spec import InputSpec
 from distill.models.student import build_student, student_heads, student_model_args
 from distill.recipe.schema import StudentConfig
@@ -93,7 +93,7 @@ def test_the_timm_folder_loads_in_transformers_with_identical_logits_and_label_n
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
     config = json.loads((export_dir / "config.json").read_text())
-    # TimmWrapper passes num_classes itself: a second one in model_args was a TypeError.
+    # TimmWrapper passes num_classes itself: a second one in model_args is a TypeError.
     assert "num_classes" not in config["model_args"] and config["num_classes"] == 4
     timm_model = load_timm(export_dir)
     assert torch.equal(timm_model.head_dist.weight, student().head_dist.weight)  # both heads loaded, not reset
@@ -216,7 +216,96 @@ def test_a_format_whose_package_is_missing_names_the_extra_before_writing(
 ) -> None:  # fmt: skip
     monkeypatch.setitem(sys.modules, module, None)  # what an absent package looks like to import
     with pytest.raises(MissingPackageError, match=rf"--format {fmt} needs the '{module}' package"):
-        run_export(tmp_path / "run", "last", False, "fused", [fmt], tmp_path / "out")
+        run_export(ExportOptions(tmp_path / "run", tmp_path / "out", (fmt,)))
     assert export_main([str(tmp_path / "run"), "--format", fmt, "--out", str(tmp_path / "out")]) == 2
     assert f"pip install 'distill[{extra}]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _class_folders(root: Path, n: int = 24) -> Path:
+    for i, name in enumerate(NAMES):
+        (root / name).mkdir(parents=True)
+        for j, picture in enumerate(pictures(n)[i::4]):
+            picture.save(root / name / f"{j}.png")
+    return root
+
+
+def test_evaluate_reads_a_root_that_holds_only_a_validation_split(
+    export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ROOT/test/<class>/ (no train/): scored as that split, not as one class named "test"."""
+    _class_folders(tmp_path / "root" / "test")
+    assert evaluate_main([str(export_dir), "--data", str(tmp_path / "root"), "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["images"] == 24
+    assert f"imagefolder {(tmp_path / 'root').resolve()}/test (24 images)" in captured.err
+    assert evaluate_main([str(export_dir), "--data", str(tmp_path / "root"), "--split", "train"]) == 2
+    assert "has no train/ folder, only test/; evaluate it with --split val" in capsys.readouterr().err
+
+
+def test_evaluate_json_goes_to_standard_output_and_progress_to_stderr(
+    export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _class_folders(tmp_path / "data")
+    for flag in (["--json", "-"], ["--json"]):
+        args = [str(export_dir / "model.onnx"), "--data", str(data), "--batch-size", "8", "--progress-every", "0"]
+        assert evaluate_main([*args, *flag]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["top1_fused"] >= 0.0  # stdout is the JSON alone
+        assert "top1 fused" in captured.err  # the table
+        assert [line.split("  ")[0] for line in captured.err.splitlines() if line.startswith("evaluate:")] == [
+            "evaluate: 8/24 images", "evaluate: 16/24 images", "evaluate: 24/24 images",
+        ]  # fmt: skip
+        assert not Path("-").exists()
+
+
+def test_bad_paths_are_named(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate_main([str(tmp_path / "nonexist")]) == 2
+    assert f"{tmp_path / 'nonexist'} does not exist" in capsys.readouterr().err
+    assert export_main([str(export_dir), "--out", str(tmp_path / "out")]) == 2
+    assert f"{export_dir} is an export; give the run directory" in capsys.readouterr().err
+    assert resolve_formats(parse_formats("ONNX, TorchScript,Transformers")) == [
+        "timm", "onnx", "torchscript", "transformers",
+    ]  # fmt: skip
+
+
+def test_tracing_the_student_raises_no_tracer_warnings(tmp_path: Path) -> None:
+    images = torch.stack([eval_transform(SPEC)(p) for p in pictures(4)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_torchscript(student(), tmp_path / "model.torchscript.pt", images)
+        write_onnx(student(), tmp_path / "model.onnx", images)
+    assert [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+
+
+def test_int8_latency_is_said_in_words() -> None:
+    assert speed_words(1.18) == "int8 is 1.18x slower"
+    assert speed_words(1 / 1.3) == "int8 is 1.30x faster"
+
+
+# export_check.json as the first layout wrote it (no version; top-1 per head under "fused").
+FIRST_LAYOUT = {
+    "checkpoint": "runs/smoke/checkpoints/step_00000016", "ema": False, "head": "fused",
+    "formats": {"timm": {"file": "model.safetensors", "bytes": 114656, "max_abs_diff": 0.0, "ok": True,
+                         "checked_images": 16}},
+    "revalidation": {"split": "val (validation, 40 images)", "student_top1": 0.675, "export_top1": 0.675,
+                     "run_logged_top1": 0.675, "formats": {"timm": 0.675}},
+    "int8": {"onnx-int8": {
+        "file": "model.int8.onnx", "bytes": 60000, "calibration_images": 64, "heads_note": " (note)",
+        "top1": {"fused": {"fp32": 0.675, "int8": 0.65, "drop_points": 2.5}}, "agreement_with_fp32": 0.9,
+        "fp32_bytes": 138159, "size_ratio": 0.43, "latency_ms": {"1": {"fp32": 0.5, "int8": 0.59, "ratio": 1.18,
+        "repeats": 50}}, "calibration_seed": 0, "max_top1_drop_points": 1.0, "ok": False,
+    }},
+}  # fmt: skip
+
+
+def test_an_export_check_of_the_first_layout_is_read(tmp_path: Path) -> None:
+    (tmp_path / "export_check.json").write_text(json.dumps(FIRST_LAYOUT))
+    check = read_check(tmp_path)
+    assert check.version == 1 < CHECK_VERSION and check.revalidation.run.rule == "exact"
+    q = check.int8["onnx-int8"]
+    assert (q.head, q.kept.drop_points, q.latency_ms["1"].ratio) == ("fused", 2.5, 1.18)
+    assert check.formats["timm"].bytes == 114656 and check.revalidation.images is None
+    (tmp_path / "export_check.json").write_text(json.dumps({**FIRST_LAYOUT, "version": CHECK_VERSION + 1}))
+    with pytest.raises(ExportError, match="upgrade"):
+        read_check(tmp_path)

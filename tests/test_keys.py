@@ -1,4 +1,4 @@
-"""The recipe-field effect table (distill/keys.py): complete, nested, and read correctly."""
+"""The recipe-field effect table (distill/recipe/keys.py): complete, nested, and read correctly."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def tree(*overrides: str) -> dict[str, Any]:
 
 def test_every_schema_field_is_classified_and_no_entry_is_stale() -> None:
     schema, table = set(all_fields()), set(TABLE)
-    assert not schema - table, f"recipe fields missing from distill/keys.py TABLE: {sorted(schema - table)}"
+    assert not schema - table, f"recipe fields missing from distill/recipe/keys.py TABLE: {sorted(schema - table)}"
     assert not table - schema, f"TABLE entries that are not recipe fields: {sorted(table - schema)}"
 
 
@@ -139,7 +139,7 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
 
 
 def test_teacher_outputs_fields_beyond_the_teacher() -> None:
-    # The batch layout fixes the rows of each step and of each epoch: it was missing from the key.
+    # The batch layout fixes the rows of each step and of each epoch.
     assert TABLE["train.batch_size"] == frozenset({TEACHER_OUTPUTS, RESULT})
     assert TABLE["train.grad_accum_steps"] == frozenset({TEACHER_OUTPUTS, RESULT})
     assert sorted(p for p, e in TABLE.items() if TEACHER_OUTPUTS in e and TEACHER not in e) == [
@@ -249,3 +249,109 @@ def test_resume_compares_free_form_dicts_and_optional_sections_whole() -> None:
     old = tree()
     old["train"]["warmup_epochs"] = 5  # the default is 5.0
     assert changed_for_resume(old, tree()) == []
+
+
+# Settings that cannot act -----------------------------------------------------------------------
+
+
+def test_a_path_the_data_source_does_not_read_is_refused() -> None:
+    import pytest
+
+    from distill.errors import RecipeError
+    from distill.recipe.checks import check_settings
+
+    for source in ("digits", "synthetic"):
+        with pytest.raises(RecipeError) as info:
+            check_settings(load_recipe(None, [f"data.source={source}", "data.path=/data/cifar10"]))
+        assert str(info.value) == (
+            f"data.path=/data/cifar10 has no effect: data.source={source} reads no path; set "
+            "data.source=imagefolder (a folder of class sub-folders), hub (a dataset name) or shards (a folder "
+            "distill.shard wrote), or remove data.path"
+        )
+    shards = load_recipe(None, ["data.source=shards", "data.path=/x", "data.hub_config=plain_text"])
+    assert check_settings(shards) == [
+        "data.hub_config=plain_text has no effect: data.source=shards is not a Hub dataset"
+    ]  # a warning: the recipe of a Hub dataset, switched to the shards written from it
+    assert (
+        check_settings(load_recipe(None, ["data.source=hub", "data.path=cifar10", "data.hub_config=plain_text"])) == []
+    )
+
+
+def test_settings_with_no_effect_are_one_warning_line_each() -> None:
+    from distill.recipe.checks import check_settings
+
+    recipe = load_recipe(
+        None,
+        [
+            "teacher.checkpoint=/t.safetensors",
+            "teacher.train={epochs: 3}",
+            "distillation.tau=3",
+            "student.init_heads=reset",
+            "data.synthetic.noise=0.5",
+            "data.verify_shards=true",
+            "train.epochs=300",
+        ],
+    )
+    assert check_settings(recipe) == [
+        "data.synthetic.noise=0.5 has no effect: data.source=digits generates no synthetic images",
+        "data.verify_shards=True has no effect: data.source=digits reads no shards",
+        "teacher.train has no effect: teacher.checkpoint is given: the teacher is loaded, not trained",
+        "distillation.tau=3.0 has no effect: distillation.type=hard has no temperature or KL term",
+        "student.init_heads=reset has no effect: student.init is not set: the student starts from random weights",
+    ]
+    # a value equal to the default is no setting at all: a resolved recipe.yaml warns of nothing
+    assert check_settings(load_recipe(None, ["distillation.tau=1.0", "train.momentum=0.9"])) == []
+    assert check_settings(load_recipe(None, ["distillation.type=soft", "distillation.tau=3"])) == []
+
+
+def test_a_run_that_never_leaves_its_warm_up_is_warned_about() -> None:
+    from distill.recipe.checks import check_settings
+
+    recipe = load_recipe(None, ["train.epochs=2", "train.warmup_epochs=4"])
+    assert check_settings(recipe) == [
+        "train.epochs=2 is not above train.warmup_epochs=4: the learning rate rises for the whole run, ends "
+        "at about 50% of its peak and never decays; raise train.epochs or lower train.warmup_epochs"
+    ]
+    teacher = load_recipe(None, ["teacher.train={epochs: 1, warmup_epochs: 1}"])
+    assert [w.split(":")[0] for w in check_settings(teacher)] == [
+        "teacher.train.epochs=1 is not above teacher.train.warmup_epochs=1"
+    ]
+    assert check_settings(load_recipe(None, ["train.epochs=6", "train.warmup_epochs=5"])) == []
+
+
+def test_the_shipped_recipes_set_nothing_without_effect_but_deit_s_kl_norm() -> None:
+    """The ImageNet recipes keep DeiT's kl_norm for their soft variants; their hard runs say so."""
+    from pathlib import Path
+
+    from distill.recipe.checks import check_settings
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")):
+        expected = ["distillation.kl_norm=deit"] if path.name.startswith("imagenet") else []
+        assert [w.split(" ")[0] for w in check_settings(load_recipe(path))] == expected, path.name
+
+
+def test_keys_that_cannot_act_do_not_enter_cache_keys() -> None:
+    from distill.recipe.keys import data_fields
+
+    base = load_recipe(None, ["data.source=synthetic"])
+    noisy = load_recipe(None, ["data.source=digits", "data.synthetic.noise=0.9"])
+    plain = load_recipe(None, ["data.source=digits"])
+    assert data_fields(noisy.data, SPLIT) == data_fields(plain.data, SPLIT)
+    assert data_fields(base.data, SPLIT) != data_fields(
+        load_recipe(None, ["data.source=synthetic", "data.synthetic.noise=0.9"]).data, SPLIT
+    )
+    loaded = load_recipe(None, ["teacher.checkpoint=/t.safetensors"])
+    both = load_recipe(None, ["teacher.checkpoint=/t.safetensors", "teacher.train={epochs: 3, lr: 0.1}"])
+    assert fields(both, TEACHER_OUTPUTS) == fields(loaded, TEACHER_OUTPUTS)
+    assert fields(both, TEACHER_OUTPUTS)["teacher.train.lr"] is None
+    adam = load_recipe(None, ["teacher.train={opt: adamw, momentum: 0.5}"])
+    assert fields(adam, TEACHER)["teacher.train.momentum"] == 0.9  # the default: adamw reads none
+    sgd = load_recipe(None, ["teacher.train={opt: sgd, momentum: 0.5}"])
+    assert fields(sgd, TEACHER)["teacher.train.momentum"] == 0.5
+
+
+def test_train_refuses_a_data_path_digits_cannot_read(capsys: Any) -> None:
+    from distill.train import main
+
+    assert main(["recipes/smoke.yaml", "data.path=/data/cifar10"]) == 2
+    assert "error: data.path=/data/cifar10 has no effect: data.source=" in capsys.readouterr().err

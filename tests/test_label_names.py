@@ -23,7 +23,7 @@ from distill.errors import DataError, TeacherError
 from distill.evaluate import eval_dataset
 from distill.evaluate import main as evaluate_main
 from distill.exports.artifacts import LoadedModel, load_artifact, match_classes, score
-from distill.exports.export import export_timm
+from distill.exports.end_of_run import export_timm
 from distill.models.spec import InputSpec
 from distill.models.student import build_student
 from distill.models.teacher import ConvnetTeacher, match_teacher_classes

@@ -136,6 +136,24 @@ def test_build_student_refuses_indivisible_img_size_past_validation() -> None:
         build_student(cfg, 3)
 
 
+@pytest.mark.parametrize(
+    ("stem", "stages", "params"),
+    [("resnet18", 2, 15), ("mobilenetv3_small_100", 2, 13), ("efficientnet_b0", 3, 65)],
+)
+def test_every_parameter_of_a_hybrid_stem_trains(stem: str, stages: int, params: int) -> None:
+    """timm runs every block of an EfficientNet/MobileNet feature model and returns the requested
+    stage: the stem is cut after it (mobilenetv3_small_100 at 2 stages kept 125 of 138 parameters
+    that got no gradient, and DDP stopped on them)."""
+    torch.manual_seed(0)
+    model = build_student(tiny_student_cfg(img_size=32, patch_size=1, stem=stem, stem_stages=stages), NUM_CLASSES)
+    model.set_distilled_training(True)
+    cls, dist = model.train()(torch.randn(2, 3, 32, 32))
+    (cls.sum() + dist.sum()).backward()
+    backbone = dict(model.patch_embed.backbone.named_parameters())
+    assert len(backbone) == params
+    assert [n for n, p in backbone.items() if p.grad is None] == []
+
+
 def test_student_heads_average_is_the_eval_output(student: nn.Module) -> None:
     student.eval()
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))

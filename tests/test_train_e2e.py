@@ -357,7 +357,7 @@ def test_a_fine_tune_at_twice_the_size_killed_and_resumed_matches_an_uninterrupt
     reference = run_train(*common, f"run.output_dir={tmp_path / 'ref'}")
     check_ok(reference)
     assert "teacher: reusing" in reference.stdout  # the smoke teacher, kept at 16 px
-    assert "resampled': ['pos_embed 4x4 -> 8x8']" in reference.stdout
+    assert "(run final): position embeddings resampled 4x4 -> 8x8 (bicubic)" in reference.stdout
     cut = tmp_path / "cut"
     signal_after_checkpoint(
         [*common, f"run.output_dir={cut}"], cut / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL

@@ -48,11 +48,11 @@ def test_ema_is_evaluated_and_checkpointed(tmp_path: Path, teacher_cache: Path) 
     assert 0.0 <= row["val_ema/top1_fused"] <= 1.0
     assert (tmp_path / "smoke" / "checkpoints" / "step_00000008" / "ema.safetensors").is_file()
     # --ema exports the EMA weights and re-validates them against what the run logged for them
-    from distill.exports.export import run_export
+    from distill.exports.export import ExportOptions, run_export
 
-    check = run_export(tmp_path / "smoke", "last", True, "fused", ["timm"], tmp_path / "ema-export")
-    assert check["ema"] is True
-    assert check["revalidation"]["export_top1"] == check["revalidation"]["run_logged_top1"] == row["val_ema/top1_fused"]
+    check = run_export(ExportOptions(tmp_path / "smoke", tmp_path / "ema-export", ema=True))
+    assert check.ema is True
+    assert check.revalidation.export_top1 == check.revalidation.run_logged_top1 == row["val_ema/top1_fused"]
 
 
 # One epoch of the smoke recipe with train.precision=bf16 (teacher trained in bf16 too: its cache

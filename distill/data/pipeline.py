@@ -2,7 +2,7 @@
 into training batches (``build_pipeline`` -> ``InputPipeline``).
 
 Two data paths deliver the same contract (the view of image i in epoch e is a function of
-(data seed, e, i) alone; data.py and tensor_store.py say how): ``decode``, timm's PIL transforms
+(data seed, e, i) alone; sources.py and tensor_store.py say how): ``decode``, timm's PIL transforms
 per image in the loader, and ``tensor``, images decoded once and augmented as whole batches on
 the device. Which one a run uses is decided here, once, and only ``InputPipeline.prepare`` knows
 it: every caller (the student's run, the teacher stage, the bench) gets ``(images, targets)``
@@ -173,15 +173,27 @@ ORDER_KEY = 2**32 - 1  # the "index" that keys an epoch's order, apart from ever
 class EpochSampler(Sampler[int]):
     """A permutation that depends on (seed, epoch) only; train order truncated to whole steps.
 
-    Truncating to a multiple of the global micro-batch means every process count that divides
-    the batch sees the same global batches: Accelerate hands process p the batches p, p+W, ...
-    of size B/W, whose union at each step is the one-process batch of size B.
+    Truncating to a multiple of the global batch means every process count that divides the
+    batch sees the same global batches: Accelerate hands process p the per-process batches
+    p, p+W, ... (its BatchSamplerShard), so the W processes of micro-step k hold, between them,
+    the contiguous positions [k G, (k+1) G) of this one stream (G = global batch / accumulation
+    steps), whatever W is.
 
-    ``repeats`` N > 1 (repeated augmentation): the first n // N images of the permutation, each
-    N times in a row, so a global batch holds N views of each of its images and an epoch as
-    many samples as images (DeiT's RASampler covers len / N distinct images per epoch too). The
-    r-th occurrence of image i is yielded as ``i + r * n``: the dataset draws that view's seed
-    from (seed, epoch, i, r); occurrence 0 is ``i`` itself, the view without repetition.
+    ``repeats`` N > 1 (repeated augmentation, Hoffer et al. 2020; DeiT's RASampler): each global
+    batch of B samples (``multiple``) holds ceil(B / N) images of the permutation, N views each,
+    laid out view-major: view 0 of those images, then view 1 of the same images in the same order,
+    and so on. Two views of one image are B / N positions apart, so a process's contiguous share
+    of B / (W x accumulation steps) samples holds at most one of them whenever W x accumulation
+    steps >= N: the views are spread across processes (and micro-steps), as DeiT's sampler
+    spreads them by dealing the repeated indices round-robin, and mixup/cutmix, which pairs
+    within a process's batch, cannot mix an image with another view of itself. With fewer
+    shares than N (one process, or 2 with N=3), a share holds ceil(N / shares) views at most,
+    as in DeiT. When B is not a multiple of N the view-major block is cut at B samples: the last
+    views of the batch's last images are left out (those images get fewer than N views that
+    epoch). An epoch has about as many samples as images (DeiT's RASampler covers len / N
+    distinct images per epoch too). The r-th view of image i is yielded as ``i + r * n``: the
+    dataset draws that view's seed from (seed, epoch, i, r); view 0 is ``i`` itself, the view
+    without repetition. Without ``multiple`` (evaluation, tests) the N views come in a row.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool, multiple: int = 1, repeats: int = 1) -> None:
@@ -202,8 +214,18 @@ class EpochSampler(Sampler[int]):
         else:
             order = list(range(self.n))
         if self.repeats > 1:
-            order = [i + r * self.n for i in order[: self.n // self.repeats] for r in range(self.repeats)]
+            order = self._views(order)
         return iter(order[: len(self)])
+
+    def _views(self, order: list[int]) -> list[int]:
+        """The permutation as view-major blocks of one global batch each (see the class)."""
+        block = max(self.multiple, self.repeats)
+        images = -(-block // self.repeats)  # per block
+        keys: list[int] = []
+        for b in range(-(-len(self) // block)):
+            chosen = order[b * images : (b + 1) * images]
+            keys += [i + r * self.n for r in range(self.repeats) for i in chosen][:block]
+        return keys
 
 
 def collate(batch: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:

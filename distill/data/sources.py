@@ -1,6 +1,6 @@
 """Data sources -> train/val splits (Hugging Face datasets), image decoding, the bad-image scan.
 
-No loaders here (pipeline.py builds them). The data contract (PRODUCT.md): the augmented view of
+No loaders here (pipeline.py builds them). The data contract: the augmented view of
 image i in epoch e is a function of (data seed, e, i) alone; ``sample_seed`` is that function's
 one seed and ``seeded`` runs a transform under it. Runs that differ only in the loss therefore
 see identical batches, and teacher outputs can be cached by position in the stream.

@@ -1,6 +1,6 @@
 """Path -> loaded model with its input spec and class names: a run directory, a checkpoint folder
 or an export in any format ``distill.export`` writes (timm folder, transformers folder, ONNX fp32
-or int8, TorchScript; export_formats.py reloads each as a module giving fused logits).
+or int8, TorchScript; each format's module reloads it as a module giving its logits).
 ``evaluate`` and ``export`` (and later analyses) load models here and nowhere else, and ``score``
 measures a loaded model on a split with its own eval preprocessing, matching the split's classes
 to the model's outputs by name.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,12 @@ def load_export(folder: Path) -> LoadedModel:
     """A timm Hub folder (our export), through timm alone."""
     from timm.data import resolve_model_data_config
 
-    from distill.exports.formats import load_timm
+    from distill.exports.timm_format import folder_head, load_timm, timm_folder_config
 
     model = load_timm(folder)
+    head = folder_head(timm_folder_config(folder) or {})
+    if head != "fused":  # an export of one head: its other head is zeros, not a head (select_head)
+        model.output_heads = (head,)
     spec = InputSpec.from_timm(resolve_model_data_config(model))
     # timm moves config.json's root-level label_names (save_for_hf writes them there) into pretrained_cfg.
     names = read_label_names(model.pretrained_cfg.get("label_names"), model.num_classes, f"export {folder}")
@@ -132,19 +136,22 @@ def load_export(folder: Path) -> LoadedModel:
 def load_exported_file(path: Path) -> LoadedModel:
     """An ONNX (fp32 or int8) or TorchScript file of an export folder, with that folder's
     preprocessing and class names (the file records neither)."""
-    from distill.exports.formats import OnnxClassifier, TorchScriptClassifier, folder_spec_and_names
+    from distill.exports.onnx_format import OnnxClassifier
+    from distill.exports.timm_format import folder_info
+    from distill.exports.torchscript_format import TorchScriptClassifier
 
     kind = "ONNX" if path.suffix == ".onnx" else "TorchScript"
-    spec, raw_names, num_classes = folder_spec_and_names(path.parent, f"{kind} file {path.name}")
-    model = OnnxClassifier(path, num_classes) if kind == "ONNX" else TorchScriptClassifier(path, num_classes)
-    names = read_label_names(raw_names, num_classes, f"export {path.parent}")
-    return LoadedModel(model, spec, f"{kind} {path}", class_names=names)
+    info = folder_info(path.parent, f"{kind} file {path.name}")
+    model = OnnxClassifier(path, info.num_classes) if kind == "ONNX" else TorchScriptClassifier(path, info.num_classes)
+    model.output_heads = (info.head,)
+    names = read_label_names(info.class_names, info.num_classes, f"export {path.parent}")
+    return LoadedModel(model, info.spec, f"{kind} {path}", class_names=names)
 
 
 def load_transformers_folder(folder: Path) -> LoadedModel:
     """transformers' DeiT/ViT folder (``--format transformers``) with the preprocessing of its
     own preprocessor_config.json and the class names of its id2label."""
-    from distill.exports.formats import TransformersClassifier, spec_from_image_processor
+    from distill.exports.transformers_format import TransformersClassifier, spec_from_image_processor
 
     processor = folder / "preprocessor_config.json"
     if not processor.is_file():
@@ -178,6 +185,8 @@ def load_artifact(path: Path, checkpoint: str = "last", ema: bool = False) -> Lo
     """A run directory (its ``checkpoint``: last, best or a folder), a checkpoint folder, or an
     export in any format ``distill.export`` writes."""
     path = Path(path)
+    if not path.exists():
+        raise DistillError(f"{path} does not exist; give {ACCEPTED}")
     if RunDir(path).recipe_file.is_file():
         return load_checkpoint_student(path, resolve_checkpoint(path, checkpoint), ema)
     if (path / ckpt.MARKER).is_file() and RunDir(path.parent.parent).recipe_file.is_file():
@@ -214,8 +223,8 @@ def match_classes(
     data_names: list[str] | None, model_names: list[str] | None, num_outputs: int | None, model: str
 ) -> torch.Tensor | None:
     """The model's output index for each data label (by name), or None where labels already are
-    output indices. A data class the model does not know is an error, not a silent 0%: an export
-    of digits 0-9 scored 0.33% on a folder of 7/ 8/ 9/ when folder index 0 was taken for digit 0."""
+    output indices. A data class the model does not know is an error, not a silent 0%: matched by
+    index, a folder of 7/ 8/ 9/ scores an export of digits 0-9 against digits 0-2 (0.33%)."""
     if data_names is None:
         return None
     if model_names is None:
@@ -246,6 +255,7 @@ def score(
     num_workers: int = 0,
     class_names: list[str] | None = None,
     predictions: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 per head over ``dataset`` with the model's own eval preprocessing.
 
@@ -254,7 +264,8 @@ def score(
     is over all of the model's outputs: predicting a class absent from the data is still wrong.
     A timm student has the cls, dist and fused heads; an exported format those it keeps
     (``output_heads``, given by ``forward_heads``), else its one fused output. ``predictions``
-    adds each head's argmax per image (``result["predictions"][head]``, a tensor).
+    adds each head's argmax per image (``result["predictions"][head]``, a tensor). ``progress`` is
+    called after every batch with the images scored so far and the total.
     """
     from distill.models.metrics import topk_correct
     from distill.models.student import student_heads
@@ -281,8 +292,8 @@ def score(
         elif len(heads) == 3:
             cls, dist = student_heads(model, images)
             logits = {"cls": cls, "dist": dist, "fused": (cls + dist) / 2}
-        else:
-            logits = {"fused": model(images)}
+        else:  # one output: the fused logits, or the one head an export kept
+            logits = {heads[0]: model(images)}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i > 0 or len(loader) == 1:  # the first batch warms up (allocations, kernels)
@@ -293,6 +304,8 @@ def score(
             if predictions:
                 argmax[h].append(out.argmax(-1).cpu())
         n += labels.shape[0]
+        if progress is not None:
+            progress(n, len(dataset))
     timed = n - (0 if len(loader) == 1 else min(batch_size, n))
     return {
         **{k: v / n for k, v in sums.items()},

@@ -63,7 +63,8 @@ def plain_counterpart(name: str) -> str:
 
 
 def hybrid_embed(cfg: StudentConfig) -> Any:
-    """timm's HybridEmbed over the first ``stem_stages`` feature stages of ``student.stem``."""
+    """timm's HybridEmbed over the first ``stem_stages`` feature stages of ``student.stem``, cut
+    after the last of them, so that every stem parameter trains."""
     import timm
     from timm.layers import HybridEmbed
 
@@ -75,7 +76,46 @@ def hybrid_embed(cfg: StudentConfig) -> Any:
         raise RecipeError(
             f"student.stem '{cfg.stem}' with student.stem_stages={cfg.stem_stages}: {exc}; use fewer stages"
         ) from None
+    cut_stem(backbone)
+    size = cfg.img_size or 224
+    unused = untrained_parameters(backbone, (size, size) if isinstance(size, int) else size)
+    if unused:
+        raise RecipeError(
+            f"student.stem '{cfg.stem}' with student.stem_stages={cfg.stem_stages} has {len(unused)} parameters "
+            f"that get no gradient ({', '.join(unused[:3])}, ...): they would never train, and distributed "
+            "training stops on them; choose another student.stem"
+        )
     return partial(HybridEmbed, backbone=backbone)
+
+
+def cut_stem(backbone: nn.Module) -> None:
+    """Drop the blocks after the last requested feature stage. timm's EfficientNetFeatures and
+    MobileNetV3Features (EfficientNet, MobileNet v2-v4, MixNet, ...) run every block and return
+    the requested outputs, so later blocks would cost full compute and get no gradient (under
+    DDP: "Expected to have finished reduction"); timm's FeatureListNet (ResNet, ConvNeXt,
+    RegNet, ...) already stops at the last requested module."""
+    stage_out = getattr(backbone, "_stage_out_idx", None)
+    if isinstance(stage_out, dict) and isinstance(getattr(backbone, "blocks", None), nn.Sequential):
+        # its keys: how many blocks run before an output is taken (0: the stem conv's output)
+        backbone.blocks = backbone.blocks[: max(stage_out)]
+
+
+def untrained_parameters(backbone: nn.Module, size: tuple[int, int]) -> list[str]:
+    """Parameters of ``backbone`` that one backward of its outputs leaves without a gradient
+    (a probe in eval mode, so that no BatchNorm statistic moves; empty on the meta device)."""
+    params = list(backbone.parameters())
+    if not params or params[0].is_meta:
+        return []
+    training = backbone.training
+    backbone.eval()
+    try:
+        with torch.enable_grad():
+            outputs = backbone(torch.zeros(1, 3, *size))
+            sum(o.float().sum() for o in outputs).backward()
+        return [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        backbone.zero_grad(set_to_none=True)
+        backbone.train(training)
 
 
 def set_attention(model: nn.Module, attention: str) -> int:

@@ -12,7 +12,7 @@ They nest: a field that changes the split changes a trained teacher; one that ch
 teacher changes its outputs; one that changes the outputs changes the result (tests/test_keys.py
 checks it). A field with no effect at all is an operational setting a resumed run may change.
 
-The table is keyed by the schema's leaf fields (distill.config.Recipe), free-form dict fields
+The table is keyed by the schema's leaf fields (recipe.schema.Recipe), free-form dict fields
 (``teacher.model_args``) as a whole; a new recipe field is classified here in the same commit
 (tests/test_keys.py fails until it is). Keys of the data's identity that are not recipe fields
 (the package version, world size, the resolved data path, the teacher's weight digest) are for
@@ -21,12 +21,16 @@ each cache to add.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
 
-from distill.recipe.schema import PROVENANCE_KEY, DataConfig, Recipe, section_model
+from distill.recipe.overrides import section_model
+from distill.recipe.schema import PROVENANCE_KEY, DataConfig, Recipe
 
 
 class Effect(str, Enum):
@@ -49,7 +53,7 @@ UNKNOWN = frozenset(Effect)
 
 TABLE: dict[str, frozenset[Effect]] = {
     # -- run ------------------------------------------------------------------------------------
-    "run.name": RESULT_ONLY,  # where the run lives; kept in the resume check as before
+    "run.name": RESULT_ONLY,  # where the run lives (part of the resume check)
     "run.output_dir": RESULT_ONLY,  # likewise (the caches under it are found by key, not by place)
     # The data stream's seed when data.seed is None (pipeline.data_seed); the teacher stage seeds
     # from teacher.train.seed, so a trained teacher does not depend on it.
@@ -86,7 +90,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     # -- data: how they are read ---------------------------------------------------------------
     "data.num_workers": NO_EFFECT,  # a view is a function of (seed, epoch, index), not of the worker
     # The student's data stream (order, views, mixup); the teacher stage draws its own from
-    # teacher.train.seed, so a trained teacher does not depend on it (it used to be hashed).
+    # teacher.train.seed, so a trained teacher does not depend on it.
     "data.seed": IN_OUTPUTS,
     "data.repeated_aug": IN_TEACHER,  # which views the stream holds (the teacher stage's too)
     "data.store": IN_TEACHER,  # the tensor path's views differ from PIL's; both stages use it
@@ -195,7 +199,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "train.ema_decay": RESULT_ONLY,
     # A speed switch: the student's compiled run is tested to train like the eager one. The
     # teacher stage runs under it too (Accelerate compiles what it prepares), and a teacher
-    # trained either way is shared, as before the redesign (one teacher per study).
+    # trained either way is shared (one teacher per study).
     "train.compile": RESULT_ONLY,
     # The student's attention kernel (the same arithmetic, rounded differently); the teacher
     # stage trains a convnet, which has none.
@@ -225,9 +229,12 @@ def effects(path: str) -> frozenset[Effect]:
 
 def fields(recipe: Recipe, effect: Effect) -> dict[str, Any]:
     """The recipe's value of every field with ``effect``, JSON-able, sorted by dotted path.
-    Fields of an absent optional section (``teacher.train`` None) read None."""
+    Fields of an absent optional section (``teacher.train`` None) read None; a field that cannot
+    act in this recipe (``INERT``) reads its default, so setting it changes no cache key."""
     tree = recipe.model_dump(mode="json")
-    return {path: _lookup(tree, path) for path in sorted(TABLE) if effect in TABLE[path]}
+    inert = inert_fields(tree)
+    paths = [p for p in sorted(TABLE) if effect in TABLE[p]]
+    return {p: inert[p] if p in inert else _lookup(tree, p) for p in paths}
 
 
 def changed_for_resume(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -280,4 +287,145 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def data_fields(data: DataConfig, effect: Effect) -> dict[str, Any]:
     """Like ``fields`` for the data section alone (``data.load_source`` has no whole recipe)."""
     tree = {"data": data.model_dump(mode="json")}
-    return {p: _lookup(tree, p) for p in sorted(TABLE) if p.startswith("data.") and effect in TABLE[p]}
+    inert = inert_fields(tree)
+    paths = [p for p in sorted(TABLE) if p.startswith("data.") and effect in TABLE[p]]
+    return {p: inert[p] if p in inert else _lookup(tree, p) for p in paths}
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings that cannot act
+
+
+@dataclass(frozen=True)
+class Inert:
+    """When a key (or every field of a section) cannot act: ``why(tree)`` is the reason, None
+    when it acts. ``error``: setting it anyway is refused (the user believes the run reads
+    something it does not); otherwise a warning line names it."""
+
+    why: Callable[[dict[str, Any]], str | None]
+    error: bool = False
+    fix: str = "remove it"  # what the refusal suggests
+
+
+def get_path(tree: dict[str, Any], path: str) -> Any:
+    """``_lookup`` that reads None for a section the tree lacks (``data_fields``' data-only tree)."""
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _unless(path: str, allowed: tuple[Any, ...], what: str) -> Callable[[dict[str, Any]], str | None]:
+    def why(tree: dict[str, Any]) -> str | None:
+        value = get_path(tree, path)
+        if value is None and path.split(".")[0] not in tree:
+            return None  # a tree without that section (data_fields): cannot tell
+        return None if value in allowed else f"{path}={value} {what}"
+
+    return why
+
+
+def _when_set(path: str, what: str) -> Callable[[dict[str, Any]], str | None]:
+    return lambda tree: f"{path} is given: {what}" if get_path(tree, path) is not None else None
+
+
+def _when_unset(path: str, what: str) -> Callable[[dict[str, Any]], str | None]:
+    def why(tree: dict[str, Any]) -> str | None:
+        return f"{path} is not set: {what}" if path.split(".")[0] in tree and get_path(tree, path) is None else None
+
+    return why
+
+
+def _val_fraction(tree: dict[str, Any]) -> str | None:
+    if get_path(tree, "data.val_split") is not None:
+        return f"data.val_split={get_path(tree, 'data.val_split')} names the validation split (nothing is held out)"
+    return "data.source=synthetic has a validation split" if get_path(tree, "data.source") == "synthetic" else None
+
+
+def _no_warmup(section: str) -> Callable[[dict[str, Any]], str | None]:
+    def why(tree: dict[str, Any]) -> str | None:
+        return f"{section}.warmup_epochs=0 (no warm-up)" if get_path(tree, f"{section}.warmup_epochs") == 0 else None
+
+    return why
+
+
+_SOFT = _unless("distillation.type", ("soft",), "has no temperature or KL term")
+_TEACHER_TRAIN = _when_set("teacher.checkpoint", "the teacher is loaded, not trained")
+_NO_INIT = _when_unset("student.init", "the student starts from random weights")
+
+# Keys that cannot act in some recipes, by dotted path or section; a key the user sets there (a
+# value other than the default) is refused or warned about (recipe.checks.check_settings), and caches key
+# on its default instead (``fields``, ``data_fields``). Each rule mirrors the code that reads the
+# key: data.load_source, the loss (training.losses), the teacher stage, student.init, the optimizer.
+INERT: dict[str, Inert] = {
+    "data.path": Inert(
+        _unless("data.source", ("imagefolder", "hub", "shards"), "reads no path"),
+        error=True,
+        fix="set data.source=imagefolder (a folder of class sub-folders), hub (a dataset name) or shards "
+        "(a folder distill.shard wrote), or remove data.path",
+    ),
+    # A warning only: a recipe switched to the shards written from its Hub dataset keeps it.
+    "data.hub_config": Inert(_unless("data.source", ("hub",), "is not a Hub dataset")),
+    "data.synthetic": Inert(_unless("data.source", ("synthetic",), "generates no synthetic images")),
+    "data.verify_shards": Inert(_unless("data.source", ("shards",), "reads no shards")),
+    "data.val_fraction": Inert(_val_fraction),
+    "teacher.train": Inert(_TEACHER_TRAIN),
+    "distillation.tau": Inert(_SOFT),
+    "distillation.kl_norm": Inert(_SOFT),
+    "distillation.alpha": Inert(_unless("distillation.type", ("soft", "hard"), "has no teacher term")),
+    "student.init_checkpoint": Inert(_NO_INIT),
+    "student.init_heads": Inert(_NO_INIT),
+    "student.stem_stages": Inert(_when_unset("student.stem", "the student has no convolutional stem")),
+    "train.momentum": Inert(_unless("train.opt", ("sgd",), "has no momentum setting")),
+    "train.warmup_lr": Inert(_no_warmup("train")),
+    "teacher.train.momentum": Inert(_unless("teacher.train.opt", ("sgd", None), "has no momentum setting")),
+    "teacher.train.warmup_lr": Inert(_no_warmup("teacher.train")),
+}
+
+
+@cache
+def _default_tree() -> dict[str, Any]:
+    """The default recipe; an optional section (``teacher.train``) reads None."""
+    return Recipe().model_dump(mode="json")
+
+
+@cache
+def field_defaults() -> dict[str, Any]:
+    """Every table field's default, an optional section's fields at their section's defaults."""
+    out: dict[str, Any] = {}
+    for path in TABLE:
+        model: Any = Recipe
+        for part in path.split("."):
+            info = model.model_fields[part]
+            section = section_model(info.annotation)
+            if section is None:
+                out[path] = model().model_dump(mode="json")[part] if model is not Recipe else None
+                break
+            model = section
+        else:
+            out[path] = None
+    return out
+
+
+def covered(rule: str) -> list[str]:
+    return [p for p in sorted(TABLE) if p == rule or p.startswith(rule + ".")]
+
+
+def optional_section(rule: str) -> bool:
+    return get_path(_default_tree(), rule) is None and len(covered(rule)) > 1
+
+
+def inert_fields(tree: dict[str, Any]) -> dict[str, Any]:
+    """Every table field that cannot act in ``tree`` (a recipe dumped as JSON), with the value a
+    cache keys on instead: its default (None for an optional section's fields: the section absent)."""
+    out: dict[str, Any] = {}
+    for rule, inert in INERT.items():
+        if inert.why(tree) is not None:
+            if optional_section(rule):  # the section as if absent, whatever its fields' own rules say
+                out.update(dict.fromkeys(covered(rule)))
+            else:
+                for p in covered(rule):
+                    out.setdefault(p, field_defaults()[p])
+    return out

@@ -27,7 +27,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from distill.recipe import schema as config
-from distill.recipe.schema import Recipe, Section, section_model
+from distill.recipe.overrides import section_model
+from distill.recipe.schema import Recipe, Section
 
 COMMAND = "python -m distill.recipe_doc > docs/recipe-reference.md"
 

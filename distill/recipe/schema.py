@@ -10,8 +10,6 @@ changing a field or its comment, run ``python -m distill.recipe_doc > docs/recip
 
 from __future__ import annotations
 
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from distill.errors import RecipeError
+from distill.recipe.overrides import apply_override, format_errors, missing_recipe, parse_override
 
 
 class Section(BaseModel):
@@ -44,7 +43,7 @@ class RunConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
     keep_checkpoints: int = Field(2, ge=1)  # newest K kept; 'best' is kept on top of these
     log_every_steps: int = Field(10, ge=1)  # train scalars to every tracker; the finite-loss check
-    # Where the scalars go besides metrics.jsonl (distill/tracking.py). tensorboard writes <run>/tb
+    # Where the scalars go besides metrics.jsonl (run/tracking.py). tensorboard writes <run>/tb
     # and needs nothing more; each other tracker needs its package (pip install 'distill[mlflow]'
     # and so on) and is configured by its own environment variables (MLFLOW_TRACKING_URI, ...).
     trackers: list[TrackerName] = ["tensorboard"]
@@ -113,10 +112,15 @@ class DataConfig(Section):
     # runs with different run.seed differ only in the model's randomness (init, drop-path), so
     # their teacher outputs are the same and teacher.output_cache can share them.
     seed: int | None = None
-    # Repeated augmentation (Hoffer et al. 2020; DeiT trains with 3): each global micro-batch
-    # holds N differently augmented views of the same images, and an epoch covers len(train) / N
-    # distinct images, as DeiT's RASampler does. 1 is off. Repeat 0 of an image is the view it
-    # gets without repetition; repeat r of image i in epoch e is a function of (data seed, e, i, r).
+    # Repeated augmentation (Hoffer et al. 2020; DeiT trains with 3): each global batch holds N
+    # differently augmented views of the same images, and an epoch covers len(train) / N distinct
+    # images, as DeiT's RASampler does. 1 is off. The views of an image go to different processes
+    # (and accumulation micro-steps) when there are at least N of those, as in DeiT, so mixup and
+    # cutmix never mix an image with another view of itself; with fewer, a process's batch holds
+    # ceil(N / shares) views at most. A global batch that is not a multiple of N holds
+    # ceil(batch / N) images and leaves out the last views of its last images. Repeat 0 of an
+    # image is the view it gets without repetition; repeat r of image i in epoch e is a function
+    # of (data seed, e, i, r).
     repeated_aug: int = Field(1, ge=1)
     # 'tensor': decode every image once into a uint8 tensor and augment whole batches as tensors
     # (timm's random resized crop with Pillow's filter, and flip; on the GPU when there is one),
@@ -161,8 +165,11 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     weight_decay: float = Field(0.05, ge=0.0)  # never on tokens, pos-embed, biases, norms (timm)
     sched: Literal["cosine", "step", "constant"] = "cosine"  # timm create_scheduler_v2
+    # Linear warm-up from warmup_lr to the peak lr (timm). A run of epochs <= warmup_epochs never
+    # leaves it (its lr ends below the peak and never decays): it trains, with a warning line at
+    # its start that the run also records.
     warmup_epochs: float = Field(5.0, ge=0.0)
-    warmup_lr: float = Field(1e-6, ge=0.0)  # the lr warmup starts from
+    warmup_lr: float = Field(1e-6, ge=0.0)  # the lr warmup starts from (no effect without warm-up)
     min_lr: float = Field(1e-5, ge=0.0)  # the schedule's floor
     clip_grad: float | None = Field(None, gt=0.0)  # DeiT: no clipping
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # labels only, never teacher targets
@@ -258,10 +265,13 @@ class StudentConfig(Section):
     # (default 1). E.g. resnet18 with 2 stages: a stride-4, 64-channel map.
     stem: str | None = None
     stem_stages: int = Field(2, ge=1)
-    # Initial weights (distill/student_init.py): a run directory, a checkpoint folder, a timm Hub
-    # folder (an export) or a safetensors / torch weights file, distilled or plain ViT. A plain ViT
-    # gets a distillation token, a position row and a distillation head (copies of the class
-    # token's); position embeddings are resampled (2D bicubic) to this student's patch grid.
+    # Initial weights: a run directory, a checkpoint folder, a timm Hub folder (an export) or a
+    # safetensors / torch weights file, distilled or plain ViT. A plain ViT gets a distillation
+    # token, a position row and a distillation head (copies of the class token's); a distilled
+    # one loses them for a plain student (distillation.token=false). Position embeddings are
+    # resampled (2D bicubic) when the source's patch grid differs from this student's; a bare
+    # weights file records no input size, so its grid is taken as square. A source with
+    # parameters this student lacks (layer scale, q/k norms, register tokens) is refused.
     init: Path | None = None
     # Which weights of a run directory: its final student, the last or best checkpoint, or the
     # EMA weights of the last checkpoint. A run that has not finished has no final student.
@@ -341,97 +351,6 @@ STREAM_NO_CACHE = (  # teacher_outputs.py keys rows by (micro-step, rank, row); 
 PROVENANCE_KEY = "provenance"  # written next to the recipe in a run's recipe.yaml; ignored here
 
 
-def _section_fields(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
-    """Valid keys at ``path`` (a pydantic error location) inside the schema."""
-    current: Any = model
-    for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section (model class) inside ``X``, ``X | None`` or ``Optional[X]``; None for a value
-    field. keys.py and recipe_doc.py walk the schema with it too."""
-    for arg in typing.get_args(annotation) or (annotation,):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside ``X``, ``X | None`` or ``Optional[X]``, else the annotation."""
-    return section_model(annotation) or annotation
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            valid = _section_fields(Recipe, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(map(str, (*loc[:-1], close[0])))}'?" if close else ""
-            lines.append(f"unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
-        else:
-            got = e.get("input")
-            got_txt = f" (got {got!r})" if not isinstance(got, dict) else ""
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"'{dotted}': {msg}{got_txt}")
-    return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (['a', 'b'], value parsed as YAML)."""
-    if "=" not in text:
-        raise RecipeError(f"bad override '{text}': expected dotted.key=value, e.g. train.epochs=3")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise RecipeError(f"bad override '{text}': empty key part in '{key}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"bad override '{text}': value is not valid YAML ({exc})") from None
-    return parts, value
-
-
-def _is_value_field(parts: list[str]) -> bool:
-    """True when ``parts`` names a plain value (not a section or a free-form mapping)."""
-    current: Any = Recipe
-    for part in parts:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return False
-        field = current.model_fields.get(part)
-        if field is None:
-            return False
-        current = _model_in(field.annotation)
-    is_section = isinstance(current, type) and issubclass(current, BaseModel)
-    return not is_section and typing.get_origin(current) is not dict
-
-
-def apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        child = node.get(part)
-        if child is None and _is_value_field(parts[: i + 1]):
-            raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"bad override '{text}': '{where}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file (or start from defaults), apply ``a.b=value`` overrides, validate."""
     tree: dict[str, Any] = {}
@@ -440,7 +359,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         source = str(path)
         p = Path(path)
         if not p.is_file():
-            raise RecipeError(f"recipe file not found: {p} (pass the path of a YAML recipe)")
+            raise RecipeError(missing_recipe(p, overrides))
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
@@ -452,14 +371,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         tree = loaded
         tree.pop(PROVENANCE_KEY, None)
     for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(tree, parts, value, text)
+        parts, value = parse_override(text, Recipe)
+        apply_override(tree, parts, value, text, Recipe)
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err, source)) from None
+        raise RecipeError(format_errors(err, source, Recipe)) from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -21,11 +21,12 @@ from accelerate import Accelerator
 from distill.data.pipeline import InputPipeline, build_pipeline, data_seed
 from distill.data.sources import SplitData, load_source, seeded
 from distill.errors import LaunchError, RecipeError
-from distill.exports.export import export_run_student
+from distill.exports.end_of_run import export_run_student
 from distill.models.spec import InputSpec
 from distill.models.student import build_student, set_attention, student_input_spec
-from distill.models.student_init import initialise, resolve_init
+from distill.models.student_init import check_init, initialise
 from distill.models.teacher import Teacher
+from distill.recipe.checks import check_settings
 from distill.recipe.schema import Recipe, flatten, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.checkpoint import TrainingState
@@ -92,7 +93,7 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     set_attention(student, r.train.attention)  # the EMA, a copy, and evaluation keep it
     init = initialise(student, r.student)
     if init is not None:
-        acc.print(f"student: initialised from {init[0].path} ({init[0].what}) {init[1]}")
+        acc.print(init.line())
     student.pretrained_cfg = {**student.pretrained_cfg, **spec.timm_config()}
     if hasattr(student, "set_distilled_training"):
         student.set_distilled_training(True)  # forward returns (cls, dist) while training
@@ -120,7 +121,7 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
         # After prepare, a copy of the prepared student, so on its device: a copy made before
         # prepare stayed where the student was built (the CPU) while the student moved to the GPU.
         ema = ModelEmaV3(acc.unwrap_model(model, keep_torch_compile=False), decay=r.train.ema_decay)
-    origin = None if init is None else {**init[0].describe(), "converted": init[1]}
+    origin = None if init is None else init.describe()
     loaders = pipeline.with_loaders(train_loader, val_loader)
     return Student(model, optimizer, scheduler, loaders, ema, steps, plan, origin)
 
@@ -131,6 +132,7 @@ class DistillRun:
     def __init__(self, recipe: Recipe, argv: list[str] | None = None, accelerator: Accelerator | None = None) -> None:
         self.recipe = recipe
         check_trackers(recipe.run.trackers)  # a tracker's missing package before anything runs
+        self.warnings = check_settings(recipe)  # settings with no effect: refused, or warned about
         self.argv = list(argv or [])
         self.accelerator = accelerator or make_accelerator(recipe)  # a study shares one launch
         self.rundir = RunDir.of(recipe)
@@ -139,14 +141,16 @@ class DistillRun:
         r, acc = self.recipe, self.accelerator
         STOP.install()  # SIGTERM / Ctrl-C: checkpoint at the next log step, then exit
         acc.free_memory()  # nothing prepared by an earlier run of this launch may linger
+        for line in self.warnings:
+            acc.print(f"warning: {line}")
         wall_start = time.perf_counter()
         # The recipe's inputs first: a bad data.path or student is reported before the run
         # directory is looked at (a finished run's "already finished" hid them) or written to.
         with acc.main_process_first():
             split = load_source(r.data)
         spec = student_input_spec(r)
-        if r.student.init is not None:  # a bad student.init before a teacher is trained for nothing
-            resolve_init(r.student.init, r.student.init_checkpoint)
+        # a student.init that cannot start the student, before a teacher is trained for nothing
+        check_init(r.student, split.num_classes, r.distillation.token)
         resume_from = self.rundir.prepare(acc, r, self.argv)
         try:
             return self._run(split, spec, resume_from, wall_start)
