@@ -270,9 +270,10 @@ class StreamLoader:
             pending.append(chunk)
             held += len(chunk["label"])
             while held >= self.batch_size and done < self.batches:
-                joined = {k: torch.cat([c[k] for c in pending]) for k in chunk}
-                pending = [{k: v[self.batch_size :] for k, v in joined.items()}]
+                # One chunk per batch (W = 1, N = 1) needs no copy: torch.cat would copy the images.
+                joined = pending[0] if len(pending) == 1 else {k: torch.cat([c[k] for c in pending]) for k in chunk}
                 held -= self.batch_size
+                pending = [{k: v[self.batch_size :] for k, v in joined.items()}] if held else []
                 yield {k: v[: self.batch_size].to(self.device, non_blocking=True) for k, v in joined.items()}
                 done += 1
             if done == self.batches:
