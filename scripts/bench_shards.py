@@ -114,7 +114,8 @@ def shard_rate(recipe_path: Path, folder: Path, out: Path) -> tuple[float, int, 
 
 def loader_rate(recipe_path: Path, overrides: list[str], workers: int, limit: int) -> float:
     """img/s of ``limit`` images of the decode path's training loader (worker start-up included):
-    a stratified subset of ``limit`` images at random, or a stream's first ``limit`` images."""
+    a stratified subset of ``limit`` images at random, or a stream's first ``limit`` images; with
+    ``limit`` 0, a whole epoch of the training split."""
     from distill.data.pipeline import AugmentedDataset, build_transforms, make_loader
     from distill.data.sources import load_source
     from distill.data.stream import stream_loader
@@ -122,7 +123,7 @@ def loader_rate(recipe_path: Path, overrides: list[str], workers: int, limit: in
     from distill.recipe.schema import load_recipe
 
     streamed = "data.shard_access=stream" in overrides
-    subset = [] if streamed else [f"data.max_train_samples={limit}"]
+    subset = [] if streamed or not limit else [f"data.max_train_samples={limit}"]
     recipe = load_recipe(recipe_path, [*overrides, *subset, f"data.num_workers={workers}", "data.repeated_aug=1"])
     split = load_source(recipe.data)
     size = recipe.student.img_size or 224
@@ -137,7 +138,7 @@ def loader_rate(recipe_path: Path, overrides: list[str], workers: int, limit: in
     start, seen = time.perf_counter(), 0
     for batch in loader:
         seen += len(batch["label"])
-        if seen >= limit:
+        if limit and seen >= limit:
             break
     return seen / (time.perf_counter() - start)
 
@@ -176,7 +177,7 @@ def main() -> int:
     parser.add_argument("--cifar-per-class", type=int, default=400, help="train images per class copied")
     parser.add_argument("--imagenet-like", type=int, default=0, help="generated 224-500 px JPEGs (0: skip)")
     parser.add_argument("--classes", type=int, default=100, help="classes of the generated JPEGs")
-    parser.add_argument("--limit", type=int, default=1000, help="images per loader epoch")
+    parser.add_argument("--limit", type=int, default=1000, help="images per loader epoch (0: a whole epoch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "distill-bench-shards")
     args = parser.parse_args()
