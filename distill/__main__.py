@@ -15,6 +15,7 @@ COMMANDS = {
     "analyze": "look inside a student: the ViT and DeiT papers' analyses",
     "scan": "list every image of a recipe's data that does not decode",
     "shard": "write a recipe's data as shards that data.source=shards reads on any number of nodes",
+    "teachers": "rank candidate teachers (and their ensemble) by accuracy, calibration and the student they give",
     "bench": "benchmark the distillation training step against timm's TokenDistillationTask",
     "profile_step": "where a training step's time goes, per precision",
     "recipe_doc": "print the recipe reference (docs/recipe-reference.md) generated from the schema",

@@ -1,11 +1,14 @@
-"""python -m distill.bench: end to end on tiny models, the FLOP counter, and that our step and the
-timm reference compute the same loss. Never asserts speed (the machine is shared)."""
+"""python -m distill.bench: end to end on tiny models, the FLOP counter, that our step and the
+timm reference compute the same loss, the fast path's search and train.attention's auto rule.
+Never asserts speed (the machine is shared)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +18,16 @@ from torch import nn
 
 from distill import bench as bench_command
 from distill.models.teacher import ConvnetTeacher, FrozenTeacher
-from distill.perf import bench
+from distill.perf import fastpath, measure
+from distill.perf import steps as bench
 from distill.recipe.schema import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
-# Short everything: no warm-up beyond the priming step, 2 steps, 2 repetitions, a small quick matmul peak.
+# Short everything: no warm-up beyond the priming step, 2 steps, 2 repetitions, a small quick matmul
+# peak, no compile (Inductor's C++ build takes a minute on 2 cores).
 QUICK = ["--warmup", "0", "--steps", "2", "--repeats", "2", "--peak-seconds", "0.05", "--peak-size", "512"]
+QUICK += ["--compile", "no"]
 ROW_KEYS = {
     "key",
     "label",
@@ -29,6 +35,7 @@ ROW_KEYS = {
     "kind",
     "distillation",
     "precision",
+    "attention",
     "optimizer",
     "teacher",
     "compile",
@@ -64,14 +71,20 @@ def check_result(result: dict[str, Any], batch: int, repeats: int = 2) -> dict[s
         assert len(samples) == 1 + repeats and result["matmul_peak_gflops"][precision] == max(samples)
     rows = {r["key"]: r for r in result["configurations"]}
     assert {"ours_identical", "reference", "ours_fast", "ours_no_teacher", "ours_eval"} <= set(rows)
-    timed = result["settings"]["fast_precision_step_img_s"]  # auto: chosen by timing the recipe's step
-    if result["settings"]["fast_precision_reason"] == "requested" or not result["device"]["bf16_available"]:
+    s = result["settings"]
+    timed = s["fast_precision_step_img_s"]  # auto: chosen by timing the recipe's step
+    assert (s["fast_precision"], s["fast_attention"]) == (
+        rows["ours_fast"]["precision"],
+        rows["ours_fast"]["attention"],
+    )
+    if s["fast_precision_reason"] == "requested":
         assert timed is None
     else:
-        assert set(timed) == {"fp32", "bf16"} and min(timed.values()) > 0
-        faster = max(timed, key=timed.get)
-        assert result["settings"]["fast_precision"] == faster == rows["ours_fast"]["precision"]
-        assert result["settings"]["fast_precision_reason"].startswith("the recipe's step: bf16 ")
+        precisions = ["fp32", "bf16"] if result["device"]["bf16_available"] else ["fp32"]
+        assert set(timed) == {f"{p} {a}" for p in precisions for a in ("fused", "manual")}
+        assert min(timed.values()) > 0
+        assert f"{s['fast_precision']} {s['fast_attention']}" == max(timed, key=timed.get)
+        assert s["fast_precision_reason"].startswith("the recipe's step, img/s median of 3 alternated: ")
     for key, row in rows.items():
         assert set(row) >= ROW_KEYS, key
         assert set(row["img_s"]) >= STATS_KEYS and len(row["img_s"]["values"]) == repeats
@@ -86,7 +99,10 @@ def check_result(result: dict[str, Any], batch: int, repeats: int = 2) -> dict[s
             assert row["optimizer_state_mb"] > 0, key
     # The configurations differ in how, never in what: identical FLOPs with the teacher.
     assert rows["ours_identical"]["flops_per_step"] == rows["reference"]["flops_per_step"]
-    assert rows["ours_fast"]["flops_per_step"] == rows["reference"]["flops_per_step"]
+    if rows["ours_fast"]["attention"] == "fused":
+        assert rows["ours_fast"]["flops_per_step"] == rows["reference"]["flops_per_step"]
+    else:  # manual attention's products are counted as bmm, SDPA's by torch's formulas (backward differs)
+        assert rows["ours_fast"]["flops_per_step"] == pytest.approx(rows["reference"]["flops_per_step"], rel=0.01)
     assert rows["ours_eval"]["flops_per_step"] < rows["ours_no_teacher"]["flops_per_step"]
     assert rows["ours_no_teacher"]["flops_per_step"] < rows["ours_identical"]["flops_per_step"]
     ratios = result["ratios"]
@@ -104,6 +120,7 @@ def check_result(result: dict[str, Any], batch: int, repeats: int = 2) -> dict[s
     return rows
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = run_bench(tmp_path, str(SMOKE))
     rows = check_result(result, batch=16)
@@ -111,7 +128,9 @@ def test_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert result["settings"]["distillation"]["type"] == "hard"  # the recipe's
     assert rows["ours_no_teacher"]["distillation"] == "none"
     printed = capsys.readouterr().out
-    assert "ratio, identical settings" in printed and "ratio, fast path" in printed
+    assert "ratio, identical settings" in printed and "ratio, fast path (ours " in printed
+    assert f"fast path: {result['settings']['fast_choice']['settings']} (the recipe's step" in printed
+    assert result["settings"]["compile"] is False and "compile" not in result["settings"]["fast_precision_reason"]
     assert "timm TokenDistillationTask" in printed
     # The recipe's input pipeline, timed against its step: the smoke recipe is crop + flip on
     # 16 px images, so auto resolves to the tensor path (batch 16, 8 batches: 2 warm-up, 6 timed).
@@ -124,12 +143,14 @@ def test_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "data loading (data.store=tensor, 0 workers, batch 16, 6 batches" in printed
 
 
+@pytest.mark.slow
 def test_named_models_bf16_soft(tmp_path: Path) -> None:
     result = run_bench(
         tmp_path,
         *("--student", "deit_tiny_distilled_patch16_224", "--teacher", "resnet10t"),
         *("--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2"),
         *("--num-classes", "5", "--batch-size", "8", "--kd", "soft", "--fast-precision", "bf16"),
+        *("--fast-attention", "manual"),
     )
     rows = check_result(result, batch=8)
     assert result["settings"]["mode"] == "models"
@@ -137,6 +158,7 @@ def test_named_models_bf16_soft(tmp_path: Path) -> None:
     assert result["settings"]["student"]["embed_dim"] == 32 and result["settings"]["student"]["depth"] == 1
     assert rows["reference"]["distillation"] == rows["ours_fast"]["distillation"] == "soft"
     assert rows["ours_fast"]["precision"] == "bf16" and "bf16" in result["matmul_peak_gflops"]
+    assert rows["ours_fast"]["attention"] == "manual" and result["settings"]["fast_precision_reason"] == "requested"
     assert "ours_recipe" not in rows  # named models: the fast path is the primary configuration
     assert result["data_loading"] is None  # no recipe, no data to load
     assert rows["ours_eval"]["precision"] == "bf16"
@@ -151,7 +173,7 @@ def test_ours_and_reference_compute_the_same_loss(kd: str) -> None:
     p = problem
     module = FrozenTeacher(copy.deepcopy(p.teacher), p.student_mean, p.student_std, p.teacher_mean, p.teacher_std)
     teacher = ConvnetTeacher(module, p.teacher_spec(), "resnet10t", None, False)
-    ours = bench.OursStep(problem, bench.Settings("fp32"), kd, teacher)
+    ours = bench.OursStep(problem, bench.Settings(precision="fp32"), kd, teacher)
     reference = bench.ReferenceStep(problem)
     ours_loss, ref_loss = ours.loss().total, reference.loss()
     assert torch.isfinite(ours_loss) and torch.isfinite(ref_loss)
@@ -164,20 +186,23 @@ def test_count_flops_linear_by_hand() -> None:
     b, i, o = 8, 32, 16
     layer = nn.Linear(i, o)
     x = torch.randn(b, i, requires_grad=True)
-    assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * b * i * o
+    assert measure.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * b * i * o
 
 
 def test_count_flops_sees_cpu_attention() -> None:
     """torch's counter misses the CPU attention kernel; the bench maps the CUDA formula onto it."""
     q = torch.randn(2, 3, 10, 8)
     b, h, s, d = q.shape
-    flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    flops = measure.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     assert flops == 2 * (2 * b * h * s * s * d)  # q @ k^T and attn @ v
 
 
 def test_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_command.main([str(SMOKE), "data.source=imagefolder", f"data.path={tmp_path}"]) == 2
-    assert "--num-classes" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"error: data.path: no folder {tmp_path / 'train'} to count classes in; give data.path=<folder holding "
+        "train/<class>/<image>> or --num-classes N\n"
+    )
     assert bench_command.main([str(SMOKE), "distillation.token=false"]) == 2
     assert "distillation token" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -188,7 +213,7 @@ def test_the_recipes_attention_reaches_our_step_and_nothing_else() -> None:
     """train.attention=manual (README Speed): the recipe's rows time it; identical settings keep
     timm's fused attention, as the reference runs it."""
     recipe = load_recipe(SMOKE, ["train.attention=manual"])
-    settings = bench.Settings.of_recipe(recipe)
+    settings = bench.Settings.of_recipe(recipe, torch.device("cpu"))
     assert settings.attention == "manual" and bench.Settings().attention == "fused"
     problem = bench.build_problem(recipe, 4, "hard", torch.device("cpu"))
 
@@ -197,3 +222,111 @@ def test_the_recipes_attention_reaches_our_step_and_nothing_else() -> None:
         return {m.fused_attn for m in step.model.modules() if hasattr(m, "fused_attn")}
 
     assert fused(settings) == {False} and fused(bench.Settings()) == {True}
+
+
+def test_overrides_anywhere_on_the_line() -> None:
+    """argparse's intermixed parsing, as distill.train: a dotted override after an option."""
+    args, recipe, overrides = bench_command.parse_args(
+        [str(SMOKE), "--steps", "3", "train.batch_size=8", "--kd", "soft"]
+    )
+    assert (recipe, overrides, args.steps, args.kd) == (str(SMOKE), ["train.batch_size=8"], 3, "soft")
+    assert args.compile == "auto"  # the fast path compiles where that pays back
+    assert bench_command.parse_args([str(SMOKE), "--compile"])[0].compile == "yes"
+    assert bench_command.parse_args(["--compile", "no", str(SMOKE)])[0].compile == "no"
+
+
+def test_image_folder_classes_are_counted(tmp_path: Path) -> None:
+    for name in ("cat", "dog", "eel", ".cache"):  # hidden folders are not classes
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / "notes.txt").write_text("not a class")
+    recipe = load_recipe(SMOKE, ["data.source=imagefolder", f"data.path={tmp_path}"])
+    assert bench.num_classes_of(recipe, None) == 3
+    assert bench.num_classes_of(recipe, 7) == 7  # --num-classes wins
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from distill import profile_step as profile_step_command
+
+    assert bench_command.main([str(SMOKE), "--device", "cuda", *QUICK]) == 2
+    assert capsys.readouterr().err == "error: --device cuda but torch sees no GPU\n"
+    assert profile_step_command.main([str(SMOKE), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda but torch sees no GPU\n"
+
+
+def test_expected_cpu_noise_is_silenced_and_the_rest_kept(capfd: pytest.CaptureFixture[str]) -> None:
+    """Kineto writes to file descriptor 2 directly; the lines a user cannot act on go, others stay."""
+    cpu = torch.device("cpu")
+    noise = (
+        "USDT:2026-12-02 05:27:37 11655:11655 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+        "ERROR:2026-12-02 05:27:38 11655:11655 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n"
+    )
+    with measure.filtered_stderr(cpu):
+        os.write(2, (noise + "ERROR: something else failed\n").encode())
+    assert capfd.readouterr().err == "ERROR: something else failed\n"
+    measure.quiet_cpu_imports(cpu)
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    record = logger.makeRecord(logger.name, logging.WARNING, "", 0, "No CUDA runtime is found, using %s", ("x",), None)
+    assert not logger.filter(record)
+    other = logger.makeRecord(logger.name, logging.WARNING, "", 0, "Error building extension", (), None)
+    assert logger.filter(other)
+
+
+@pytest.mark.parametrize(
+    ("attention", "precision", "device", "resolved"),
+    [
+        ("auto", "bf16", "cpu", "manual"),  # CPU flash attention in bf16 is the bottleneck
+        ("auto", "fp32", "cpu", "fused"),
+        ("auto", "bf16", "cuda", "fused"),
+        ("auto", "fp16", "cuda", "fused"),
+        ("fused", "bf16", "cpu", "fused"),  # an explicit choice is kept
+        ("manual", "fp32", "cuda", "manual"),
+    ],
+)
+def test_train_attention_auto_rule(attention: str, precision: str, device: str, resolved: str) -> None:
+    recipe = load_recipe(SMOKE, [f"train.attention={attention}", f"train.precision={precision}"])
+    assert recipe.train.attention_on(device) == resolved
+
+
+def test_attention_defaults_to_auto_and_the_smoke_recipe_keeps_fused() -> None:
+    recipe = load_recipe(SMOKE)
+    assert recipe.train.attention == "auto" and recipe.train.precision == "fp32"
+    assert bench.Settings.of_recipe(recipe, torch.device("cpu")).attention == "fused"
+
+
+def test_fast_path_candidates() -> None:
+    """precision x attention, narrowed by the options; fp16 refused on a CPU."""
+    problem = bench.build_problem(load_recipe(SMOKE), 4, "hard", torch.device("cpu"))
+    texts = [s.text() for s in fastpath.candidates(fastpath.FastOptions(), problem)]
+    bf16 = ["bf16 fused", "bf16 manual"] if measure.bf16_available(problem.device) else []
+    assert texts == ["fp32 fused", "fp32 manual", *bf16]
+    only = fastpath.candidates(fastpath.FastOptions(precision="fp32", attention="manual"), problem)
+    assert only == [bench.Settings(precision="fp32", attention="manual", fused=True)]
+    assert fastpath.choose_fast(problem, fastpath.FastOptions(precision="fp32", attention="manual")).reason == (
+        "requested"
+    )
+    with pytest.raises(fastpath.LaunchError, match="--fast-precision fp16 needs a GPU"):
+        fastpath.candidates(fastpath.FastOptions(precision="fp16"), problem)
+
+
+def test_compile_auto_without_recipe_steps_is_not_tried() -> None:
+    problem = bench.build_problem(load_recipe(SMOKE), 4, "hard", torch.device("cpu"))
+    opts = fastpath.FastOptions(precision="fp32", attention="fused", compile="auto", recipe_steps=None)
+    choice = fastpath.choose_fast(problem, opts)
+    assert choice.settings.compile is False and choice.compiled is None
+    assert choice.reason == "requested; compile not tried: no recipe steps to pay back its compile time"
+
+
+@pytest.mark.slow
+def test_compile_yes_measures_compile_time_and_keeps_it() -> None:
+    """--compile yes: the chosen settings compiled (student and teacher), with the figures that
+    decide pay-back under auto."""
+    problem = bench.build_problem(load_recipe(SMOKE), 4, "hard", torch.device("cpu"))
+    opts = fastpath.FastOptions(precision="fp32", attention="fused", compile="yes", steps=2, recipe_steps=100)
+    choice = fastpath.choose_fast(problem, opts)
+    assert choice.settings.compile and choice.settings.teacher_compile and choice.compiled is not None
+    check = choice.compiled
+    assert check.taken and check.compile_s > 0 and check.eager_img_s > 0 and check.compiled_img_s > 0
+    per_step = problem.batch_size / check.eager_img_s - problem.batch_size / check.compiled_img_s
+    assert check.saved_s == pytest.approx(per_step * 100)
+    assert ": requested" in choice.reason

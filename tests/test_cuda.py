@@ -1,11 +1,13 @@
 """What only a GPU can break (skipped without one; scripts/gpu_check.sh runs them on a lent GPU):
 every module on the student's device, fp16 with the gradient scaler and bf16, the tensor data
-path augmenting on the GPU, the teacher-output cache filled and replayed on the GPU, and
-train.compile. tests/test_trainer_setup.py has the EMA-on-the-GPU check."""
+path augmenting on the GPU, the teacher-output cache filled and replayed on the GPU (bit for
+bit, under deterministic algorithms), and train.compile. tests/test_trainer_setup.py has the EMA-on-the-GPU check."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +16,30 @@ import torch
 
 from distill.data.tensor_store import BatchAugment
 from distill.recipe.schema import AugmentConfig
-from tests.conftest import SMOKE, check_ok, read_metrics, run_train
+from tests.conftest import REPO, SMOKE, check_ok, read_metrics, run_train, subprocess_env
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA)"), pytest.mark.slow]
 
 
-def smoke(out: Path, teacher_cache: Path, *extra: str) -> dict:
-    check_ok(run_train(str(SMOKE), f"run.output_dir={out}", f"teacher.cache_dir={teacher_cache}", *extra))
+# Deterministic kernels for runs compared bit for bit: cuBLAS needs a fixed workspace
+# (CUBLAS_WORKSPACE_CONFIG, per the CUDA docs on reproducibility) and torch its deterministic
+# algorithms; warn_only, so an op without one warns in the log instead of stopping the run.
+DETERMINISTIC = (
+    "import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+    "from distill.train import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def smoke(out: Path, teacher_cache: Path, *extra: str, deterministic: bool = False) -> dict:
+    args = (str(SMOKE), f"run.output_dir={out}", f"teacher.cache_dir={teacher_cache}", *extra)
+    if deterministic:
+        env = subprocess_env(CUBLAS_WORKSPACE_CONFIG=":4096:8")
+        proc = subprocess.run(
+            [sys.executable, "-c", DETERMINISTIC, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        check_ok(proc)
+    else:
+        check_ok(run_train(*args))
     return json.loads((out / "smoke" / "summary.json").read_text())
 
 
@@ -52,8 +71,9 @@ def test_the_tensor_path_trains_on_the_gpu(tmp_path: Path, teacher_cache: Path) 
 
 def test_the_teacher_output_cache_fills_and_replays_on_the_gpu(tmp_path: Path, teacher_cache: Path) -> None:
     cache = ["teacher.output_cache.enabled=true", f"teacher.output_cache.dir={tmp_path / 'outputs'}"]
-    filled = smoke(tmp_path / "fill", teacher_cache, *cache)["teacher_cache"]
-    replayed = smoke(tmp_path / "replay", teacher_cache, *cache, "teacher.output_cache.verify_every=1")["teacher_cache"]
+    filled = smoke(tmp_path / "fill", teacher_cache, *cache, deterministic=True)["teacher_cache"]
+    replay = ("teacher.output_cache.verify_every=1",)
+    replayed = smoke(tmp_path / "replay", teacher_cache, *cache, *replay, deterministic=True)["teacher_cache"]
     assert filled["key"] == replayed["key"] and replayed["train_replayed_fraction"] == 1.0
     assert read_metrics(tmp_path / "fill" / "smoke") == read_metrics(tmp_path / "replay" / "smoke")
 

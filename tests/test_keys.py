@@ -51,6 +51,7 @@ NO_EFFECT_FIELDS = [
     "run.keep_checkpoints",
     "run.log_every_steps",
     "run.overwrite",
+    "run.process_group_timeout_min",
     "run.progress_every_s",
     "run.resume",
     "run.trackers",
@@ -132,6 +133,7 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
         "teacher.model",
         "teacher.model_args",
         "train.precision",
+        "train.tf32",
     ]
     assert all(TABLE[f"teacher.train.{k}"] == IN_TEACHER for k in TeacherTrainConfig.model_fields)
     assert TABLE["data.augment.hflip"] == IN_TEACHER
@@ -148,7 +150,9 @@ def test_teacher_outputs_fields_beyond_the_teacher() -> None:
         "run.seed",
         "teacher.channels_last",
         "teacher.checkpoint",
+        "teacher.combine",
         "teacher.compile",
+        "teacher.ensemble",
         "teacher.inference_mode",
         "teacher.mean",
         "teacher.std",

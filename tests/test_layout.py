@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 # Thin command modules at the top of the package: parse arguments, call the library, print.
 COMMANDS = {
     "train", "compare", "report", "export", "evaluate", "analyze", "bench", "profile_step", "scan", "launch",
-    "recipe_doc", "shard", "__main__",
+    "recipe_doc", "shard", "teachers", "__main__",
 }  # fmt: skip
 # Layers from the top down; a module may import modules of its own layer's folders only when they
 # share the folder, and any module of a lower layer. "base" holds distill/errors.py and the

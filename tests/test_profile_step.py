@@ -11,7 +11,7 @@ import torch
 
 from distill import profile_step as profile_step_command
 from distill.perf import step_profile as profile_step
-from distill.perf.bench import bf16_available
+from distill.perf.measure import bf16_available
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -37,6 +37,7 @@ def test_category_and_gemm_flops() -> None:
     assert profile_step.gemm_flops("aten::mm", [[8]]) == 0
 
 
+@pytest.mark.slow
 def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     precisions = "fp32,bf16" if bf16_available(torch.device("cpu")) else "fp32"
     out = tmp_path / "profile.json"
@@ -77,3 +78,18 @@ def test_profile_smoke_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_refuses_unknown_precision_and_attention() -> None:
     assert profile_step_command.main([SMOKE, "--precisions", "fp8", *QUICK]) == 2
     assert profile_step_command.main([SMOKE, "--attention", "sparse", *QUICK]) == 2
+
+
+def test_profile_eager_only_with_overrides_after_options(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A dotted override after the options (intermixed parsing); on a CPU, none of the profiler's
+    console noise reaches the user."""
+    out = tmp_path / "profile.json"
+    args = [SMOKE, "--precisions", "fp32", "--attention", "fused", *QUICK, "train.batch_size=8", "--json", str(out)]
+    assert profile_step_command.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["batch_size"] == 8 and set(r["variants"]) == {"fp32"}
+    assert r["variants"]["fp32"]["step_ms"] == pytest.approx(8 / r["variants"]["fp32"]["img_s"] * 1e3)
+    err = capfd.readouterr().err
+    if not torch.cuda.is_available():
+        for noise in ("USDT", "gpuGetDeviceCount", "No CUDA runtime is found"):
+            assert noise not in err

@@ -111,7 +111,7 @@ def test_a_killed_fill_leaves_rows_unfilled_and_they_are_recomputed(tmp_path: Pa
     teacher, x = Teacher(), torch.randn(4, 3)
     cache = make_cache(tmp_path, verify=0)
     table = cache._tables["epoch_0000"]
-    table.arrays["logits"][4:8] = 123.0  # data written, flag not yet: as if killed in between
+    table.data["logits"][4:8] = 123.0  # data written, flag not yet: as if killed in between
     out = cache.train_logits(0, 1, x, teacher)
     assert teacher.calls == 1 and torch.equal(out, teacher(x))
 
@@ -120,7 +120,9 @@ def test_a_cache_that_disagrees_with_the_teacher_stops_the_run(tmp_path: Path) -
     from distill.errors import TrainingError
 
     x = torch.randn(4, 3)
-    make_cache(tmp_path).train_logits(0, 0, x, Teacher())
+    first = make_cache(tmp_path)
+    first.train_logits(0, 0, x, Teacher())
+    first.close()
     # Same key (the cache cannot tell), other outputs: e.g. weights edited in place.
     with pytest.raises(TrainingError, match="disagrees with a fresh teacher pass at epoch 1, micro-step 0"):
         make_cache(tmp_path).train_logits(0, 0, x, Teacher(offset=1e-3))
@@ -142,3 +144,53 @@ def test_top_k_keeps_the_top_classes_and_shares_the_rest(tmp_path: Path) -> None
     assert q[[0, 2]].numpy() == pytest.approx(p[[0, 2]].numpy(), rel=2e-3)
     rest = q[[1, 3, 4, 5]].numpy()
     assert rest == pytest.approx(np.full(4, (1 - p[[0, 2]].sum().item()) / 4), rel=2e-2)
+
+
+def test_each_process_publishes_its_own_complete_table_at_the_epochs_end(tmp_path: Path) -> None:
+    """Nothing is written while an epoch runs; then one file per process, renamed into place
+    whole (no temporary left), which the next run replays."""
+    teacher, x = Teacher(), torch.randn(4, 3)
+    cache = make_cache(tmp_path, verify=0)
+    fresh = cache.train_logits(0, 1, x, teacher)
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["key.json"]
+    cache.begin_epoch(1)
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["epoch_0000.rank0.npz", "key.json"]
+    cache.close()
+    again = make_cache(tmp_path, verify=0)
+    assert torch.equal(again.train_logits(0, 1, x, teacher), fresh) and teacher.calls == 1
+    assert again.train_logits(0, 0, x, teacher) is not None and teacher.calls == 2  # never filled
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_key_at_the_same_time_both_finish(
+    smoke_run: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """Started together, they fill the same key's tables and publish them: both finish, both
+    train exactly as the uncached run, and a third replays all of it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    args = [
+        str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "run.export=false",
+        "teacher.output_cache.enabled=true",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distill.train", *args, f"run.name={name}"],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b") == read_metrics(smoke_run)
+    replay = smoke(tmp_path, teacher_cache, "c")
+    assert replay["train_replayed_fraction"] == 1.0
+    assert not list(Path(replay["dir"]).glob("*.tmp*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -178,3 +179,27 @@ def test_stored_images_decode_the_repeat_from_the_sampler_key() -> None:
     assert batch["index"].tolist() == [1, 1, 2, 2] and batch["repeat"].tolist() == [0, 1, 0, 1]
     assert batch["repeat_host"].tolist() == [0, 1, 0, 1]
     assert torch.equal(batch["image"][0], batch["image"][1])
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path: Path) -> None:
+    """One epoch of the smoke recipe on the tensor path with the teacher-output cache, counted by
+    tests/count_waits.py: no read of a device tensor and no blocking copy in any step (batches
+    copied non-blocking, the resampling matrices built on the device, the loss count added in
+    place, the cache's rows sliced on the device); mean and std are copied once per run."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, SMOKE, subprocess_env
+
+    args = [
+        str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={tmp_path / 'teachers'}", "data.store=tensor",
+        "teacher.output_cache.enabled=true", "teacher.output_cache.verify_every=0", "train.epochs=1",
+        "run.export=false", "run.log_every_steps=100",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tests/count_waits.py", *args], cwd=REPO, env=subprocess_env(), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    waits = json.loads(proc.stdout.rsplit("waits: ", 1)[1])
+    assert waits == {"steps": 8, "to(device) blocking": 2}

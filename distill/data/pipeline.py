@@ -250,7 +250,8 @@ def make_loader(
 ) -> DataLoader:
     """A plain DataLoader (per-process batch) ready for ``accelerator.prepare``.
 
-    ``persistent_workers`` stays off: workers must be re-created each epoch to see set_epoch.
+    Training workers are re-created each epoch (they must see set_epoch); evaluation's are kept
+    (``persistent_workers``: its transform has no epoch), so an evaluation does not fork them again.
     """
     sampler = EpochSampler(len(dataset), seed, shuffle=train, multiple=global_multiple, repeats=repeats)
     if train and len(sampler) == 0:
@@ -266,6 +267,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=not train and num_workers > 0,
     )
 
 

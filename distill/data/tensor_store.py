@@ -165,15 +165,17 @@ def resample_matrix(
 ) -> torch.Tensor:
     """``[B, out, size]`` weights of Pillow's resize of the span [offset, offset + length) of a
     side of ``size`` pixels to ``out`` pixels (Resample.c, precompute_coeffs): the filter is
-    widened by the scale when shrinking (antialiasing) and cut at the span's edges."""
+    widened by the scale when shrinking (antialiasing) and cut at the span's edges. Built on
+    ``offset``'s device, in float64 (Pillow computes its coefficients in double)."""
     support_1, kernel = FILTERS[interpolation]
+    dev = offset.device
     # Crop-relative coordinates and Pillow's order of operations: a tie at a box filter's edge
     # must fall the same way (absolute coordinates moved whole rows by one pixel).
     scale = (length.double() / out)[:, None, None]  # [B, 1, 1]
     filterscale = scale.clamp(min=1.0)
     support = support_1 * filterscale
-    centre = (torch.arange(out, dtype=torch.float64)[None, :, None] + 0.5) * scale
-    x = torch.arange(size, dtype=torch.float64)[None, None, :] - offset.double()[:, None, None]
+    centre = (torch.arange(out, dtype=torch.float64, device=dev)[None, :, None] + 0.5) * scale
+    x = torch.arange(size, dtype=torch.float64, device=dev)[None, None, :] - offset.double()[:, None, None]
     lo = (centre - support + 0.5).floor().clamp(min=0.0)
     hi = (centre + support + 0.5).floor().clamp(max=length.double()[:, None, None])
     w = kernel((x - centre + 0.5) * (1.0 / filterscale)) * ((x >= lo) & (x < hi))
@@ -214,6 +216,13 @@ class BatchAugment:
         self.size = tuple(size)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std per device
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on ``device``, copied there once (not once per batch)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def boxes(
         self, epoch: int, index: np.ndarray | torch.Tensor, height: int, width: int, repeat: Any = None
@@ -256,15 +265,17 @@ class BatchAugment:
         self, images: torch.Tensor, index: np.ndarray | torch.Tensor, epoch: int, repeat: Any = None
     ) -> torch.Tensor:
         height, width = images.shape[-2:]
-        box = self.boxes(epoch, index, height, width, repeat)
-        out_h, out_w = self.size
-        wy = resample_matrix(box[:, 0], box[:, 2], height, out_h, self.interpolation)
-        wx = resample_matrix(box[:, 1], box[:, 3], width, out_w, self.interpolation)
-        wx = torch.where(box[:, 4, None, None].bool(), wx.flip(1), wx)  # flip after the resize
         dev = images.device
-        wy, wx = wy.float().to(dev, non_blocking=True), wx.float().to(dev, non_blocking=True)
+        # The boxes are drawn on the host from the indices it holds (no wait for the device); the
+        # [B, 5] of them is the one copy to the device, and the matrices are built there.
+        box = self.boxes(epoch, index, height, width, repeat).to(dev, non_blocking=True)
+        out_h, out_w = self.size
+        wy = resample_matrix(box[:, 0], box[:, 2], height, out_h, self.interpolation).float()
+        wx = resample_matrix(box[:, 1], box[:, 3], width, out_w, self.interpolation).float()
+        wx = torch.where(box[:, 4, None, None].bool(), wx.flip(1), wx)  # flip after the resize
         x = images.float()
         # Pillow rounds half up after each pass (fixed point, 1 << (PRECISION_BITS - 1) added)
         x = (x @ wx.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # horizontal
         x = (wy[:, None] @ x).add_(0.5).floor_().clamp_(0, 255)  # vertical
-        return (x / 255 - self.mean.to(dev)) / self.std.to(dev)
+        mean, std = self._normalisation(dev)
+        return (x / 255 - mean) / std

@@ -92,6 +92,11 @@ def _distillation_lines(info: dict[str, Any], teacher: dict[str, Any]) -> list[s
         f"| teacher | `{teacher.get('architecture', 'none')}` |",
         f"| teacher weights sha256 | `{teacher.get('sha256', 'n/a')}` |",
         f"| teacher val top-1 | {_fmt(teacher.get('val_top1'))} |",
+        *[  # an ensemble's members (teacher.ensemble): each with its share, file digest and top-1
+            f"| teacher member {i} | `{m.get('architecture')}`, weight {m.get('weight', 1.0):.3g}, sha256 "
+            f"`{m.get('sha256', 'n/a')}`, val top-1 {_fmt(m.get('val_top1'))} |"
+            for i, m in enumerate(teacher.get("members") or [])
+        ],
         f"| type | {dist['type']} |",
         f"| alpha | {dist['alpha']} |",
         f"| tau | {dist['tau']} |",

@@ -2,9 +2,9 @@
 
     python -m distill.profile_step RECIPE.yaml [dotted.key=value ...] [--num-classes 10]
         [--precisions fp32,bf16] [--attention fused,manual] [--compile] [--steps 10] [--repeats 3]
-        [--json OUT.json]
+        [--device cpu|cuda] [--json OUT.json]
 
-The step is the bench's ``OursStep`` (the trainer's ``distill.step.Step`` with the engine's update:
+The step is the bench's ``OursStep`` (the trainer's ``Step`` with the engine's update:
 the student's forward under autocast cast back to fp32 as Accelerate wraps it, the teacher under
 its autocast, fused AdamW) on a random batch already on the device. For every precision (and,
 with ``--compile``, its torch.compile'd variant) it reports:
@@ -21,40 +21,37 @@ with ``--compile``, its torch.compile'd variant) it reports:
   self time and achieved GFLOP/s, and a bare ``torch.mm`` of the largest shape timed alone in each
   dtype: the rate these shapes can reach at all on this device, against the square peak.
 
-The comparison answers the question of issue 16 part 4: a bf16 matmul peak several times fp32's
-does not make a small student's step faster when its products are thin (K = embed_dim), when
-the casts autocast inserts and the ops it keeps in fp32 (norms, softmax, the loss) take a
-larger share, and when the backward's products run at the same thin shapes. Figures, never
-assertions: the machine is shared.
+The comparison shows why a bf16 matmul peak several times fp32's does not make a small
+student's step faster: its products are thin (K = embed_dim), the casts autocast inserts and the
+ops it keeps in fp32 (norms, softmax, the loss) take a larger share, and the backward's products
+run at the same thin shapes. Figures, never assertions: the machine is shared.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from distill.errors import RecipeError
 from distill.models.student import set_attention
-from distill.perf.bench import (
+from distill.perf.measure import (
     DTYPES,
     PEAK_SIZE,
-    OursStep,
-    Problem,
-    Settings,
     bf16_available,
-    build_problem,
     device_name,
-    make_teacher,
+    filtered_stderr,
     matmul_peak_gflops,
-    num_classes_of,
+    quiet_cpu_imports,
+    resolve_device,
     synchronize,
     time_alternated,
 )
-from distill.recipe.schema import load_recipe
+from distill.perf.steps import OursStep, Problem, Settings, build_problem, make_teacher, num_classes_of
+from distill.recipe.schema import Recipe, load_recipe
 
 # Operator classes by aten name (self time). Matching is by prefix after "aten::".
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -165,14 +162,15 @@ class PhasedStep:
 
 
 def build_step(problem: Problem, v: Variant, backend: str) -> OursStep:
-    settings = Settings(v.precision, True, False, True, True, False)  # type: ignore[arg-type]
+    settings = Settings(precision=v.precision, fused=True)  # type: ignore[arg-type]
     step = OursStep(problem, settings, problem.kd, make_teacher(problem, settings))
     set_attention(step.model, "manual" if v.attention == "manual" else "fused")
     if v.compiled:
         step.forward = torch.compile(step.model, backend=backend)
     if v.attention not in ("fused", "manual"):
         step.forward = force_sdpa(step.forward, v.attention)
-    step()  # priming: optimizer state, first-call allocations, compilation
+    with filtered_stderr(problem.device):  # Inductor's first call on a CPU
+        step()  # priming: optimizer state, first-call allocations, compilation
     return step
 
 
@@ -184,12 +182,13 @@ def profile_eager(step: OursStep, n: int) -> dict[str, Any]:
     phased = PhasedStep(step)
     for _ in range(3):  # oneDNN creates a primitive per new shape on its first calls: not the steady state
         phased()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.problem.device.type == "cuda" else [])
+    device = step.problem.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(n):
             phased()
-        synchronize(step.problem.device)
-    cuda = step.problem.device.type == "cuda"
+        synchronize(device)
+    cuda = device.type == "cuda"
 
     def operator_rows(averages: Any) -> list[Any]:
         # On a GPU key_averages also has a row per kernel (its device time again, under the
@@ -265,50 +264,83 @@ def largest_gemm(gemms: list[dict[str, Any]]) -> tuple[int, int, int] | None:
     return None
 
 
-def run_profile(
-    recipe_path: str,
-    overrides: list[str],
-    precisions: list[str],
-    compile_: bool,
-    backend: str,
-    attention: list[str],
-    steps: int,
-    repeats: int,
-    num_classes: int | None,
-    peak_seconds: float,
-    peak_size: int | None,
-) -> dict[str, Any]:
-    recipe = load_recipe(recipe_path, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for p in precisions:
+@dataclass(frozen=True, kw_only=True)
+class ProfileOptions:
+    """What to profile and how long (the command's options)."""
+
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    compile: bool = False  # also time each variant compiled
+    backend: str = "inductor"  # torch.compile backend
+    attention: list[str] = field(default_factory=lambda: ["fused", "manual"])  # of ATTENTION
+    steps: int = 10  # timed steps per repetition
+    repeats: int = 3  # alternated repetitions per variant
+    num_classes: int | None = None  # None: what the recipe's source implies
+    peak_seconds: float = 1.0
+    peak_size: int | None = None
+    device: str | None = None  # None: cuda when available
+
+
+def _check(opts: ProfileOptions, device: torch.device) -> None:
+    if opts.steps < 1 or opts.repeats < 1:
+        raise RecipeError("--steps and --repeats must be >= 1")
+    for p in opts.precisions:
         if p not in DTYPES:
             raise RecipeError(f"--precisions: {p!r} is not one of {sorted(DTYPES)}")
         if p == "bf16" and not bf16_available(device):
             raise RecipeError("--precisions bf16: bf16 is not available on this device")
         if p == "fp16" and device.type != "cuda":
             raise RecipeError("--precisions fp16 needs a GPU")
-    kd = recipe.distillation.type if recipe.distillation.type != "none" else "hard"
-    problem = build_problem(recipe, num_classes_of(recipe, num_classes), kd, device)
-    size = peak_size or PEAK_SIZE.get(device.type, 2048)
-    peaks = {p: matmul_peak_gflops(device, DTYPES[p], size, peak_seconds) for p in precisions}
-    for name in attention:
+    for name in opts.attention:
         if name not in ATTENTION:
             raise RecipeError(f"--attention: {name!r} is not one of {', '.join(ATTENTION)}")
-    grid = [(c, a, p) for c in ([False, True] if compile_ else [False]) for a in attention for p in precisions]
-    variants = [Variant(p, c, a) for c, a, p in grid]
+
+
+def run_profile(recipe_path: str, overrides: list[str], opts: ProfileOptions) -> dict[str, Any]:
+    """Time every variant alternately, profile the eager ones, and time the largest product alone."""
+    recipe = load_recipe(recipe_path, overrides)
+    device = resolve_device(opts.device)
+    quiet_cpu_imports(device)
+    _check(opts, device)
+    kd = recipe.distillation.type if recipe.distillation.type != "none" else "hard"
+    problem = build_problem(recipe, num_classes_of(recipe, opts.num_classes), kd, device)
+    size = opts.peak_size or PEAK_SIZE.get(device.type, 2048)
+    peaks = {p: matmul_peak_gflops(device, DTYPES[p], size, opts.peak_seconds) for p in opts.precisions}
+    compiled = [False, True] if opts.compile else [False]
+    variants = [Variant(p, c, a) for c in compiled for a in opts.attention for p in opts.precisions]
     built: dict[str, OursStep] = {}
     compile_s: dict[str, float] = {}
     for v in variants:
         start = time.perf_counter()
-        built[v.key] = build_step(problem, v, backend)
+        built[v.key] = build_step(problem, v, opts.backend)
         if v.compiled:
             compile_s[v.key] = time.perf_counter() - start
     flops = built[variants[0].key].flops()
-    timed = time_alternated(built, problem, steps, repeats)
-    result: dict[str, Any] = {
+    timed = time_alternated(built, device, problem.batch_size, opts.steps, opts.repeats)  # type: ignore[arg-type]
+    result = _header(recipe, problem, opts, flops, peaks) | {"source": " ".join([recipe_path, *overrides])}
+    for v in variants:
+        row = _variant_row(v, timed[v.key], problem.batch_size, flops, peaks[v.precision])
+        if v.compiled:
+            row["compile_s"] = compile_s[v.key]
+        else:
+            with filtered_stderr(device):  # Kineto's markers on a CPU
+                row["profile"] = profile_eager(built[v.key], max(2, opts.steps // 2))
+        result["variants"][v.key] = row
+    shape = largest_gemm(result["variants"][variants[0].key]["profile"]["gemms"])
+    if shape is not None:
+        result["largest_gemm"] = {
+            "mkn": list(shape),
+            "bare_mm_gflops": {p: bare_mm_gflops(shape, DTYPES[p], device, opts.peak_seconds) for p in opts.precisions},
+        }
+    return result
+
+
+def _header(
+    recipe: Recipe, problem: Problem, opts: ProfileOptions, flops: int, peaks: dict[str, float]
+) -> dict[str, Any]:
+    device = problem.device
+    return {
         "tool": "distill.profile_step",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "source": " ".join([recipe_path, *overrides]),
         "device": {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads()},
         "torch": torch.__version__,
         "student": {
@@ -318,39 +350,29 @@ def run_profile(
             "patch_size": recipe.student.patch_size,
         },
         "batch_size": problem.batch_size,
-        "distillation": kd,
+        "distillation": problem.kd,
         "teacher": recipe.teacher.model,
         "gflop_per_step": flops / 1e9,
-        "matmul_peak_size": size,
+        "matmul_peak_size": opts.peak_size or PEAK_SIZE.get(device.type, 2048),
         "matmul_peak_gflops": peaks,
-        "compile_backend": backend if compile_ else None,
+        "compile_backend": opts.backend if opts.compile else None,
         "variants": {},
     }
-    for v in variants:
-        img_s = statistics.median(timed[v.key])
-        achieved = flops / problem.batch_size * img_s / 1e9
-        row: dict[str, Any] = {
-            "precision": v.precision,
-            "compiled": v.compiled,
-            "attention": v.attention,
-            "img_s": img_s,
-            "img_s_values": timed[v.key],
-            "step_ms": problem.batch_size / img_s * 1e3,
-            "achieved_gflops": achieved,
-            "fraction_of_peak": achieved / peaks[v.precision],
-        }
-        if v.compiled:
-            row["compile_s"] = compile_s[v.key]
-        else:
-            row["profile"] = profile_eager(built[v.key], max(2, steps // 2))
-        result["variants"][v.key] = row
-    shape = largest_gemm(result["variants"][variants[0].key]["profile"]["gemms"])
-    if shape is not None:
-        result["largest_gemm"] = {
-            "mkn": list(shape),
-            "bare_mm_gflops": {p: bare_mm_gflops(shape, DTYPES[p], device, peak_seconds) for p in precisions},
-        }
-    return result
+
+
+def _variant_row(v: Variant, img_s_values: list[float], batch_size: int, flops: int, peak: float) -> dict[str, Any]:
+    img_s = statistics.median(img_s_values)
+    achieved = flops / batch_size * img_s / 1e9
+    return {
+        "precision": v.precision,
+        "compiled": v.compiled,
+        "attention": v.attention,
+        "img_s": img_s,
+        "img_s_values": img_s_values,
+        "step_ms": batch_size / img_s * 1e3,
+        "achieved_gflops": achieved,
+        "fraction_of_peak": achieved / peak,
+    }
 
 
 def format_report(r: dict[str, Any]) -> str:

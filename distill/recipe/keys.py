@@ -67,6 +67,7 @@ TABLE: dict[str, frozenset[Effect]] = {
     "run.trackers": NO_EFFECT,  # where the same scalars are sent
     "run.export": NO_EFFECT,  # written after training, from the same weights
     "run.teacher_only": RESULT_ONLY,  # stops before the student: another result altogether
+    "run.process_group_timeout_min": NO_EFFECT,  # how long processes wait for each other
     # -- data: which images (data.load_source) ---------------------------------------------------
     "data.source": IN_SPLIT,
     "data.path": IN_SPLIT,
@@ -125,6 +126,11 @@ TABLE: dict[str, frozenset[Effect]] = {
     "teacher.inference_mode": IN_OUTPUTS,
     "teacher.channels_last": IN_OUTPUTS,
     "teacher.compile": IN_OUTPUTS,
+    # The members and how their outputs are combined (distill/models/ensemble.py). A member the
+    # pipeline trains is keyed by its own entry (ensemble.member_recipe reads it as a one-teacher
+    # recipe), so the list itself enters no trained-teacher key.
+    "teacher.ensemble": IN_OUTPUTS,
+    "teacher.combine": IN_OUTPUTS,
     # The output cache replays the outputs it keys; top-k mode (budget_mb, topk) approximates the
     # soft targets, so it changes the result but not the teacher's outputs (the cache keys its
     # own encoding). enabled: replay in top-k mode is not what a recomputing run trains on.
@@ -201,9 +207,12 @@ TABLE: dict[str, frozenset[Effect]] = {
     # teacher stage runs under it too (Accelerate compiles what it prepares), and a teacher
     # trained either way is shared (one teacher per study).
     "train.compile": RESULT_ONLY,
-    # The student's attention kernel (the same arithmetic, rounded differently); the teacher
-    # stage trains a convnet, which has none.
+    # The student's attention kernel (the same arithmetic, rounded differently; auto picks one
+    # by device and precision); the teacher stage trains a convnet, which has none.
     "train.attention": RESULT_ONLY,
+    # TF32 rounds the inputs of every matrix product on a GPU: the teacher stage trains and the
+    # teacher runs under it, so trained teachers and their outputs differ with it.
+    "train.tf32": IN_TEACHER,
     # -- eval ----------------------------------------------------------------------------------
     # Val batch composition (the last bits of batched kernels); the teacher stage evaluates
     # with it too, but only to report, never to choose weights.

@@ -54,6 +54,11 @@ class RunConfig(Section):
     # Stop after the teacher stage: train (or find) and evaluate the teacher, copy it to
     # <run>/teacher/ (a timm Hub folder that teacher.checkpoint can point at), no student.
     teacher_only: bool = False
+    # How long a process waits in a collective (a barrier, a broadcast) before the launch fails.
+    # torch's default is 10 minutes under NCCL (30 under gloo), while the main process alone loads
+    # and checks the data (data.on_bad_image=skip decodes every image) and, in compare, writes the
+    # analyses and the report: the other processes wait for it at the next barrier.
+    process_group_timeout_min: float = Field(60.0, gt=0.0)
 
     @field_validator("trackers", mode="before")
     @classmethod
@@ -179,20 +184,33 @@ class TrainConfig(OptimConfig):
     # One precision per launch (Accelerate fixes it at start-up); the teacher stage uses it too.
     # bf16 autocast: fast on GPUs and on CPUs with AMX or avx512_bf16; elsewhere it is emulated
     # (this project's 2-core avx512f machines: a whole step 3x slower than fp32, measured by
-    # python -m distill.bench). On a CPU with bf16 pair it with train.attention=manual (the CPU
-    # flash-attention kernel is slow in bf16: 1.8x fp32's training throughput with it, README
-    # Speed). fp16: GPU only.
+    # python -m distill.bench). On a CPU, train.attention=auto pairs bf16 with timm's manual
+    # attention (the CPU flash-attention kernel is slow in bf16). fp16: GPU only.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA (DeiT never used it)
     # torch.compile the student's forward (Inductor). Off by default: compiling costs tens of
     # seconds per run, which only pays off on long runs (figures: python -m distill.bench).
     compile: bool = False
     # The student's attention: 'fused' is F.scaled_dot_product_attention (torch picks the kernel),
-    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False). On a CPU with
-    # bf16, torch's flash kernel is the bottleneck: measured on AMD EPYC (avx512_bf16) with
+    # 'manual' timm's softmax(q k^T) v in plain matrix products (fused_attn=False), 'auto' manual
+    # on a CPU under bf16/fp16 autocast and fused otherwise (the run logs its choice). On a CPU
+    # with bf16, torch's flash kernel is the bottleneck: measured on AMD EPYC (avx512_bf16) with
     # recipes/cifar10_cpu.yaml's step, bf16 449 img/s fused against 893 manual (fp32: 460 fused,
-    # 441 manual); python -m distill.profile_step shows where the time goes.
-    attention: Literal["fused", "manual"] = "fused"
+    # 441 manual); python -m distill.profile_step shows where the time goes, python -m
+    # distill.bench times every choice on the machine at hand.
+    attention: Literal["auto", "fused", "manual"] = "auto"
+    # TF32 matrix products and convolutions on NVIDIA GPUs (10-bit mantissa inputs: faster, less
+    # exact). Decided here for the whole process, since Accelerate turns TF32 matmuls on by itself
+    # when train.compile is on in fp32; no effect on a CPU.
+    tf32: bool = False
+
+    def attention_on(self, device_type: str) -> Literal["fused", "manual"]:
+        """train.attention resolved for a device: 'auto' takes 'manual' on a CPU under bf16/fp16
+        autocast (the bench's figures above: 1.8x fp32's throughput, 2x bf16 fused) and 'fused'
+        otherwise (fp32 on a CPU: 460 fused against 441 manual; GPUs run the fused kernels)."""
+        if self.attention != "auto":
+            return self.attention
+        return "manual" if device_type == "cpu" and self.precision != "fp32" else "fused"
 
 
 class TeacherTrainConfig(OptimConfig):
@@ -227,6 +245,20 @@ class OutputCacheConfig(Section):
     verify_every: int = Field(50, ge=0)
 
 
+class TeacherMemberConfig(Section):
+    """One member of ``teacher.ensemble``: a teacher entry as ``teacher`` itself takes, and its
+    weight. A member with neither checkpoint nor train is trained with the recipe's teacher.train."""
+
+    model: str | None = None  # a timm classifier; None: a checkpoint folder's recorded architecture
+    checkpoint: Path | None = None  # a weights file or a timm folder, as teacher.checkpoint
+    model_args: dict[str, Any] = {}  # extra timm.create_model keyword arguments
+    mean: tuple[float, float, float] | None = None  # its input normalisation; None: its folder's, else timm's
+    std: tuple[float, float, float] | None = None
+    img_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None  # its own input size
+    train: TeacherTrainConfig | None = None  # None (and no checkpoint): the recipe's teacher.train
+    weight: float = 1.0  # its share of the combination (weights are divided by their sum)
+
+
 class TeacherConfig(Section):
     model: str = "regnety_160"  # any timm convnet (DeiT used RegNetY-16GF)
     checkpoint: Path | None = None  # safetensors or torch weights (weights_only), or a timm folder
@@ -246,6 +278,33 @@ class TeacherConfig(Section):
     channels_last: bool = True  # the channels-last memory layout
     compile: bool = False  # torch.compile the teacher's forward
     output_cache: OutputCacheConfig = OutputCacheConfig()
+    # Several teachers as one (distill/models/ensemble.py, docs/teachers.md): each member runs at
+    # its own size and normalisation on the same (mixed) student batch. With w_m = weight_m /
+    # sum(weights), combine 'probs' gives the teacher logits tau * log(sum_m w_m softmax(z_m / tau)),
+    # whose softmax at the distillation tau is exactly the members' weighted mean softmax (soft
+    # targets) and whose argmax is that mixture's (hard); 'logits' gives sum_m w_m z_m. When set,
+    # teacher.checkpoint must be unset; teacher.train trains the members that name no weights.
+    ensemble: list[TeacherMemberConfig] | None = None
+    combine: Literal["probs", "logits"] = "probs"
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> TeacherConfig:
+        if self.ensemble is None:
+            return self
+        if not self.ensemble:
+            raise ValueError("teacher.ensemble is empty; list at least one member, or remove it for one teacher")
+        weights = [m.weight for m in self.ensemble]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"teacher.ensemble weights {weights} must be >= 0 with a positive sum; give each member "
+                "a weight >= 0 (they are divided by their sum)"
+            )
+        if self.checkpoint is not None:
+            raise ValueError(
+                "teacher.checkpoint and teacher.ensemble are both set; give each member its checkpoint "
+                "in teacher.ensemble, or remove teacher.ensemble for one teacher"
+            )
+        return self
 
 
 class StudentConfig(Section):

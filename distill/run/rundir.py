@@ -1,4 +1,4 @@
-"""A run's directory, ``<run.output_dir>/<run.name>/`` (PRODUCT.md): its layout, the decision to
+"""A run's directory, ``<run.output_dir>/<run.name>/``: its layout, the decision to
 start afresh, resume or refuse, finished-run detection, the summary, and the rows it logged.
 
 Every other module asks this one where a run's files are and what state the run is in.
@@ -18,6 +18,7 @@ from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
 from distill.recipe.keys import changed_for_resume
 from distill.recipe.schema import PROVENANCE_KEY, Recipe, recipe_to_dict
 from distill.run import checkpoint as ckpt
+from distill.run.processes import check_same_checkpoint, check_shared, decided_by_main, shared_dirs
 from distill.run.tracking import TRACKERS_FILE, provenance, read_metrics, write_atomic
 
 # What a fresh start clears (a shared directory may hold other files: those stay).
@@ -98,7 +99,29 @@ class RunDir:
             self.path.rmdir()
 
     def prepare(self, accelerator: Accelerator, recipe: Recipe, argv: list[str]) -> Path | None:
-        """Decide fresh start / resume / refusal; return the checkpoint to resume from, if any."""
+        """Decide fresh start / resume / refusal; return the checkpoint to resume from, if any.
+
+        Collective. The main process decides from what it sees and every process follows it (a
+        process deciding from its own view of a node-local or stale directory would diverge);
+        then every process checks that it reads the same checkpoint."""
+        check_shared(accelerator, shared_dirs(recipe))
+        name = decided_by_main(accelerator, lambda: self._decide(recipe))
+        latest = None if name is None else self.checkpoints / name
+        check_same_checkpoint(accelerator, latest)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            try:
+                self._reset(accelerator, recipe, argv, latest)
+            except OSError as exc:
+                if exc.errno not in STORAGE_ERRNOS:
+                    raise
+                raise storage_error(exc, f"the run directory {self.path}", "choose a writable run.output_dir") from None
+        accelerator.wait_for_everyone()
+        return latest
+
+    def _decide(self, recipe: Recipe) -> str | None:
+        """Main process: the name of the checkpoint to resume from, None for a fresh start, or
+        the RunStateError that refuses the run."""
         if self.finished() and not recipe.run.overwrite:
             raise RunStateError(
                 f"run {self.path} already finished (summary.json exists); pick another run.name, or "
@@ -119,16 +142,7 @@ class RunDir:
                     f"cannot resume {self.path}: the recipe differs from the checkpoint's in "
                     f"{', '.join(changed)}; restore those values, or pass run.overwrite=true to start again"
                 )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            try:
-                self._reset(accelerator, recipe, argv, latest)
-            except OSError as exc:
-                if exc.errno not in STORAGE_ERRNOS:
-                    raise
-                raise storage_error(exc, f"the run directory {self.path}", "choose a writable run.output_dir") from None
-        accelerator.wait_for_everyone()
-        return latest
+        return None if latest is None else latest.name
 
     def _reset(self, accelerator: Accelerator, recipe: Recipe, argv: list[str], latest: Path | None) -> None:
         """Main process: clear a run being started afresh, drop half-written checkpoints, record the recipe."""

@@ -128,6 +128,9 @@ def settings_rows(runs: list[RunRecord]) -> list[dict[str, str]]:
 
     teacher = values(lambda r: (r.summary.get("teacher") or {}).get("architecture", "none"))
     sha = values(lambda r: ((r.summary.get("teacher") or {}).get("sha256") or "n/a")[:16])
+    members = [
+        {"setting": "teacher members", "value": values(lambda r: _members_text(r.summary.get("teacher")))}
+    ] if any((r.summary.get("teacher") or {}).get("members") for r in runs) else []  # fmt: skip
     return [
         {"setting": "alpha", "value": values(lambda r: r.recipe["distillation"]["alpha"])},
         {"setting": "tau (soft)", "value": values(lambda r: r.recipe["distillation"]["tau"])},
@@ -135,6 +138,7 @@ def settings_rows(runs: list[RunRecord]) -> list[dict[str, str]]:
         {"setting": "epochs", "value": values(lambda r: r.final["epoch"])},
         {"setting": "teacher", "value": teacher},
         {"setting": "teacher sha256 (first 16)", "value": sha},
+        *members,
         {"setting": "student", "value": values(lambda r: r.recipe["student"]["model"])},
         {"setting": "student initialised from", "value": values(lambda r: init_text(r.summary.get("student_init")))},
         {
@@ -148,6 +152,15 @@ def settings_rows(runs: list[RunRecord]) -> list[dict[str, str]]:
         {"setting": "data seed", "value": values(lambda r: _data_seed(r))},
         {"setting": "teacher outputs", "value": _cache_note(runs)},
     ]
+
+
+def _members_text(teacher: dict[str, Any] | None) -> str:
+    """An ensemble teacher's members (teacher.ensemble): architecture, share, sha256, top-1."""
+    return "; ".join(
+        f"{m.get('architecture')} x{m.get('weight', 1.0):.3g} sha256 {str(m.get('sha256'))[:16]} "
+        f"top-1 {100 * m['val_top1']:.2f}%"
+        for m in (teacher or {}).get("members") or []
+    )
 
 
 def _data_seed(run: RunRecord) -> str:

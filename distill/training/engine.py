@@ -93,7 +93,10 @@ class LossMeter:
         vals = torch.stack([parts.total.detach(), parts.ce.detach(), parts.kd.detach()]).double()
         finite = torch.isfinite(vals).all()
         vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
-        self.sums[: len(self.KEYS) + 2] += torch.cat([vals * n, vals.new_tensor([n]), (~finite).double().view(1)])
+        k = len(self.KEYS)  # in place, n as a kernel argument: no tensor built from host data per step
+        self.sums[:k] += vals * n
+        self.sums[k] += n
+        self.sums[k + 1] += (~finite).double()
 
     def flush(self, accelerator: Accelerator) -> tuple[dict[str, float], int, bool, bool]:
         """Collective: (global sums, global image count, any non-finite loss on any rank, a stop
@@ -239,11 +242,12 @@ def evaluate(
 
 def evaluate_teacher(
     accelerator: Accelerator, teacher: Any, loader: Any, outputs: Any = None
-) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
-    """One teacher pass over the val split: its accuracy, and its logits by image index, kept for
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One teacher pass over the val split: its accuracy, and its fp32 logits as rows by image
+    index (this process's share filled), kept on the device for
     every epoch's agreement and KL (the val transform is deterministic, so they never change).
     ``outputs``: the teacher-output cache, whose val table replays them."""
-    logits_by_index: dict[int, torch.Tensor] = {}
+    by_index: list[torch.Tensor] = []  # [val images, classes] on the device once the first batch is in
     first = [True]
     if outputs is not None:
         outputs.open_val()
@@ -254,15 +258,17 @@ def evaluate_teacher(
             first[0] = False
         else:
             logits = teacher(batch["image"])
-        for i, row in zip(batch["index"].tolist(), logits, strict=True):
-            logits_by_index[i] = row
+        if not by_index:
+            by_index.append(logits.new_zeros(len(loader.dataset), logits.shape[-1], dtype=torch.float32))
+        by_index[0][batch["index"]] = logits.float()  # a scatter on the device, no per-image Python
         return {"top1": (logits.argmax(-1) == batch["label"]).float()}
 
-    return evaluate(accelerator, loader, forward), logits_by_index
+    stats = evaluate(accelerator, loader, forward)
+    return stats, by_index[0] if by_index else torch.zeros(0, 0, device=accelerator.device)
 
 
 def evaluate_student(
-    accelerator: Accelerator, model: torch.nn.Module, loader: Any, teacher_logits: dict[int, torch.Tensor] | None
+    accelerator: Accelerator, model: torch.nn.Module, loader: Any, teacher_logits: torch.Tensor | None
 ) -> dict[str, float]:
     """Per-head accuracy, and agreement/KL with the teacher's stored val logits when given."""
     model.eval()
@@ -271,7 +277,7 @@ def evaluate_student(
         cls, dist = student_heads(model, batch["image"])
         t = None
         if teacher_logits is not None:
-            t = torch.stack([teacher_logits[i] for i in batch["index"].tolist()])
+            t = teacher_logits[batch["index"]]  # rows by image index, gathered on the device
         return student_sample_stats(cls.float(), dist.float(), batch["label"], t)
 
     return evaluate(accelerator, loader, forward)

@@ -7,11 +7,20 @@ the teacher and the input pipeline (the types and seeds of a study with ``data.s
 can therefore share the teacher's outputs: the first run computes them, the others read them.
 
 Layout: ``<dir>/<key>/`` holds ``key.json`` (everything the outputs depend on; the folder name is
-its hash, so any change lands in a fresh folder: that is the invalidation), and per epoch a
-memory-mapped array of rows plus a ``filled`` byte per row. A row is a position in the epoch's
-stream, ``(micro_step x world + rank) x per_process_batch + i``, which is why world size and
-per-process batch are part of the key (they also fix batch composition, on which the last bits
-of batched kernels can depend). Validation outputs are rows keyed by image index.
+its hash, so any change lands in a fresh folder: that is the invalidation), and per epoch one file
+per process, ``epoch_<e>.rank<r>.npz``: that process's rows plus a ``filled`` flag per row. A
+process's row is a position in its own share of the epoch's stream, ``micro_step x
+per_process_batch + i``, which is why world size and per-process batch are part of the key (they
+also fix batch composition, on which the last bits of batched kernels can depend). Validation
+outputs are ``val.rank<r>.npz``, rows keyed by image index.
+
+Files shared between nodes and jobs: a process holds its tables in memory on its device while it
+trains (a lookup is a slice of a device tensor: no copy through the host) and publishes a table
+at the end of its epoch as a whole file, written under a unique temporary name (host, process id,
+random part) and renamed into place. No two processes ever write one file, and a file is never
+changed in place, so a network file system's clients never see a half-written page (memory-mapped
+rows of several processes shared 4 KiB pages, which NFS clients do not keep coherent), and two
+runs that share a key each publish a complete table: the last rename wins, both are valid.
 
 Two encodings, chosen by ``budget_mb`` per epoch:
 
@@ -23,8 +32,8 @@ Two encodings, chosen by ``budget_mb`` per epoch:
 
 Every ``verify_every``-th replayed step, and the first of each epoch, is recomputed and compared
 in the stored encoding; a difference stops the run (a cache that no longer matches its key must
-never train silently). A crash between filling rows leaves them marked unfilled: they are
-recomputed, so a killed run never leaves a half-written row behind to be trusted.
+never train silently). A killed run publishes nothing of the epoch it was in: those rows are
+recomputed, so a half-written row is never trusted.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,9 +57,11 @@ from distill.data.sources import SplitData
 from distill.errors import TrainingError
 from distill.recipe.keys import TEACHER_OUTPUTS, fields
 from distill.recipe.schema import Recipe
+from distill.run.processes import tf32_state, unique_suffix
 from distill.training.optim import BatchPlan
 
 KEY_FILE = "key.json"
+Columns = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name: (shape of a row, dtype)
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -56,39 +69,75 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def device_identity(device: torch.device) -> dict[str, Any]:
+    """What computes the teacher's outputs: kernels (and so the last bits) differ between GPU
+    models and CUDA/cuDNN versions."""
+    if device.type != "cuda":
+        return {"type": device.type}
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(device),
+        "capability": list(torch.cuda.get_device_capability(device)),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
 def labels_digest(labels: list[int]) -> str:
     """Identity of a split: its size and label sequence (a re-split or new subset changes it)."""
     return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-class _Rows:
-    """One memory-mapped table: ``data`` arrays of ``rows`` rows plus a ``filled`` flag per row."""
+class _Table:
+    """One process's table: ``columns`` as tensors of ``rows`` rows on the device, a ``filled``
+    flag per row on the host (the rows a lookup asks for are known there: no device sync)."""
 
-    def __init__(self, stem: Path, rows: int, columns: dict[str, tuple[tuple[int, ...], Any]], create: bool) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-        for name, (shape, dtype) in {**columns, "filled": ((), np.uint8)}.items():
-            path = stem.with_name(f"{stem.name}.{name}.npy")
-            if create and not path.exists():
-                tmp = path.with_name(path.name + ".tmp.npy")
-                np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *shape)).flush()
-                tmp.replace(path)  # complete (zero-filled: nothing marked filled) or absent
-            if not create:
-                self.arrays[name] = np.load(path, mmap_mode="r+")
+    def __init__(self, path: Path, rows: int, columns: Columns, device: torch.device) -> None:
+        self.path, self.dirty = path, False
+        self.data = {
+            k: torch.zeros((rows, *shape), dtype=dtype, device=device) for k, (shape, dtype) in columns.items()
+        }
+        self.filled = np.zeros(rows, dtype=bool)
+        stored = _load(path, rows, columns)
+        if stored is not None:
+            self.filled = stored.pop("filled")
+            for k, v in stored.items():
+                self.data[k].copy_(torch.from_numpy(v))  # one copy per epoch
 
-    def filled(self, rows: np.ndarray) -> bool:
-        return bool(self.arrays["filled"][rows].all())
+    def read(self, rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[rows] for k, v in self.data.items()}
 
-    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v[rows]) for k, v in self.arrays.items() if k != "filled"}
-
-    def write(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    def write(self, rows: slice | torch.Tensor, host_rows: slice | np.ndarray, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
-            self.arrays[k][rows] = v
-        self.arrays["filled"][rows] = 1  # after the data: a row is trusted only once complete
+            self.data[k][rows] = v
+        self.filled[host_rows] = True
+        self.dirty = True
 
-    def flush(self) -> None:
-        for a in self.arrays.values():
-            a.flush()
+    def publish(self) -> None:
+        """Write the table as a whole under a unique temporary name, then rename it into place."""
+        if not self.dirty:
+            return
+        arrays = {k: v.cpu().numpy() for k, v in self.data.items()}
+        tmp = self.path.with_name(f"{self.path.name}.tmp.{unique_suffix()}.npz")
+        try:
+            np.savez(tmp, filled=self.filled, **arrays)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a cache that cannot be written costs a recomputation, not the run
+            tmp.unlink(missing_ok=True)
+            print(f"warning: teacher outputs not saved to {self.path} ({exc}); a later run recomputes them")
+        self.dirty = False
+
+
+def _load(path: Path, rows: int, columns: Columns) -> dict[str, np.ndarray] | None:
+    """A published table's arrays, or None when there is none (or it does not fit: recomputed)."""
+    try:
+        with np.load(path) as z:
+            stored = {k: z[k] for k in [*columns, "filled"]}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    if stored["filled"].shape != (rows,) or any(stored[k].shape != (rows, *columns[k][0]) for k in columns):
+        return None
+    return stored
 
 
 class TeacherOutputCache:
@@ -119,83 +168,84 @@ class TeacherOutputCache:
         if accelerator.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             key_file = self.dir / KEY_FILE
-            if not key_file.exists():
-                key_file.write_text(json.dumps(fields, indent=1, sort_keys=True, default=str))
+            if not key_file.exists():  # the same text from every run of this key: any rename wins
+                tmp = key_file.with_name(f"{KEY_FILE}.tmp.{unique_suffix()}")
+                tmp.write_text(json.dumps(fields, indent=1, sort_keys=True, default=str))
+                os.replace(tmp, key_file)
         accelerator.wait_for_everyone()
-        self._tables: dict[str, _Rows] = {}
+        self._tables: dict[str, _Table] = {}
         self.stats = {"train_replayed": 0, "train_computed": 0, "val_replayed": 0, "val_computed": 0, "verified": 0}
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def _columns(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def _columns(self) -> Columns:
         if self.mode == "full":
-            return {"logits": ((self.num_classes,), np.float32)}
-        idx = np.int16 if self.num_classes <= np.iinfo(np.int16).max else np.int32
-        return {"logp": ((self.k,), np.float16), "classes": ((self.k,), idx)}
+            return {"logits": ((self.num_classes,), torch.float32)}
+        idx = torch.int16 if self.num_classes <= torch.iinfo(torch.int16).max else torch.int32
+        return {"logp": ((self.k,), torch.float16), "classes": ((self.k,), idx)}
 
-    def _encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        logits = logits.detach().float().cpu()
+    def _encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored form, computed on the logits' device."""
+        logits = logits.detach().float()
         if self.mode == "full":
-            return {"logits": logits.numpy()}
+            return {"logits": logits}
         logp, classes = torch.log_softmax(logits, dim=-1).topk(self.k, dim=-1)
-        return {"logp": logp.half().numpy(), "classes": classes.numpy().astype(self._columns()["classes"][1])}
+        return {"logp": logp.half(), "classes": classes.to(self._columns()["classes"][1])}
 
-    def _decode(self, values: dict[str, np.ndarray]) -> torch.Tensor:
+    def _decode(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.accelerator.device
         if self.mode == "full":
-            return torch.from_numpy(values["logits"]).to(device)
-        logp = torch.from_numpy(values["logp"]).float()
-        classes = torch.from_numpy(values["classes"].astype(np.int64))
+            return values["logits"].to(device)
+        logp = values["logp"].float()
+        classes = values["classes"].long()
         rest = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / max(self.num_classes - self.k, 1)
         out = rest.log().expand(-1, self.num_classes).clone()
         return out.scatter_(-1, classes, logp).to(device)  # log-probabilities: softmax/argmax as logits
 
     # -- tables ----------------------------------------------------------------------------
 
-    def _table(self, name: str, rows: int) -> _Rows:
-        """Collective on first use of ``name``: the main process creates the files, all open them."""
+    def _table(self, name: str, rows: int) -> _Table:
+        """This process's table ``name``, loaded from its published file when there is one."""
         if name not in self._tables:
-            stem = self.dir / name
-            if self.accelerator.is_main_process:
-                _Rows(stem, rows, self._columns(), create=True)
-            self.accelerator.wait_for_everyone()
-            self._tables[name] = _Rows(stem, rows, self._columns(), create=False)
+            path = self.dir / f"{name}.rank{self.accelerator.process_index}.npz"
+            self._tables[name] = _Table(path, rows, self._columns(), self.accelerator.device)
         return self._tables[name]
 
     def begin_epoch(self, epoch: int) -> None:
-        """Collective: open (creating if needed) epoch ``epoch``'s table; flush the previous ones."""
-        for t in self._tables.values():
-            t.flush()
-        self._table(f"epoch_{epoch:04d}", self.rows_per_epoch)
+        """Publish the previous epoch's table (if this run filled rows of it); open epoch ``epoch``'s."""
+        for name in [n for n in self._tables if n.startswith("epoch_")]:
+            self._tables.pop(name).publish()
+        self._table(f"epoch_{epoch:04d}", self.rows_per_epoch // self.accelerator.num_processes)
 
     def open_val(self) -> None:
-        """Collective: open the validation table."""
+        """Open the validation table (rows by image index; this process fills its share)."""
         self._table("val", self.val_rows)
 
     # -- lookups ---------------------------------------------------------------------------
 
     def _lookup(
-        self, table: _Rows, rows: np.ndarray, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
-        verify: bool, where: str, split: str,
+        self, table: _Table, rows: slice | torch.Tensor, host_rows: slice | np.ndarray, images: torch.Tensor,
+        compute: Callable[[torch.Tensor], torch.Tensor], verify: bool, where: str, split: str,
     ) -> torch.Tensor:  # fmt: skip
-        if table.filled(rows):
+        n = images.shape[0]
+        if table.filled[host_rows].all():
             stored = table.read(rows)
-            if verify:
+            if verify:  # the one device-to-host wait of a replayed step, on verified steps only
                 fresh = self._encode(compute(images))
-                same = all(np.array_equal(fresh[k], stored[k]) for k in stored)
-                if not same:
+                if not all(torch.equal(fresh[k], stored[k]) for k in stored):
                     raise TrainingError(
                         f"the teacher-output cache {self.dir} disagrees with a fresh teacher pass at "
                         f"{where}: it does not belong to this teacher, data or input pipeline. Delete "
                         "that folder (it is rebuilt), or set teacher.output_cache.enabled=false"
                     )
                 self.stats["verified"] += 1
-            self.stats[f"{split}_replayed"] += len(rows)
+            self.stats[f"{split}_replayed"] += n
             return self._decode(stored)
         logits = compute(images)
-        table.write(rows, self._encode(logits))
-        self.stats[f"{split}_computed"] += len(rows)
-        return logits if self.mode == "full" else self._decode(self._encode(logits))
+        encoded = self._encode(logits)
+        table.write(rows, host_rows, encoded)
+        self.stats[f"{split}_computed"] += n
+        return logits if self.mode == "full" else self._decode(encoded)
 
     def train_logits(
         self, epoch: int, micro_step: int, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]
@@ -205,18 +255,18 @@ class TeacherOutputCache:
         Top-k encoding returns the decoded form even when freshly computed, so that a run is the
         same function of its inputs whether it filled the cache or replayed it."""
         acc = self.accelerator
-        start = (micro_step * acc.num_processes + acc.process_index) * self.batch
-        rows = np.arange(start, start + images.shape[0])
+        rows = slice(micro_step * self.batch, micro_step * self.batch + images.shape[0])
         verify = self.verify_every > 0 and (micro_step % self.verify_every == 0)
         where = f"epoch {epoch + 1}, micro-step {micro_step}, process {acc.process_index}"
-        return self._lookup(self._tables[f"epoch_{epoch:04d}"], rows, images, compute, verify, where, "train")
+        return self._lookup(self._tables[f"epoch_{epoch:04d}"], rows, rows, images, compute, verify, where, "train")
 
     def val_logits(
         self, indices: torch.Tensor, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor], first: bool
     ) -> torch.Tensor:
-        rows = indices.cpu().numpy()
+        """Once per run (the teacher's val pass): the indices are read on the host."""
+        host_rows = indices.cpu().numpy()
         verify = first and self.verify_every > 0
-        return self._lookup(self._tables["val"], rows, images, compute, verify, "validation", "val")
+        return self._lookup(self._tables["val"], indices, host_rows, images, compute, verify, "validation", "val")
 
     def summary(self) -> dict[str, Any]:
         """For summary.json and the report: where the teacher's outputs came from. Counts are
@@ -234,8 +284,9 @@ class TeacherOutputCache:
         }
 
     def close(self) -> None:
+        """Publish what this run filled; free the device tables."""
         for t in self._tables.values():
-            t.flush()
+            t.publish()
         self._tables.clear()
 
 
@@ -268,7 +319,11 @@ def open_output_cache(
         "torch": torch.__version__,
         "distill": __version__,  # how views are drawn and resampled may change between versions
         "store": pipeline.store,  # the resolved data path: its views differ from the other's
-        "device": acc.device.type,
+        "device": device_identity(acc.device),
+        # Compiled kernels round differently from eager ones, and TF32 rounds every product's
+        # inputs: both change the teacher's last bits (what the process applies, train.tf32).
+        "compile": recipe.train.compile,
+        "tf32": tf32_state() if acc.device.type == "cuda" else None,
     }
     cache = TeacherOutputCache(
         acc,

@@ -38,10 +38,12 @@ from distill.models.teacher import (
 from distill.recipe.keys import TEACHER, fields
 from distill.recipe.schema import Recipe
 from distill.run.checkpoint import TrainingState
+from distill.run.processes import main_value, unique_suffix
 from distill.training.engine import evaluate, train_one_epoch
 from distill.training.optim import batch_plan, build_optimizer, build_scheduler
 from distill.training.progress import ProgressReport
 from distill.training.step import Step
+from distill.training.teacher_ensemble import obtain_ensemble
 
 TEACHER_INFO = "teacher.json"
 
@@ -148,7 +150,7 @@ def _save_teacher(
 ) -> None:
     from timm.models import save_for_hf
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.tmp.{unique_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # The teacher learnt on the student's preprocessing; record it so a later load re-normalises
     # correctly (pretrained_cfg mean/std are what FrozenTeacher compares).
@@ -214,6 +216,8 @@ def obtain_teacher(
     """The frozen teacher on the device, fed student-space batches of ``spec`` (resized to its own
     input size inside), or None when the recipe has none and needs none."""
     cfg = recipe.teacher
+    if cfg.ensemble is not None:  # several teachers as one, each obtained as below
+        return obtain_ensemble(accelerator, recipe, split, spec, obtain_teacher, check_teacher)  # type: ignore[return-value]
     trained_here, train_time_s = False, None
     if cfg.checkpoint is not None:
         folder = Path(str(cfg.checkpoint)).expanduser()
@@ -228,7 +232,7 @@ def obtain_teacher(
         size = _pair(cfg.img_size) or spec.size
         train_spec = InputSpec(size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
         folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, train_spec, split.num_classes)}"
-        if not (folder / TEACHER_INFO).is_file():
+        if not main_value(accelerator, (folder / TEACHER_INFO).is_file()):  # one decision for all
             start = time.perf_counter()
             train_teacher(accelerator, recipe, split, train_spec, folder)
             trained_here, train_time_s = True, time.perf_counter() - start

@@ -30,6 +30,7 @@ from distill.recipe.checks import check_settings
 from distill.recipe.schema import Recipe, flatten, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.checkpoint import TrainingState
+from distill.run.processes import accelerator_options, apply_tf32, main_value
 from distill.run.rundir import RunDir
 from distill.run.tracking import RunLog, check_trackers
 from distill.training.engine import STOP, evaluate_student, evaluate_teacher, train_one_epoch
@@ -56,7 +57,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # prepare() compiles the student (and unwraps it for saving); the teacher is compiled
         # by FrozenTeacher since it is never prepared.
         dynamo_backend="inductor" if recipe.train.compile else "no",
+        **accelerator_options(recipe),  # the process group's timeout, non-blocking batch copies
     )
+    apply_tf32(recipe)  # after Accelerate, which turns TF32 on under dynamo in fp32
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise LaunchError(
@@ -90,7 +93,9 @@ def setup_student(accelerator: Accelerator, recipe: Recipe, split: SplitData, sp
     # on whether the teacher was trained now or found in the cache.
     with seeded(r.run.seed):
         student = build_student(r.student, split.num_classes, r.distillation.token)
-    set_attention(student, r.train.attention)  # the EMA, a copy, and evaluation keep it
+    attention = r.train.attention_on(acc.device.type)
+    set_attention(student, attention)  # the EMA, a copy, and evaluation keep it
+    acc.print(f"student: attention {attention} (train.attention={r.train.attention}, {r.train.precision})")
     init = initialise(student, r.student)
     if init is not None:
         acc.print(init.line())
@@ -172,7 +177,7 @@ class DistillRun:
             return self._teacher_only(teacher, split, spec, wall_start)
         student = setup_student(acc, r, split, spec)
         outputs = open_output_cache(acc, r, teacher, split, student.pipeline, student.plan)
-        teacher_val: dict[int, torch.Tensor] | None = None
+        teacher_val: torch.Tensor | None = None
         if teacher is not None:
             t_stats, teacher_val = evaluate_teacher(acc, teacher, student.pipeline.val_loader, outputs)
             check_teacher(teacher, t_stats["top1"], split.num_classes, r.teacher.min_top1, acc.is_main_process)
@@ -207,7 +212,7 @@ class DistillRun:
         step: Step,
         progress: TrainingState,
         log: RunLog,
-        teacher_val: dict[int, torch.Tensor] | None,
+        teacher_val: torch.Tensor | None,
         outputs: TeacherOutputCache | None,
     ) -> dict[str, Any]:
         """The epoch loop; returns the last evaluation's record."""
@@ -244,7 +249,8 @@ class DistillRun:
             # Resumed after the last epoch's checkpoint (killed before summary.json): that epoch's
             # record is already in metrics.jsonl, training sums included; re-evaluating would lose
             # them (fault_trials found summary.json with NaN train losses).
-            final = self.rundir.logged_record(progress.epoch) or self._epoch_record(student, teacher_val, progress, {})
+            logged = main_value(acc, self.rundir.logged_record(progress.epoch))  # one decision for all
+            final = logged or self._epoch_record(student, teacher_val, progress, {})
         return final
 
     def _teacher_only(
@@ -312,7 +318,7 @@ class DistillRun:
     def _epoch_record(
         self,
         student: Student,
-        teacher_val: dict[int, torch.Tensor] | None,
+        teacher_val: torch.Tensor | None,
         progress: TrainingState,
         sums: dict[str, float],
     ) -> dict[str, Any]:
