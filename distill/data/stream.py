@@ -2,7 +2,8 @@
 shard, for storage where random reads are slow (an object store behind a FUSE mount, a network
 filesystem that serves large sequential reads well and small scattered ones badly).
 
-The stream of one epoch, as a function of (data seed, epoch, processes P, loader workers W):
+The stream of one epoch, as a function of (data seed, epoch, processes P, loader workers W, the
+batch per process):
 
 - the shard order: a permutation of the split's shards drawn from (seed, epoch); with repeated
   augmentation N > 1, its first ceil(S / N) shards, each image giving N views in a row (an epoch

@@ -146,9 +146,10 @@ class DataConfig(Section):
     # shards: 'random' reads rows memory-mapped in the sampler's order (every guarantee of the
     # source). 'stream' reads each shard front to back, in a shard order drawn from (data seed,
     # epoch), through a shuffle buffer, each process and loader worker its own shards. Kept: the
-    # view of image i in epoch e is a function of (data seed, e, i); the same seed, processes and
-    # data.num_workers give the same stream; exact resume. Given up: random mode's order (and its
-    # metrics), P processes = 1, each image once per epoch unless shards divide evenly (scale.md).
+    # view of image i in epoch e is a function of (data seed, e, i); the same seed, processes,
+    # data.num_workers and batch give the same stream; exact resume. Given up: random mode's order
+    # (and metrics), P processes = 1, each image once per epoch unless shards divide evenly, the
+    # teacher-output cache (refused). docs/scale.md.
     shard_access: Literal["random", "stream"] = "random"
     stream_buffer: int = Field(1000, ge=1)  # stream: images held by each shard's shuffle buffer
     synthetic: SyntheticConfig = SyntheticConfig()
