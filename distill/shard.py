@@ -1,6 +1,6 @@
 """Write a recipe's data as shards that ``data.source=shards`` reads on any number of nodes.
 
-    python -m distill.shard RECIPE.yaml --out DIR [--shard-size N] [--overwrite] [a.b=value ...]
+    python -m distill.shard RECIPE.yaml --out DIR [--shard-size N] [--shuffle SEED] [--overwrite] [a.b=value ...]
 
 Then train with ``data.source=shards data.path=DIR`` and otherwise the same recipe: the same
 images in the same order with the same class names (docs/scale.md). Run the same command again
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="the shard folder (empty, or one to resume)")
     parser.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shard set already in --out")
+    parser.add_argument("--shuffle", type=int, metavar="SEED", help="write in an order drawn from SEED (stream mode)")
     parser.add_argument("--threads", type=int, default=8, help="parallel image-file reads (default 8)")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from distill.training.progress import duration
 
         recipe = load_recipe(args.recipe, args.overrides)
-        options = ShardOptions(args.out, args.shard_size, args.overwrite, args.threads)
+        options = ShardOptions(args.out, args.shard_size, args.overwrite, args.threads, args.shuffle)
         last = [time.perf_counter() - args.progress_every]
 
         def report(event: ShardEvent) -> None:

@@ -1,20 +1,23 @@
 """Shards against an image folder: shard-writing img/s, and loader img/s with 1 and 2 workers.
 
-    python scripts/bench_shards.py [--cifar DIR] [--imagenet-like N] [--repeats 3] [--work DIR]
+    python scripts/bench_shards.py [--cifar DIR] [--imagenet-like N [--classes C]] [--repeats 3] [--work DIR]
 
 Two data sets:
 
 - ``--cifar DIR``: a local CIFAR-10 image folder (``DIR/train/<class>/*.jpg``, ``DIR/test/...``);
   its first ``--cifar-per-class`` train and a fifth as many test images per class are copied
   into the work folder first. Loader figures through cifar10_gpu.yaml's augmentation at 32 px.
-- ``--imagenet-like N``: N generated JPEGs of 224-500 px in 100 classes (smooth random content,
-  quality 90), written once into the work folder. Loader figures through the DeiT recipes'
+- ``--imagenet-like N``: N generated JPEGs of 224-500 px in ``--classes`` classes (default 100;
+  1000 for ImageNet's shape; smooth random content, quality 90), written once into the work
+  folder. Loader figures through the DeiT recipes'
   augmentation (imagenet_deit_small.yaml: RandAugment m9-mstd0.5, random erasing 0.25) at 224 px.
 
 For each: the shard writer's img/s (``distill.shard``'s code; file reads from the page cache,
-then sha256), and one epoch of the training loader (``AugmentedDataset`` + ``make_loader``,
-batch 64) over the image folder and over its shards, with 1 and 2 workers, as img/s and img/s
-per worker (a worker is one core's worth of work). Each figure is the median of ``--repeats``.
+then sha256), and ``--limit`` images of the training loader (batch 64) over the image folder,
+over its shards read at random (``AugmentedDataset`` + ``make_loader``) and over its shards
+streamed (``data.shard_access=stream``: the first shards front to back, buffer 1,000), with 1
+and 2 workers, as img/s and img/s per worker (a worker is one core's worth of work); one view
+per image (data.repeated_aug=1) on every path. Each figure is the median of ``--repeats``.
 The machine, its CPU flags and its load average are printed with the figures: on a shared,
 busy machine the figures are lower bounds and the ratios between paths mean more than the
 absolute numbers.
@@ -32,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,7 +73,7 @@ def copy_cifar(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
-def generate_imagenet_like(dst: Path, n: int, classes: int = 100) -> Path:
+def generate_imagenet_like(dst: Path, n: int, classes: int) -> Path:
     """``dst/{train,val}/cNNN/*.jpg``: n train and n / 10 val images, 224-500 px a side."""
     import numpy as np
     from PIL import Image
@@ -77,7 +81,7 @@ def generate_imagenet_like(dst: Path, n: int, classes: int = 100) -> Path:
     if dst.is_dir():
         return dst
     rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", max(classes, n // 10))):
+    for split, count in (("train", n), ("val", max(classes, n // 10))):  # every class in val
         for i in range(count):
             folder = dst / split / f"c{i % classes:03d}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -109,22 +113,33 @@ def shard_rate(recipe_path: Path, folder: Path, out: Path) -> tuple[float, int, 
 
 
 def loader_rate(recipe_path: Path, overrides: list[str], workers: int, limit: int) -> float:
-    """img/s of one epoch of the decode path's training loader (worker start-up included)."""
+    """img/s of ``limit`` images of the decode path's training loader (worker start-up included):
+    a stratified subset of ``limit`` images at random, or a stream's first ``limit`` images; with
+    ``limit`` 0, a whole epoch of the training split."""
     from distill.data.pipeline import AugmentedDataset, build_transforms, make_loader
     from distill.data.sources import load_source
+    from distill.data.stream import stream_loader
     from distill.models.spec import InputSpec
     from distill.recipe.schema import load_recipe
 
-    recipe = load_recipe(recipe_path, [*overrides, f"data.max_train_samples={limit}"])
+    streamed = "data.shard_access=stream" in overrides
+    subset = [] if streamed or not limit else [f"data.max_train_samples={limit}"]
+    recipe = load_recipe(recipe_path, [*overrides, *subset, f"data.num_workers={workers}", "data.repeated_aug=1"])
     split = load_source(recipe.data)
     size = recipe.student.img_size or 224
     aug = recipe.data.augment
     spec = InputSpec((size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), aug.crop_pct, "bicubic")
-    ds = AugmentedDataset(split.train, build_transforms(aug, spec)[0], seed=0, train=True)
-    loader = make_loader(ds, batch_size=64, seed=0, train=True, num_workers=workers, global_multiple=64)
+    transform = build_transforms(aug, spec)[0]
+    if streamed:
+        loader: Any = stream_loader(recipe.data, split.train, transform, 0, 64, 64)
+    else:
+        ds = AugmentedDataset(split.train, transform, seed=0, train=True)
+        loader = make_loader(ds, batch_size=64, seed=0, train=True, num_workers=workers, global_multiple=64)
     start, seen = time.perf_counter(), 0
     for batch in loader:
         seen += len(batch["label"])
+        if limit and seen >= limit:
+            break
     return seen / (time.perf_counter() - start)
 
 
@@ -144,6 +159,7 @@ def bench(name: str, recipe: str, folder: Path, work: Path, args: argparse.Names
     sources = {
         "image folder": ["data.source=imagefolder", f"data.path={folder}"],
         "shards": ["data.source=shards", f"data.path={shards}"],
+        "stream": ["data.source=shards", f"data.path={shards}", "data.shard_access=stream"],
     }
     for workers in (1, 2):
         for label, overrides in sources.items():
@@ -160,7 +176,8 @@ def main() -> int:
     parser.add_argument("--cifar", type=Path, help="a CIFAR-10 image folder (train/, test/)")
     parser.add_argument("--cifar-per-class", type=int, default=400, help="train images per class copied")
     parser.add_argument("--imagenet-like", type=int, default=0, help="generated 224-500 px JPEGs (0: skip)")
-    parser.add_argument("--limit", type=int, default=1000, help="images per loader epoch")
+    parser.add_argument("--classes", type=int, default=100, help="classes of the generated JPEGs")
+    parser.add_argument("--limit", type=int, default=1000, help="images per loader epoch (0: a whole epoch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "distill-bench-shards")
     args = parser.parse_args()
@@ -170,7 +187,8 @@ def main() -> int:
         folder = copy_cifar(args.cifar, args.work / f"cifar10-{args.cifar_per_class}", args.cifar_per_class)
         bench("cifar10", "cifar10_gpu.yaml", folder, args.work, args)
     if args.imagenet_like:
-        folder = generate_imagenet_like(args.work / f"imagenet-like-{args.imagenet_like}", args.imagenet_like)
+        folder = args.work / f"imagenet-like-{args.imagenet_like}-{args.classes}"
+        folder = generate_imagenet_like(folder, args.imagenet_like, args.classes)
         bench("imagenet-like", "imagenet_deit_small.yaml", folder, args.work, args)
     print(cpu_line(), flush=True)
     return 0

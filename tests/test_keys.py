@@ -124,7 +124,9 @@ def test_teacher_fields_beyond_split_and_teacher_train() -> None:
     )
     assert rest == [
         "data.repeated_aug",
+        "data.shard_access",
         "data.store",
+        "data.stream_buffer",
         "student.img_size",
         "student.model",
         "teacher.img_size",

@@ -183,6 +183,23 @@ def test_the_command_writes_and_reports(folder: Path, tmp_path: Path, capsys: py
     assert "error: data.path" in capsys.readouterr().err
 
 
+def test_shuffled_shards_hold_the_same_images_in_a_seeded_order(folder: Path, tmp_path: Path) -> None:
+    cfg = folder_cfg(folder)
+    write_shards(cfg, ShardOptions(tmp_path / "a", 4, threads=1, shuffle=7), lambda event: None)
+    write_shards(cfg, ShardOptions(tmp_path / "b", 4, threads=1, shuffle=7), lambda event: None)
+    assert manifest(tmp_path / "a")["splits"] == manifest(tmp_path / "b")["splits"]  # byte-identical shards
+    assert manifest(tmp_path / "a")["source"]["shuffle"] == 7
+    source, shards = load_source(cfg), load_source(shards_cfg(tmp_path / "a"))
+    keys = [cell["path"].split(":")[1] for cell in undecoded(shards.train)]
+    assert keys[:4] == ["cat/003.jpg", "emu/000.jpg", "dog/001.jpg", "dog/003.jpg"]  # rng([7, 0]).permutation(15)
+    by_key = {str(Path(c["path"]).relative_to(folder / "train")): c for c in undecoded(source.train)}
+    assert sorted(keys) == sorted(by_key)
+    for key, cell in zip(keys, undecoded(shards.train), strict=True):
+        assert cell["bytes"] == Path(by_key[key]["path"]).read_bytes()
+    with pytest.raises(DataError, match=r"holds shards of other data or another shard size"):
+        write_shards(cfg, ShardOptions(tmp_path / "a", 4, threads=1, shuffle=8), lambda event: None)
+
+
 # Bad shards: one clear error each -----------------------------------------------------------
 
 
@@ -340,3 +357,31 @@ def test_two_processes_on_shards_match_one_process_on_the_source(
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_study_on_shards_replays_the_teachers_outputs_in_its_second_run(
+    smoke_shards: Path, tmp_path: Path, teacher_cache: Path
+) -> None:
+    """distill.compare switches teacher.output_cache on: the soft run computes the teacher's
+    outputs on the shards, the hard run (same seed, same stream) replays every one of them."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    args = [
+        *(sys.executable, "-m", "distill.compare", str(SMOKE), "--types", "soft,hard", "--seeds", "0"),
+        *("data.source=shards", f"data.path={smoke_shards}", "teacher.output_cache.enabled=true"),
+        *(f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "train.epochs=1", "run.export=false"),
+        "--no-analysis",
+    ]
+    check_ok(subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=900))
+    study = tmp_path / "smoke-study"
+    soft, hard = (
+        json.loads((study / f"{v}-seed0" / "summary.json").read_text())["teacher_cache"] for v in ("soft", "hard")
+    )
+    assert soft["key"] == hard["key"] and (study / "teacher_outputs" / soft["key"]).is_dir()
+    assert (soft["train_computed_images"], soft["train_replayed_images"]) == (128, 0)
+    assert (hard["train_computed_images"], hard["train_replayed_images"]) == (0, 128)
+    assert hard["val_replayed_images"] == 40

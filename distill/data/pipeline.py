@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.data.sources import SplitData, decode_rgb, sample_seed, seeded
+from distill.data.stream import stream_loader
 from distill.data.tensor_store import FILTERS, BatchAugment, StoredImages, collate_stored, decode_all, store_fits
 from distill.errors import DataError, RecipeError
 from distill.models.spec import InputSpec
@@ -296,7 +297,7 @@ def tensor_path_problem(aug: AugmentConfig, interpolation: str | None = None) ->
 
 def resolve_store(cfg: DataConfig, train: Any, interpolation: str | None = None) -> str:
     """data.store for this run: 'tensor' or 'decode' ('auto': tensor when it can do the job)."""
-    if cfg.store == "decode":
+    if cfg.store == "decode" or cfg.shard_access == "stream":  # a stream is decoded as it is read
         return "decode"
     problem = tensor_path_problem(cfg.augment, interpolation)
     if cfg.store == "tensor":
@@ -369,6 +370,8 @@ def build_pipeline(
         augment = BatchAugment(data.augment, spec.size, spec.mean, spec.std, spec.interpolation, seed)
         stored = StoredImages(decode_all(split.train), split.train["label"])
         train = make_loader(stored, per_process_batch, seed, True, 0, global_batch, collate_stored, data.repeated_aug)
+    elif data.shard_access == "stream":
+        train = stream_loader(data, split.train, train_tf, seed, per_process_batch, global_batch)
     else:
         train = make_loader(
             AugmentedDataset(split.train, train_tf, seed, train=True),

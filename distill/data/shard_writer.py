@@ -8,7 +8,10 @@ bytes (no re-encoding); a source that holds decoded pixels (digits, synthetic) i
 datasets as PNG, which is lossless. Undecodable images are copied too: the reader applies
 data.on_bad_image to them, as for an image folder.
 
-Shard k of a split holds its images k * shard_size ... (k + 1) * shard_size - 1. Each shard is
+Shard k of a split holds its images k * shard_size ... (k + 1) * shard_size - 1 in the source's
+order or, with ``shuffle``, in an order drawn from that seed (recorded in the manifest's source).
+An image folder lists class after class and data.shard_access=stream mixes only the few shards it
+reads at a time, so stream mode wants shuffled shards; random access does not care. Each shard is
 written to a temporary file, hashed, renamed, and recorded in the manifest, which is rewritten
 after every shard: a killed writer resumes where it stopped and keeps every shard whose sha256
 still matches its record.
@@ -52,6 +55,9 @@ class ShardOptions:
     shard_size: int = 5000  # images per shard: ~550 MB of ImageNet JPEGs, 257 train shards
     overwrite: bool = False
     threads: int = 8  # parallel file reads: a network filesystem serves several at once
+    # Write each split in an order drawn from this seed instead of the source's (an image folder's
+    # is class by class): what data.shard_access=stream needs, since it mixes within a shard only.
+    shuffle: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,13 @@ def chosen_splits(cfg: DataConfig) -> dict[str, Any]:
         raise DataError(f"data.val_split '{cfg.val_split}' not found (splits: {', '.join(splits)})")
     names = [cfg.train_split] + ([val] if val else [])
     return {n: _standard_columns(splits[n], f"{cfg.source} split '{n}'") for n in names}
+
+
+def shuffled(splits: dict[str, Any], seed: int | None) -> dict[str, np.ndarray | None]:
+    """Per split, the source position of each row written (None: the source's own order)."""
+    if seed is None:
+        return dict.fromkeys(splits)
+    return {n: np.random.default_rng([seed, k]).permutation(len(ds)) for k, (n, ds) in enumerate(splits.items())}
 
 
 def plan(cfg: DataConfig, splits: dict[str, Any], shard_size: int) -> Manifest:
@@ -176,7 +189,7 @@ def write_shard(raw: Any, rows: tuple[int, int], split: str, path: Path, ctx: _C
         for lo, batch in _batches(raw, *rows):
             cells = batch["image"]
             data = list(ctx.pool.map(_cell_bytes, cells))
-            keys = [_key(c, lo + j, split, ctx.split_root(split)) for j, c in enumerate(cells)]
+            keys = [_key(c, ctx.source_index(split, lo + j), split, ctx.split_root(split)) for j, c in enumerate(cells)]
             table = pa.table(
                 {
                     "image": [{"bytes": b, "path": member(path.name, k)} for b, k in zip(data, keys, strict=True)],
@@ -198,6 +211,11 @@ class _Context:
     cfg: DataConfig
     features: Any
     pool: ThreadPoolExecutor
+    orders: dict[str, np.ndarray | None]
+
+    def source_index(self, split: str, row: int) -> int:
+        order = self.orders[split]
+        return row if order is None else int(order[row])
 
     def split_root(self, split: str) -> Path | None:
         if self.cfg.source != "imagefolder":
@@ -221,14 +239,19 @@ def write_shards(cfg: DataConfig, options: ShardOptions, report: Callable[[Shard
     if options.shard_size < 1:
         raise DataError(f"--shard-size must be at least 1, got {options.shard_size}")
     splits = chosen_splits(cfg)
-    manifest = prepare_out(options.out, plan(cfg, splits, options.shard_size), options.overwrite)
+    orders = shuffled(splits, options.shuffle)
+    splits = {n: ds if orders[n] is None else ds.select(orders[n]) for n, ds in splits.items()}
+    planned = plan(cfg, splits, options.shard_size)
+    if options.shuffle is not None:
+        planned.source["shuffle"] = options.shuffle  # part of the plan: a resume keeps the same order
+    manifest = prepare_out(options.out, planned, options.overwrite)
     manifest.complete = False
     write_manifest(options.out, manifest)
     total = sum(s.count for s in manifest.splits.values())
     done, start = 0, time.perf_counter()
     features = shard_features(manifest.class_names)
     with ThreadPoolExecutor(max(1, options.threads)) as pool:
-        ctx = _Context(cfg, features, pool)
+        ctx = _Context(cfg, features, pool, orders)
         for name, split in manifest.splits.items():
             raw = splits[name].cast_column("image", datasets.Image(decode=False))
             for k, record in enumerate(split.shards):

@@ -80,6 +80,9 @@ TABLE: dict[str, frozenset[Effect]] = {
     "data.max_val_samples": IN_SPLIT,
     "data.on_bad_image": IN_SPLIT,  # 'skip' drops the unreadable images from the split
     "data.verify_shards": NO_EFFECT,  # a check: the split is the same, or the load stops
+    # Another order of the same images (and the teacher stage's too); the split is the same.
+    "data.shard_access": IN_TEACHER,
+    "data.stream_buffer": IN_TEACHER,  # the in-shard order of stream mode
     "data.synthetic.num_classes": IN_SPLIT,
     "data.synthetic.train_per_class": IN_SPLIT,
     "data.synthetic.val_per_class": IN_SPLIT,

@@ -143,6 +143,15 @@ class DataConfig(Section):
     # count and labels per class are always checked; the hash reads every byte (ImageNet: ~140 GB
     # per process), so it is off by default. distill.shard hashes each shard as it writes it.
     verify_shards: bool = False
+    # shards: 'random' reads rows memory-mapped in the sampler's order (every guarantee of the
+    # source). 'stream' reads each shard front to back, in a shard order drawn from (data seed,
+    # epoch), through a shuffle buffer, each process and loader worker its own shards. Kept: the
+    # view of image i in epoch e is a function of (data seed, e, i); the same seed, processes,
+    # data.num_workers and batch give the same stream; exact resume. Given up: random mode's order
+    # (and metrics), P processes = 1, each image once per epoch unless shards divide evenly, the
+    # teacher-output cache (refused). docs/scale.md.
+    shard_access: Literal["random", "stream"] = "random"
+    stream_buffer: int = Field(1000, ge=1)  # stream: images held by each shard's shuffle buffer
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
 
@@ -382,8 +391,21 @@ class Recipe(Section):
                 f"data.path is required for data.source={self.data.source} "
                 "(a directory for imagefolder and shards, a dataset name for hub)"
             )
+        stream = self.data.shard_access == "stream"
+        for wrong, why in (
+            (stream and self.data.source != "shards", f"reads shards, not data.source={self.data.source}"),
+            (stream and self.data.store == "tensor", "decodes per image: set data.store=decode or auto"),
+            (stream and self.teacher.output_cache.enabled, "cannot use teacher.output_cache: " + STREAM_NO_CACHE),
+        ):
+            if wrong:
+                raise ValueError(f"data.shard_access=stream {why}")
         return self
 
+
+STREAM_NO_CACHE = (  # teacher_outputs.py keys rows by (micro-step, rank, row); num_workers is not in its key
+    "it keys outputs by place in the stream, which here depends on the processes and loader workers; set "
+    "teacher.output_cache.enabled=false (distill.compare: --no-teacher-cache) or data.shard_access=random"
+)
 
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides and error messages

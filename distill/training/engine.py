@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from distill.data.stream import skip_batches
 from distill.errors import DistillError, TrainingError
 from distill.models.metrics import classifier_sample_stats, student_sample_stats
 from distill.models.student import student_heads
@@ -189,7 +190,7 @@ def _epoch_batches(accelerator: Accelerator, loader: Any, epoch: int, skip: int)
     # no epoch: its views are drawn in the step).
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
-    return accelerator.skip_first_batches(loader, skip) if skip else loader
+    return skip_batches(accelerator, loader, skip) if skip else loader
 
 
 def train_one_epoch(
