@@ -384,4 +384,4 @@ def test_a_study_on_shards_replays_the_teachers_outputs_in_its_second_run(
     assert soft["key"] == hard["key"] and (study / "teacher_outputs" / soft["key"]).is_dir()
     assert (soft["train_computed_images"], soft["train_replayed_images"]) == (128, 0)
     assert (hard["train_computed_images"], hard["train_replayed_images"]) == (0, 128)
-    assert hard["val_replayed_images"] == 40
+    assert hard["val_replayed_images"] == 0  # the teacher stage's validation pass comes before the cache
