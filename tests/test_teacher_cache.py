@@ -76,11 +76,13 @@ def test_top_k_outputs_train_the_same_whether_filled_or_replayed(tmp_path: Path,
 def make_cache(tmp_path: Path, key: dict | None = None, classes: int = 5, budget_mb: float = 64.0, verify: int = 1):
     from accelerate import Accelerator
 
+    from distill.recipe.schema import OutputCacheConfig
     from distill.training.teacher_outputs import TeacherOutputCache
 
+    cfg = OutputCacheConfig(enabled=True, budget_mb=budget_mb, topk=2, verify_every=verify)
     cache = TeacherOutputCache(
         Accelerator(cpu=True), tmp_path, key or {"teacher": "t"}, classes, rows_per_epoch=8, per_process_batch=4,
-        val_rows=8, budget_mb=budget_mb, topk=2, verify_every=verify,
+        cfg=cfg,
     )  # fmt: skip
     cache.begin_epoch(0)
     return cache

@@ -56,7 +56,7 @@ from distill.data.pipeline import InputPipeline, data_seed
 from distill.data.sources import SplitData
 from distill.errors import TrainingError
 from distill.recipe.keys import TEACHER_OUTPUTS, fields
-from distill.recipe.schema import Recipe
+from distill.recipe.schema import OutputCacheConfig, Recipe
 from distill.run.processes import tf32_state, unique_suffix
 from distill.training.optim import BatchPlan
 
@@ -151,17 +151,14 @@ class TeacherOutputCache:
         num_classes: int,
         rows_per_epoch: int,
         per_process_batch: int,
-        val_rows: int,
-        budget_mb: float,
-        topk: int,
-        verify_every: int,
+        cfg: OutputCacheConfig,
     ) -> None:
         self.accelerator = accelerator
         self.num_classes, self.rows_per_epoch, self.batch = num_classes, rows_per_epoch, per_process_batch
-        self.val_rows, self.verify_every = val_rows, verify_every
+        self.verify_every = cfg.verify_every
         full_mb = rows_per_epoch * num_classes * 4 / 2**20
-        self.mode = "full" if full_mb <= budget_mb or topk >= num_classes else "topk"
-        self.k = min(topk, num_classes)
+        self.mode = "full" if full_mb <= cfg.budget_mb or cfg.topk >= num_classes else "topk"
+        self.k = min(cfg.topk, num_classes)
         fields = {**key_fields, "encoding": self.mode if self.mode == "full" else f"topk{self.k}"}
         self.key = cache_key(fields)
         self.dir = Path(root) / self.key
@@ -217,10 +214,6 @@ class TeacherOutputCache:
             self._tables.pop(name).publish()
         self._table(f"epoch_{epoch:04d}", self.rows_per_epoch // self.accelerator.num_processes)
 
-    def open_val(self) -> None:
-        """Open the validation table (rows by image index; this process fills its share)."""
-        self._table("val", self.val_rows)
-
     # -- lookups ---------------------------------------------------------------------------
 
     def _lookup(
@@ -259,14 +252,6 @@ class TeacherOutputCache:
         verify = self.verify_every > 0 and (micro_step % self.verify_every == 0)
         where = f"epoch {epoch + 1}, micro-step {micro_step}, process {acc.process_index}"
         return self._lookup(self._tables[f"epoch_{epoch:04d}"], rows, rows, images, compute, verify, where, "train")
-
-    def val_logits(
-        self, indices: torch.Tensor, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor], first: bool
-    ) -> torch.Tensor:
-        """Once per run (the teacher's val pass): the indices are read on the host."""
-        host_rows = indices.cpu().numpy()
-        verify = first and self.verify_every > 0
-        return self._lookup(self._tables["val"], indices, host_rows, images, compute, verify, "validation", "val")
 
     def summary(self) -> dict[str, Any]:
         """For summary.json and the report: where the teacher's outputs came from. Counts are
@@ -332,10 +317,7 @@ def open_output_cache(
         split.num_classes,
         rows_per_epoch=len(pipeline.train_loader) * acc.num_processes * plan.per_process,
         per_process_batch=plan.per_process,
-        val_rows=len(split.val),
-        budget_mb=cfg.budget_mb,
-        topk=cfg.topk,
-        verify_every=cfg.verify_every,
+        cfg=cfg,
     )
     acc.print(f"teacher outputs: cache {cache.dir} ({cache.mode if cache.mode == 'full' else f'top-{cache.k}'})")
     return cache
