@@ -12,7 +12,7 @@ import torch
 
 from distill.analysis import collect, figures, inputs, maths, record, runner, sections
 from distill.analyze import main
-from tests.conftest import SMOKE
+from tests.helpers import SMOKE
 
 # ---------------------------------------------------------------------------------------------
 # Attention distance

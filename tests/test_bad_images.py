@@ -16,7 +16,7 @@ from distill.data.sources import bad_images, load_source
 from distill.errors import DataError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import load_recipe
-from tests.conftest import SMOKE, run_train
+from tests.helpers import SMOKE, run_train
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from distill.errors import RecipeError
 from distill.models.student import student_input_spec
 from distill.recipe.schema import load_recipe
 from distill.study.plan import Axis, Variant, split_values, study_plan
-from tests.conftest import SMOKE, check_ok, subprocess_env
+from tests.helpers import SMOKE, check_ok, subprocess_env
 
 SMOKE_BASE = ["data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25"]
 
@@ -193,7 +193,7 @@ def test_a_study_stopped_mid_way_skips_finished_runs_and_resumes_the_rest(tmp_pa
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     args = [
         sys.executable,
@@ -243,7 +243,7 @@ def test_a_grid_study_runs_every_cell_and_reports_them_by_name(tmp_path: Path, t
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     args = [
         sys.executable, "-m", "distill.compare", str(SMOKE), "--types", "soft", "--seeds", "0",

@@ -16,7 +16,7 @@ import torch
 
 from distill.data.tensor_store import BatchAugment
 from distill.recipe.schema import AugmentConfig
-from tests.conftest import REPO, SMOKE, check_ok, read_metrics, run_train, subprocess_env
+from tests.helpers import REPO, SMOKE, check_ok, read_metrics, run_train, subprocess_env
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA)"), pytest.mark.slow]
 

@@ -20,7 +20,7 @@ from distill.exports.check_record import read_check
 from distill.exports.export import ExportOptions, run_export
 from distill.exports.int8 import int8_top1
 from distill.models.student import student_heads
-from tests.conftest import SMOKE, check_ok, read_metrics, run_train
+from tests.helpers import SMOKE, check_ok, read_metrics, run_train
 
 pytestmark = pytest.mark.slow
 

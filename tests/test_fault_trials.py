@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMOKE, subprocess_env
+from tests.helpers import REPO, SMOKE, subprocess_env
 
 pytestmark = pytest.mark.slow
 

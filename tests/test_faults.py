@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     SMOKE,
     check_ok,

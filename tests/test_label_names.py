@@ -29,7 +29,7 @@ from distill.models.student import build_student
 from distill.models.teacher import ConvnetTeacher, match_teacher_classes
 from distill.recipe.schema import load_recipe, recipe_to_dict
 from distill.training.teacher_stage import obtain_teacher
-from tests.conftest import SMOKE
+from tests.helpers import SMOKE
 
 DIGITS = [str(d) for d in range(10)]
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

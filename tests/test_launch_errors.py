@@ -19,7 +19,7 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from distill.launch import Exit, elastic_exit, run_launch
-from tests.conftest import REPO, SMOKE, run_train, signal_after_checkpoint, subprocess_env
+from tests.helpers import REPO, SMOKE, run_train, signal_after_checkpoint, subprocess_env
 
 ONE = ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TWO = [

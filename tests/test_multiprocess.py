@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SMOKE, check_ok, launch_train, read_metrics
+from tests.helpers import SMOKE, check_ok, launch_train, read_metrics
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU (ACCELERATE_USE_CPU)")
 FAULTS = "tests/fault_inject.py"

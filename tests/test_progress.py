@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.training.progress import ProgressReport, duration
-from tests.conftest import SMOKE, check_ok, run_train
+from tests.helpers import SMOKE, check_ok, run_train
 
 VALUES = {"train/loss": 1.23456, "lr": 1e-3, "throughput/train_img_s": 512.4}
 

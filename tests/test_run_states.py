@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from distill.errors import TeacherError
 from distill.recipe.schema import load_recipe
 from distill.run.rundir import RunDir
-from tests.conftest import SMOKE, run_train
+from tests.helpers import SMOKE, run_train
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from distill.errors import DataError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import DataConfig, load_recipe
 from distill.shard import main as shard_main
-from tests.conftest import SMOKE, check_ok, launch_train, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, check_ok, launch_train, read_metrics, run_train, signal_after_checkpoint
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -368,7 +368,7 @@ def test_a_study_on_shards_replays_the_teachers_outputs_in_its_second_run(
     import subprocess
     import sys
 
-    from tests.conftest import REPO, subprocess_env
+    from tests.helpers import REPO, subprocess_env
 
     args = [
         *(sys.executable, "-m", "distill.compare", str(SMOKE), "--types", "soft,hard", "--seeds", "0"),

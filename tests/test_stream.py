@@ -35,7 +35,7 @@ from distill.errors import DataError, RecipeError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import load_recipe
 from distill.shard import main as shard_main
-from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 SPEC = InputSpec((8, 8), (0.5,) * 3, (0.5,) * 3, 1.0, "bicubic")
 

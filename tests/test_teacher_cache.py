@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SMOKE, check_ok, read_metrics, run_train
+from tests.helpers import SMOKE, check_ok, read_metrics, run_train
 
 
 def smoke(tmp_path: Path, teacher_cache: Path, name: str, *extra: str) -> dict:
@@ -173,7 +173,7 @@ def test_two_runs_sharing_a_key_at_the_same_time_both_finish(
     import subprocess
     import sys
 
-    from tests.conftest import REPO, subprocess_env
+    from tests.helpers import REPO, subprocess_env
 
     args = [
         str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}", "run.export=false",

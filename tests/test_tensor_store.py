@@ -16,7 +16,7 @@ from distill.data.tensor_store import BatchAugment, StoredImages, decode_all, un
 from distill.errors import RecipeError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import AugmentConfig, load_recipe
-from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 CFG = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0, "bicubic")
 
@@ -189,7 +189,7 @@ def test_a_training_step_never_waits_for_the_device(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import REPO, SMOKE, subprocess_env
+    from tests.helpers import REPO, SMOKE, subprocess_env
 
     args = [
         str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={tmp_path / 'teachers'}", "data.store=tensor",

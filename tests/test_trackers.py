@@ -18,7 +18,7 @@ import pytest
 from distill.errors import RecipeError
 from distill.recipe.schema import TrackerName, load_recipe
 from distill.run.tracking import TRACKERS_FILE, RunLog, check_trackers, missing_trackers
-from tests.conftest import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 ALL = list(typing.get_args(TrackerName))
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import (
+from tests.helpers import (
     SMOKE,
     assert_pinned,
     check_ok,
@@ -310,7 +310,7 @@ def test_a_dead_rank_stops_the_whole_launch_within_seconds(tmp_path: Path, teach
     import sys
     import time
 
-    from tests.conftest import REPO, subprocess_env
+    from tests.helpers import REPO, subprocess_env
 
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [

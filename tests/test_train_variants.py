@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from scripts.fault_trials import HARD_OVERRIDES
-from tests.conftest import SMOKE, assert_pinned, check_ok, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, assert_pinned, check_ok, read_metrics, run_train, signal_after_checkpoint
 
 pytestmark = pytest.mark.slow
 

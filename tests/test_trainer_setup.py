@@ -26,7 +26,7 @@ from distill.training.step import Step, as_prepared
 from distill.training.teacher_outputs import open_output_cache
 from distill.training.teacher_stage import resolve_teacher_model, teacher_key
 from distill.training.trainer import DistillRun, setup_student, summary_lines
-from tests.conftest import SMOKE
+from tests.helpers import SMOKE
 
 
 def smoke(*overrides: str) -> Any:
