@@ -108,7 +108,8 @@ def run_setting(loaded: Any) -> tuple[str, str, str]:
 
     recorded = yaml.safe_load(RunDir(loaded.run_dir).recipe_file.read_text()).get(PROVENANCE_KEY) or {}
     device = str(recorded.get("device") or "cpu").split(":")[0]
-    return loaded.recipe.train.precision, device, loaded.recipe.train.attention
+    # train.attention 'auto' resolves by device and precision, as the trainer resolved it
+    return loaded.recipe.train.precision, device, loaded.recipe.train.attention_on(device)
 
 
 def model_attention(model: nn.Module) -> str:
