@@ -11,14 +11,15 @@ paired intervals over seeds and validation images.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from distill.errors import DistillError
 from distill.recipe.schema import load_recipe
+from distill.run.rundir import RunDir
 from distill.study.plan import safe_name
 from distill.study.stats import Paired, mean_std, paired_interval
 
@@ -75,12 +76,15 @@ def read_pilot(folder: Path, runs: list[PilotRun]) -> list[PilotResult]:
     """Each teacher's students as their summary.json and predictions.npz record them."""
     results: dict[str, PilotResult] = {}
     for r in runs:
-        summary = json.loads((folder / r.name / "summary.json").read_text())
+        run = RunDir(folder / r.name)
+        summary = run.summary()
+        if summary is None:
+            raise DistillError(f"pilot run {run.path} has no summary.json: it did not finish")
         res = results.setdefault(r.teacher, PilotResult(r.teacher, {}, {}, None))
-        res.top1[r.seed] = float(summary["final"]["val/top1_fused"])
-        size = (summary.get("data") or {}).get("val_size")
+        res.top1[r.seed] = float(summary.final["val/top1_fused"])
+        size = summary.data.get("val_size")
         res.val_size = int(size) if size else res.val_size
-        predictions = folder / r.name / "predictions.npz"
+        predictions = run.predictions_file
         if predictions.is_file():
             with np.load(predictions) as data:
                 order = np.argsort(data["index"], kind="stable")
