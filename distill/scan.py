@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         from distill.data.sources import bad_images, load_source
         from distill.recipe.schema import load_recipe
 
-        recipe = load_recipe(args.recipe, [*args.overrides, "data.on_bad_image=error"])
-        split = load_source(recipe.data)
+        recipe = load_recipe(args.recipe, args.overrides)  # messages name only what the user gave
+        # every image is decoded and listed here, so the source must not skip them silently
+        split = load_source(recipe.data.model_copy(update={"on_bad_image": "error"}))
         for name, ds in (("train", split.train), ("val", split.val)):
             bad = bad_images(ds)
             for _, path, error in bad:
