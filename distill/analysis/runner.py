@@ -113,7 +113,8 @@ def _one_pass(
         for batch in eval_loader(data.split.val.select(indices), loaded.spec, options.batch_size):
             yield batch["image"], batch["label"] if targets is None else targets[batch["label"]]
 
-    with tqdm(total=len(indices), unit="img", desc="analyze", dynamic_ncols=True) as bar:
+    # disable=None: a bar on a terminal only; in log files (compare runs many analyses) bars run together
+    with tqdm(total=len(indices), unit="img", desc="analyze", dynamic_ncols=True, disable=None) as bar:
         col = collect(loaded.model, batches(), teacher, options.maps, options.device, bar.update)
     if targets is not None and "teacher" in col.predictions:  # teacher outputs follow the data's classes
         col.predictions["teacher"] = [targets[p] for p in col.predictions["teacher"]]
