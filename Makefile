@@ -9,7 +9,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-all test-fast lint format clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: install  ## the quickstart recipe end to end (teacher, student, evaluation
 
 test: install lint  ## lint, then the whole test suite
 	$(BIN)/python -m pytest
+
+test-all: install lint  ## the whole suite and the extended end-to-end runs (shards, stream, teacher ensembles)
+	$(BIN)/python -m pytest -m ""
 
 test-fast: install  ## unit tests only (no end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"

@@ -40,6 +40,7 @@ def test_the_process_group_waits_as_long_as_the_recipe_says() -> None:
     assert accelerator_options(load_recipe(SMOKE, []))["kwargs_handlers"][0].timeout == timedelta(minutes=60)
 
 
+@pytest.mark.slow
 def test_a_stale_listing_on_one_process_follows_the_main_processs_decision(tmp_path: Path, teacher_cache: Path) -> None:
     """Process 1 sees no checkpoint, no summary and no trained teacher. Resuming a run killed
     before its summary, it still resumes the main process's checkpoint and reuses its teacher;
@@ -61,6 +62,7 @@ def test_a_stale_listing_on_one_process_follows_the_main_processs_decision(tmp_p
     assert out.count(f"error: run {run} already finished (summary.json exists)") == 2, out[-3000:]
 
 
+@pytest.mark.slow
 def test_a_node_local_output_dir_stops_the_launch_with_one_message(tmp_path: Path, teacher_cache: Path) -> None:
     proc = launch(tmp_path / "runs", teacher_cache, "train.epochs=1", fault="local_output_dir:1", timeout=120)
     assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -318,6 +318,7 @@ def test_a_run_on_shards_logs_the_source_runs_metrics(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_shards_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
     smoke_run: Path, smoke_shards: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:
@@ -338,6 +339,7 @@ def test_a_shards_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_processes_on_shards_match_one_process_on_the_source(
     smoke_run: Path, smoke_shards: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:
@@ -360,6 +362,7 @@ def test_two_processes_on_shards_match_one_process_on_the_source(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_study_on_shards_replays_the_teachers_outputs_in_its_second_run(
     smoke_shards: Path, tmp_path: Path, teacher_cache: Path
 ) -> None:

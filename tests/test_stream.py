@@ -229,6 +229,7 @@ def test_fewer_shards_than_processes_is_refused(even: tuple[Path, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_stream_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
     tmp_path: Path, teacher_cache: Path
 ) -> None:

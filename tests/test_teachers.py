@@ -139,6 +139,7 @@ def test_hard_run_with_a_vit_and_a_convnet_member_at_their_own_sizes_trains_and_
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_soft_run_with_two_trained_members_reuses_each_member_and_replays_cached_outputs(tmp_path: Path) -> None:
     members = [{"model": "resnet10t"}, {"model": "resnet10t", "img_size": 24}]
     cache = [f"teacher.output_cache.dir={tmp_path / 'outputs'}", "teacher.output_cache.enabled=true"]
@@ -155,6 +156,7 @@ def test_soft_run_with_two_trained_members_reuses_each_member_and_replays_cached
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_the_teachers_command_writes_its_report_with_a_pilot(tmp_path: Path) -> None:
     from distill.teachers import main
 
