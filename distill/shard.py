@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         from distill.data.shard_writer import ShardEvent, ShardOptions, write_shards
+        from distill.exports.progress import duration
         from distill.recipe.schema import load_recipe
-        from distill.training.progress import duration
 
         recipe = load_recipe(args.recipe, args.overrides)
         options = ShardOptions(args.out, args.shard_size, args.overwrite, args.threads, args.shuffle)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.training.progress import ProgressReport, duration
+from distill.exports.progress import duration
+from distill.training.progress import ProgressReport
 from tests.helpers import SMOKE, check_ok, run_train
 
 VALUES = {"train/loss": 1.23456, "lr": 1e-3, "throughput/train_img_s": 512.4}

@@ -157,6 +157,39 @@ def test_soft_run_with_two_trained_members_reuses_each_member_and_replays_cached
 
 @pytest.mark.slow
 @pytest.mark.extended
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_an_ensemble_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(tmp_path: Path, kind: str) -> None:
+    """Two members at their own sizes (16 px, the student's, and 24 px), the output cache on:
+    SIGKILL right after the step-4 checkpoint (half-way through epoch 1 of 2, the cache half
+    written), then resumed; each run with its own cache."""
+    import signal
+
+    from tests.helpers import check_ok, read_metrics, run_train, signal_after_checkpoint
+
+    members = [
+        {"checkpoint": str(teacher_folder(tmp_path / "a", NAMES)), "img_size": 16, "weight": 2},
+        {"checkpoint": str(teacher_folder(tmp_path / "b", NAMES)), "img_size": 24},
+    ]
+    common = [
+        SMOKE, f"teacher.ensemble={json.dumps(members)}", "teacher.min_top1=0.0", f"distillation.type={kind}",
+        "teacher.output_cache.enabled=true", "run.export=false",
+    ]  # fmt: skip
+    whole, killed = ([*common, f"run.output_dir={tmp_path / n}", f"teacher.output_cache.dir={tmp_path / n / 'outputs'}"]
+                     for n in ("whole", "killed"))  # fmt: skip
+    check_ok(run_train(*whole))
+    signal_after_checkpoint(killed, tmp_path / "killed" / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
+    assert not (tmp_path / "killed" / "smoke" / "summary.json").exists(), "the run finished before it was killed"
+    resumed = run_train(*killed)
+    check_ok(resumed)
+    assert "resuming from" in resumed.stdout
+    assert read_metrics(tmp_path / "killed" / "smoke") == read_metrics(tmp_path / "whole" / "smoke")
+    first, again = summary(tmp_path / "whole" / "smoke"), summary(tmp_path / "killed" / "smoke")
+    assert again["teacher"]["sha256"] == first["teacher"]["sha256"]
+    assert [m["input"]["size"] for m in again["teacher"]["members"]] == [[16, 16], [24, 24]]
+
+
+@pytest.mark.slow
+@pytest.mark.extended
 def test_the_teachers_command_writes_its_report_with_a_pilot(tmp_path: Path) -> None:
     from distill.teachers import main
 

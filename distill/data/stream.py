@@ -262,7 +262,11 @@ class StreamLoader:
         drop = taken % views  # views of a straddling image already trained on
         pending: list[dict[str, torch.Tensor]] = []
         held = 0
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+        # Pinned chunks make the non-blocking copy below asynchronous on a GPU (from pageable
+        # memory CUDA copies synchronously whatever non_blocking says); a batch joined from
+        # several chunks by torch.cat is pageable again.
+        pin = torch.cuda.is_available()
+        loader = DataLoader(self.dataset, None, num_workers=self.num_workers, collate_fn=_as_is, pin_memory=pin)
         for chunk in loader:
             if not chunk:
                 continue

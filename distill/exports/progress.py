@@ -10,8 +10,8 @@ import time
 from typing import Any, TextIO
 
 
-def _duration(seconds: float) -> str:
-    """Compact h/m/s: 59s, 4m05s, 2h03m."""
+def duration(seconds: float) -> str:
+    """Compact h/m/s: 59s, 4m05s, 2h03m (every progress line's elapsed and eta)."""
     if not math.isfinite(seconds):
         return "?"
     s = round(seconds)
@@ -45,7 +45,7 @@ class ScoreProgress:
             elapsed = now - self.start
             eta = elapsed / done * (total - done) if done else math.nan
             print(
-                f"{self.name}: {done:,}/{total:,} images  elapsed {_duration(elapsed)}  eta {_duration(eta)}",
+                f"{self.name}: {done:,}/{total:,} images  elapsed {duration(elapsed)}  eta {duration(eta)}",
                 file=self.stream, flush=True,
             )  # fmt: skip
             self.last_line = now

@@ -15,17 +15,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-
-def duration(seconds: float) -> str:
-    """Compact h/m/s: 59s, 4m05s, 2h03m."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+from distill.exports.progress import duration
 
 
 class ProgressReport:
