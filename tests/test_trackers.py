@@ -144,6 +144,28 @@ def test_a_resumed_run_logs_into_the_same_mlflow_run_without_repeating_steps(tmp
     assert [row["step"] for row in read_metrics(broken)] == [4, 6]
 
 
+def test_a_resume_repairs_mlflow_metric_files_a_kill_cut(tmp_path: Path, mlflow_store: Any) -> None:
+    """Killed while MLflow's file store wrote step 4: train/loss's last line cut, val/top1_fused's
+    file created but empty (MLflow then refuses to read the run: "Metric ... is malformed"). The
+    resume from step 2 drops both and sends step 4 again."""
+    run_dir = tmp_path / "cut" / "run"
+    run_dir.mkdir(parents=True)
+    log = RunLog(run_dir, True, trackers=["mlflow"], config={})
+    log.scalars({"train/loss": 0.5}, 2)
+    log.trackers["mlflow"].finish()
+    (loss,) = (tmp_path / "mlruns").rglob("metrics/train/loss")
+    with loss.open("a") as f:
+        f.write("1764662400000 0.2")  # the point of step 4, cut before its step and newline
+    (loss.parent.parent / "val").mkdir()
+    (loss.parent.parent / "val" / "top1_fused").touch()
+    log = RunLog(run_dir, True, 0, 2, trackers=["mlflow"], config={})
+    log.scalars({"train/loss": 0.25}, 4)
+    log.evaluation(record(4, 1, 0.4))
+    log.close()
+    _, metrics = history(mlflow_store, "cut")
+    assert metrics == {"train/loss": [(2, 0.5), (4, 0.25)], "val/top1_fused": [(4, 0.4)]}
+
+
 @pytest.mark.slow
 def test_training_with_mlflow_killed_and_resumed_matches_tensorboard(
     tmp_path: Path, teacher_cache: Path, mlflow_store: Any

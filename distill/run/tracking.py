@@ -143,6 +143,36 @@ def _tracker_id(name: str, tracker: Any) -> str | None:
     return None
 
 
+def repair_mlflow_file_store(run_id: str) -> None:
+    """Drop the points a kill cut from run ``run_id``'s metric files in MLflow's local file store.
+
+    The file store appends one line per point ("timestamp value step"); a SIGKILL between a
+    metric file's creation and its first write leaves it empty, one during a write leaves a last
+    line without its end, and MLflow then refuses to read the run ("Metric '...' is malformed. No
+    data found."), so the resume could not reattach to it. trackers.json records a step as sent
+    only after the tracker returned, so the resume sends the dropped points again. A tracking
+    server or database writes each point whole: nothing to do there.
+    """
+    import urllib.parse
+    import urllib.request
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return
+    root = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme else Path(uri)
+    for metrics in root.glob(f"*/{run_id}/metrics"):
+        for path in [p for p in metrics.rglob("*") if p.is_file()]:
+            data = path.read_bytes()
+            whole = data[: data.rfind(b"\n") + 1]
+            if not whole:
+                path.unlink()
+            elif whole != data:
+                path.write_bytes(whole)
+
+
 class RunLog:
     """metrics.jsonl (one object per evaluation), TensorBoard events under tb/, and the other
     trackers of ``run.trackers``.
@@ -188,6 +218,8 @@ class RunLog:
         before = json.loads(self.state_path.read_text()) if resumed and self.state_path.is_file() else {}
         for name in names:
             args, kwargs, reattached = _tracker_args(name, run_dir, before.get(name))
+            if name == "mlflow" and reattached:
+                repair_mlflow_file_store(kwargs["run_id"])
             tracker = LOGGER_TYPE_TO_CLASS[name](*args, **kwargs)
             tracker.start()
             if not reattached:  # a resumed run keeps the configuration it started with
