@@ -23,14 +23,17 @@ demo: install  ## the quickstart recipe end to end (teacher, student, evaluation
 	$(BIN)/accelerate launch --config_file accelerate_config.yaml --num_cpu_threads_per_process $(NPROC) \
 		distill/train.py recipes/quickstart.yaml run.overwrite=true
 
+# The suite runs in one pytest process per core (pytest-xdist): most of its time is end-to-end
+# runs of tiny models, single-threaded Python more than arithmetic (tests/conftest.py gives each
+# process its share of the cores).
 test: install lint  ## lint, then the whole test suite
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(NPROC)
 
 test-all: install lint  ## the whole suite and the extended end-to-end runs (shards, stream, teacher ensembles)
-	$(BIN)/python -m pytest -m ""
+	$(BIN)/python -m pytest -n $(NPROC) -m ""
 
 test-fast: install  ## unit tests only (no end-to-end runs)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(NPROC) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import SMOKE, check_ok, run_train
+
+# Under pytest-xdist (make test: one pytest process per core) each process gets its share of the
+# cores, for its own torch and, through OMP_NUM_THREADS, for the runs it starts: more threads than
+# cores makes OpenMP's waiting threads spin against each other.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
