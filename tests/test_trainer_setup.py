@@ -204,6 +204,11 @@ def test_a_teacher_folder_holding_another_model_than_the_recipe_names_is_refused
     )
 
 
+def test_teacher_model_null_beside_an_ensemble_is_left_to_the_members() -> None:
+    recipe = smoke("teacher.model=null", "teacher.ensemble=[{model: resnet10t}, {model: resnet18}]")
+    assert resolve_teacher_model(recipe) is recipe
+
+
 def test_teacher_model_null_takes_the_folders_and_the_run_records_it(tmp_path: Path) -> None:
     folder = teacher_folder(tmp_path, "resnet18")
     recipe = smoke(f"teacher.checkpoint={folder}", "teacher.model=null", f"run.output_dir={tmp_path}")

@@ -303,6 +303,8 @@ def resolve_teacher_model(recipe: Recipe) -> Recipe:
     folder records; a folder recording another architecture than teacher.model is refused (the
     run would load the folder's, and recipe.yaml and the model card would name the other)."""
     cfg = recipe.teacher
+    if cfg.ensemble:  # each member names its own architecture (or its folder does)
+        return recipe
     recorded = checkpoint_architecture(cfg.checkpoint) if cfg.checkpoint is not None else None
     if cfg.model is None:
         if recorded is None and (cfg.checkpoint is not None or cfg.train is not None):
