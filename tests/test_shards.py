@@ -5,6 +5,7 @@ source's runs log (1 process, 2 processes, killed and resumed)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,13 @@ def test_shuffled_shards_hold_the_same_images_in_a_seeded_order(folder: Path, tm
 def test_a_missing_manifest_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no manifest.json in .*: write shards there with `python -m distill.shard"):
         load_source(shards_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/imagenet-shards", "pipe:aws s3 cp s3://bucket/x -"])
+def test_a_url_is_refused_saying_to_mount_it(url: str) -> None:
+    recipe = load_recipe(SMOKE, ["data.source=shards", f"data.path={url}"])
+    with pytest.raises(DataError, match=rf"data.path={re.escape(url)} is a URL: .* Mount the bucket"):
+        load_source(recipe.data)
 
 
 def test_a_missing_shard_is_named(sharded: Path) -> None:

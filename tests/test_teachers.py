@@ -189,6 +189,32 @@ def test_an_ensemble_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(t
 
 
 @pytest.mark.slow
+def test_a_study_with_an_ensemble_replays_its_outputs_across_soft_and_hard(tmp_path: Path) -> None:
+    """python -m distill.compare --types soft,hard with a two-member ensemble (16 and 24 px):
+    soft computes the ensemble's outputs, hard replays them; the report lists the members."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, check_ok, subprocess_env
+
+    members = [
+        {"checkpoint": str(teacher_folder(tmp_path / "a", NAMES)), "img_size": 16},
+        {"checkpoint": str(teacher_folder(tmp_path / "b", NAMES)), "img_size": 24},
+    ]
+    args = [
+        sys.executable, "-m", "distill.compare", SMOKE, "--types", "soft,hard", "--seeds", "0", "--no-analysis",
+        f"teacher.ensemble={json.dumps(members)}", "teacher.min_top1=0.0", f"run.output_dir={tmp_path / 'runs'}",
+        "train.epochs=1", "run.export=false",
+    ]  # fmt: skip
+    check_ok(subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600))
+    study = tmp_path / "runs" / "smoke-study"
+    soft, hard = (summary(study / f"{kind}-seed0")["teacher_cache"] for kind in ("soft", "hard"))
+    assert soft["train_computed_images"] > 0 and soft["train_replayed_images"] == 0
+    assert hard["train_replayed_images"] == soft["train_computed_images"] and hard["train_computed_images"] == 0
+    assert "ensemble(resnet10t+resnet10t)" in (study / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.extended
 def test_the_teachers_command_writes_its_report_with_a_pilot(tmp_path: Path) -> None:
     from distill.teachers import main

@@ -152,6 +152,18 @@ def parse_manifest(text: str, where: Path) -> Manifest:
         raise DataError(f"{where} cannot be read as a shard manifest ({type(exc).__name__}: {exc})") from None
 
 
+def shard_root(path: object) -> Path:
+    """``data.path`` of a shard set as a folder; a URL is refused with what to do instead."""
+    text = str(path)
+    if "://" in text or text.startswith("pipe:"):
+        raise DataError(
+            f"data.path={text} is a URL: shards are read from a local or mounted folder. Mount the "
+            "bucket (mountpoint-s3, gcsfuse, s3fs, blobfuse2) and give its path; data.shard_access=stream "
+            "reads each shard front to back, which such mounts serve well"
+        )
+    return Path(text).expanduser()
+
+
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
     if not root.is_dir():
@@ -204,9 +216,11 @@ def open_shard(root: Path, record: ShardRecord, class_names: list[str], verify: 
     return ds
 
 
-def load_shards(root: Path, verify: bool = False) -> dict[str, Any]:
+def load_shards(root: str | Path, verify: bool = False) -> dict[str, Any]:
     """{split: dataset} of a complete shard set, every shard checked against the manifest."""
     import datasets
+
+    root = shard_root(root)
 
     manifest = read_manifest(root)
     if not manifest.complete:

@@ -317,7 +317,7 @@ def source_splits(cfg: DataConfig) -> dict[str, Any]:
     if cfg.source == "imagefolder":
         return _load_imagefolder(cfg)
     if cfg.source == "shards":
-        return load_shards(Path(str(cfg.path)).expanduser(), cfg.verify_shards)
+        return load_shards(cfg.path, cfg.verify_shards)
     return dict(_load_hub(cfg))
 
 

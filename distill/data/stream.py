@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill.data.shards import read_manifest
+from distill.data.shards import read_manifest, shard_root
 from distill.data.sources import decode_rgb, sample_seed, seeded
 from distill.errors import DataError
 from distill.recipe.schema import DataConfig
@@ -314,7 +314,7 @@ def stream_loader(
     o = StreamOptions(
         seed, data.stream_buffer, data.repeated_aug, state.num_processes, state.process_index, workers, chunk
     )
-    shards = stream_shards(Path(str(data.path)).expanduser(), data.train_split, train)
+    shards = stream_shards(shard_root(data.path), data.train_split, train)
     batches = stream_batches(shards, o, batch, global_batch // (batch * state.num_processes))
     if batches == 0:
         raise DataError(
