@@ -109,3 +109,17 @@ def signal_after_checkpoint(args: list[str], marker: Path, sig: int, capture: bo
     if not capture:
         proc.wait()
     return proc
+
+
+def kill_and_resume(args: list[str], run_dir: Path, step: int = 4) -> subprocess.CompletedProcess:
+    """``python -m distill.train ARGS`` SIGKILLed right after its step-``step`` checkpoint appears
+    in ``run_dir``, then the same command again: it must resume from a checkpoint and finish.
+    Returns the resumed run's process."""
+    import signal
+
+    signal_after_checkpoint(args, run_dir / "checkpoints" / f"step_{step:08d}", signal.SIGKILL)
+    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    resumed = run_train(*args)
+    check_ok(resumed)
+    assert "resuming from" in resumed.stdout
+    return resumed

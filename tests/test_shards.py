@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,14 @@ from distill.errors import DataError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import DataConfig, load_recipe
 from distill.shard import main as shard_main
-from tests.helpers import SMOKE, check_ok, launch_train, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import (
+    SMOKE,
+    check_ok,
+    kill_and_resume,
+    launch_train,
+    read_metrics,
+    run_train,
+)
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -338,11 +344,7 @@ def test_a_shards_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
         "data.source=shards",
         f"data.path={smoke_shards}",
     ]
-    signal_after_checkpoint(args, tmp_path / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
-    assert not (tmp_path / "smoke" / "summary.json").exists(), "the run finished before it could be killed"
-    resumed = run_train(*args)
-    check_ok(resumed)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume(args, tmp_path / "smoke")
     assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
 
 

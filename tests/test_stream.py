@@ -8,7 +8,6 @@ teacher-output cache and the other impossible combinations are refused."""
 from __future__ import annotations
 
 import itertools
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from distill.errors import DataError, RecipeError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import load_recipe
 from distill.shard import main as shard_main
-from tests.helpers import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, check_ok, kill_and_resume, read_metrics, run_train
 
 SPEC = InputSpec((8, 8), (0.5,) * 3, (0.5,) * 3, 1.0, "bicubic")
 
@@ -241,11 +240,7 @@ def test_a_stream_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
     args = [*common, "data.shard_access=stream", "data.stream_buffer=16"]
     check_ok(run_train(*args, f"run.output_dir={tmp_path / 'whole'}"))
     killed = [*args, f"run.output_dir={tmp_path / 'killed'}"]
-    signal_after_checkpoint(killed, tmp_path / "killed" / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
-    assert not (tmp_path / "killed" / "smoke" / "summary.json").exists(), "the run finished before it was killed"
-    resumed = run_train(*killed)
-    check_ok(resumed)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume(killed, tmp_path / "killed" / "smoke")
     assert read_metrics(tmp_path / "killed" / "smoke") == read_metrics(tmp_path / "whole" / "smoke")
 
 

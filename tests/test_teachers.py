@@ -162,9 +162,7 @@ def test_an_ensemble_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(t
     """Two members at their own sizes (16 px, the student's, and 24 px), the output cache on:
     SIGKILL right after the step-4 checkpoint (half-way through epoch 1 of 2, the cache half
     written), then resumed; each run with its own cache."""
-    import signal
-
-    from tests.helpers import check_ok, read_metrics, run_train, signal_after_checkpoint
+    from tests.helpers import check_ok, kill_and_resume, read_metrics, run_train
 
     members = [
         {"checkpoint": str(teacher_folder(tmp_path / "a", NAMES)), "img_size": 16, "weight": 2},
@@ -177,11 +175,7 @@ def test_an_ensemble_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(t
     whole, killed = ([*common, f"run.output_dir={tmp_path / n}", f"teacher.output_cache.dir={tmp_path / n / 'outputs'}"]
                      for n in ("whole", "killed"))  # fmt: skip
     check_ok(run_train(*whole))
-    signal_after_checkpoint(killed, tmp_path / "killed" / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
-    assert not (tmp_path / "killed" / "smoke" / "summary.json").exists(), "the run finished before it was killed"
-    resumed = run_train(*killed)
-    check_ok(resumed)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume(killed, tmp_path / "killed" / "smoke")
     assert read_metrics(tmp_path / "killed" / "smoke") == read_metrics(tmp_path / "whole" / "smoke")
     first, again = summary(tmp_path / "whole" / "smoke"), summary(tmp_path / "killed" / "smoke")
     assert again["teacher"]["sha256"] == first["teacher"]["sha256"]

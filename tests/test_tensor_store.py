@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from distill.data.tensor_store import BatchAugment, StoredImages, decode_all, un
 from distill.errors import RecipeError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import AugmentConfig, load_recipe
-from tests.helpers import SMOKE, check_ok, read_metrics, run_train, signal_after_checkpoint
+from tests.helpers import SMOKE, check_ok, kill_and_resume, read_metrics, run_train
 
 CFG = InputSpec((16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0, "bicubic")
 
@@ -157,9 +156,7 @@ def test_the_tensor_path_resumes_exactly_after_sigkill(tmp_path: Path, teacher_c
     args = [str(SMOKE), f"teacher.cache_dir={teacher_cache}", "data.store=tensor", "run.export=false"]
     check_ok(run_train(*args, f"run.output_dir={tmp_path / 'ref'}"))
     killed = [*args, f"run.output_dir={tmp_path / 'kill'}"]
-    signal_after_checkpoint(killed, tmp_path / "kill" / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
-    assert not (tmp_path / "kill" / "smoke" / "summary.json").exists()
-    check_ok(run_train(*killed))
+    kill_and_resume(killed, tmp_path / "kill" / "smoke")
     assert read_metrics(tmp_path / "kill" / "smoke") == read_metrics(tmp_path / "ref" / "smoke")
 
 

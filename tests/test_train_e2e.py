@@ -22,6 +22,7 @@ from tests.helpers import (
     SMOKE,
     assert_pinned,
     check_ok,
+    kill_and_resume,
     launch_train,
     read_metrics,
     run_train,
@@ -193,12 +194,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(smoke_run: Path, tmp_p
     """Kill -9 right after the step-4 checkpoint appears; the same command must finish the run and
     log exactly what the uninterrupted run logged (metrics.jsonl and TensorBoard)."""
     args = [str(SMOKE), f"run.output_dir={tmp_path}", f"teacher.cache_dir={teacher_cache}"]
-    signal_after_checkpoint(args, tmp_path / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL)
-    assert not (tmp_path / "smoke" / "summary.json").exists(), "the run finished before it could be killed"
-
-    resumed = run_train(*args)
-    check_ok(resumed)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume(args, tmp_path / "smoke")
     assert read_metrics(tmp_path / "smoke") == read_metrics(smoke_run)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -381,13 +377,7 @@ def test_a_fine_tune_at_twice_the_size_killed_and_resumed_matches_an_uninterrupt
     assert "teacher: reusing" in reference.stdout  # the smoke teacher, kept at 16 px
     assert "(run final): position embeddings resampled 4x4 -> 8x8 (bicubic)" in reference.stdout
     cut = tmp_path / "cut"
-    signal_after_checkpoint(
-        [*common, f"run.output_dir={cut}"], cut / "smoke" / "checkpoints" / "step_00000004", signal.SIGKILL
-    )
-    assert not (cut / "smoke" / "summary.json").exists(), "the run finished before it could be killed"
-    resumed = run_train(*common, f"run.output_dir={cut}")
-    check_ok(resumed)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume([*common, f"run.output_dir={cut}"], cut / "smoke")
     assert read_metrics(cut / "smoke") == read_metrics(tmp_path / "ref" / "smoke")
     summary = json.loads((cut / "smoke" / "summary.json").read_text())
     assert summary["student_init"]["source"] == "run final" and len(summary["student_init"]["sha256"]) == 64

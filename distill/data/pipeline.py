@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from distill.data.sources import SplitData, decode_rgb, sample_seed, seeded
+from distill.data.sources import SplitData, collate, decode_rgb, sample_seed, seeded
 from distill.data.stream import stream_loader
 from distill.data.tensor_store import FILTERS, BatchAugment, StoredImages, collate_stored, decode_all, store_fits
 from distill.errors import DataError, RecipeError
@@ -226,16 +226,6 @@ class EpochSampler(Sampler[int]):
             chosen = order[b * images : (b + 1) * images]
             keys += [i + r * self.n for r in range(self.repeats) for i in chosen][:block]
         return keys
-
-
-def collate(batch: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:
-    images, labels, indices, repeats = zip(*batch, strict=True)
-    return {
-        "image": torch.stack(images),
-        "label": torch.tensor(labels, dtype=torch.long),
-        "index": torch.tensor(indices, dtype=torch.long),  # the image's index in its split
-        "repeat": torch.tensor(repeats, dtype=torch.long),  # which of its views (repeated aug)
-    }
 
 
 def make_loader(

@@ -396,3 +396,15 @@ def decode_rgb(cell: dict[str, Any], index: int) -> Any:
             f"cannot decode image {describe(cell, index)}: {type(exc).__name__}: {exc}. Remove or replace it, "
             "set data.on_bad_image=skip to drop such images, or list them all with python -m distill.scan RECIPE"
         ) from None
+
+
+def collate(batch: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:
+    """Per-image samples (view, label, index, repeat) as one batch: the decode path's and stream
+    mode's (the tensor store batches itself)."""
+    images, labels, indices, repeats = zip(*batch, strict=True)
+    return {
+        "image": torch.stack(images),
+        "label": torch.tensor(labels, dtype=torch.long),
+        "index": torch.tensor(indices, dtype=torch.long),  # the image's index in its split
+        "repeat": torch.tensor(repeats, dtype=torch.long),  # which of its views (repeated aug)
+    }

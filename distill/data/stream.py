@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.data.shards import read_manifest, shard_root
-from distill.data.sources import decode_rgb, sample_seed, seeded
+from distill.data.sources import collate, decode_rgb, sample_seed, seeded
 from distill.errors import DataError
 from distill.recipe.schema import DataConfig
 
@@ -221,16 +221,6 @@ def read_rows(path: str) -> Iterator[tuple[int, dict[str, Any], int]]:
 
 def _as_is(item: Any) -> Any:
     return item
-
-
-def collate(samples: list[tuple[torch.Tensor, int, int, int]]) -> dict[str, torch.Tensor]:
-    images, labels, indices, repeats = zip(*samples, strict=True)
-    return {
-        "image": torch.stack(images),
-        "label": torch.tensor(labels, dtype=torch.long),
-        "index": torch.tensor(indices, dtype=torch.long),
-        "repeat": torch.tensor(repeats, dtype=torch.long),
-    }
 
 
 class StreamLoader:
