@@ -15,7 +15,8 @@ Two data sets:
 For each: the shard writer's img/s (``distill.shard``'s code; file reads from the page cache,
 then sha256), and ``--limit`` images of the training loader (batch 64) over the image folder,
 over its shards read at random (``AugmentedDataset`` + ``make_loader``) and over its shards
-streamed (``data.shard_access=stream``: the first shards front to back, buffer 1,000), with 1
+streamed (``data.shard_access=stream``: the first shards front to back, buffer 1,000; from the
+folder, through fsspec as ``file://`` and through ``pipe:cat``, as from object storage), with 1
 and 2 workers, as img/s and img/s per worker (a worker is one core's worth of work); one view
 per image (data.repeated_aug=1) on every path. Each figure is the median of ``--repeats``.
 The machine, its CPU flags and its load average are printed with the figures: on a shared,
@@ -160,12 +161,15 @@ def bench(name: str, recipe: str, folder: Path, work: Path, args: argparse.Names
         "image folder": ["data.source=imagefolder", f"data.path={folder}"],
         "shards": ["data.source=shards", f"data.path={shards}"],
         "stream": ["data.source=shards", f"data.path={shards}", "data.shard_access=stream"],
+        # The same stream read through fsspec and through a command, as from an object store.
+        "stream file://": ["data.source=shards", f"data.path=file://{shards}", "data.shard_access=stream"],
+        "stream pipe:": ["data.source=shards", f"data.path=pipe:cat {shards}/{{}}", "data.shard_access=stream"],
     }
     for workers in (1, 2):
         for label, overrides in sources.items():
             got = median_of(args.repeats, lambda o=overrides, w=workers: loader_rate(recipe_path, o, w, args.limit))
             print(
-                f"{name} loader, {label:12s}, {workers} worker(s): {got:,.0f} img/s ({got / workers:,.0f} img/s per "
+                f"{name} loader, {label:14s}, {workers} worker(s): {got:,.0f} img/s ({got / workers:,.0f} img/s per "
                 "worker)",
                 flush=True,
             )
@@ -182,6 +186,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "distill-bench-shards")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DISTILL_CACHE", str(args.work / "cache"))  # validation shards fetched from URLs
     print(cpu_line(), flush=True)
     if args.cifar:
         folder = copy_cifar(args.cifar, args.work / f"cifar10-{args.cifar_per_class}", args.cifar_per_class)

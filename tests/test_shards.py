@@ -215,10 +215,12 @@ def test_a_missing_manifest_is_named(tmp_path: Path) -> None:
         load_source(shards_cfg(tmp_path))
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/imagenet-shards", "pipe:aws s3 cp s3://bucket/x -"])
-def test_a_url_is_refused_saying_to_mount_it(url: str) -> None:
+@pytest.mark.parametrize("url", ["s3://bucket/imagenet-shards", "pipe:aws s3 cp s3://bucket/x/{} -"])
+def test_a_url_read_at_random_is_refused_saying_stream_or_mount(url: str) -> None:
     recipe = load_recipe(SMOKE, ["data.source=shards", f"data.path={url}"])
-    with pytest.raises(DataError, match=rf"data.path={re.escape(url)} is a URL: .* Mount the bucket"):
+    with pytest.raises(
+        DataError, match=rf"data.path={re.escape(url)} is read front to back only: set data.shard_access=stream, or"
+    ):
         load_source(recipe.data)
 
 

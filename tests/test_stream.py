@@ -191,7 +191,7 @@ def test_a_resume_does_not_read_finished_shards_or_decode_twice(
     opened: list[str] = []
     decoded = itertools.count()
     read, decode = stream.read_rows, stream.decode_rgb
-    monkeypatch.setattr(stream, "read_rows", lambda path: (opened.append(Path(path).name), read(path))[1])
+    monkeypatch.setattr(stream, "read_rows", lambda files, r: (opened.append(r.file), read(files, r))[1])
     monkeypatch.setattr(stream, "decode_rgb", lambda cell, i: (next(decoded), decode(cell, i))[1])
     rest = epoch(even, done=3)  # 3 of 4 batches of 4 done: 12 images in shards of 2
     assert len(rest) == 1 and len(opened) == 2 and next(decoded) == 4

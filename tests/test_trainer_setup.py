@@ -68,13 +68,42 @@ def test_trained_teacher_key_ignores_the_data_seed_and_follows_the_teachers_sett
     """The teacher stage draws its data stream from teacher.train.seed: the student's data seed
     (and run seed) must not retrain an identical teacher."""
     spec = student_input_spec(smoke())
-    base = teacher_key(smoke(), spec, 4)
-    assert teacher_key(smoke("data.seed=7"), spec, 4) == base
-    assert teacher_key(smoke("run.seed=3"), spec, 4) == base
-    assert teacher_key(smoke("data.num_workers=2"), spec, 4) == base
-    assert teacher_key(smoke("teacher.train.lr=0.01"), spec, 4) != base
-    assert teacher_key(smoke("teacher.train.seed=1"), spec, 4) != base
-    assert teacher_key(smoke("data.augment.hflip=0.0"), spec, 4) != base
+    base = teacher_key(smoke(), spec, 4, 1)
+    assert teacher_key(smoke("data.seed=7"), spec, 4, 1) == base
+    assert teacher_key(smoke("run.seed=3"), spec, 4, 1) == base
+    assert teacher_key(smoke("data.num_workers=2"), spec, 4, 1) == base
+    assert teacher_key(smoke("teacher.train.lr=0.01"), spec, 4, 1) != base
+    assert teacher_key(smoke("teacher.train.seed=1"), spec, 4, 1) != base
+    assert teacher_key(smoke("data.augment.hflip=0.0"), spec, 4, 1) != base
+    assert teacher_key(smoke(), spec, 4, 2) == base  # random mode: 2 processes train the same teacher
+
+
+def test_in_stream_mode_the_teacher_key_and_a_resume_follow_the_processes_and_workers(tmp_path: Path) -> None:
+    """Stream mode gives every process and loader worker its own shards: another count is
+    another stream, so another trained teacher, and a resume that would read it is refused."""
+    from distill.errors import RunStateError
+    from distill.recipe.schema import PROVENANCE_KEY, recipe_to_dict
+    from distill.run.rundir import RunDir
+
+    stream = ("data.source=shards", "data.path=s", "data.shard_access=stream")
+    spec = student_input_spec(smoke())
+    base = teacher_key(smoke(*stream), spec, 4, 1)
+    assert teacher_key(smoke(*stream, "data.num_workers=1"), spec, 4, 1) == base  # 0 and 1: one reader
+    assert teacher_key(smoke(*stream, "data.num_workers=2"), spec, 4, 1) != base
+    assert teacher_key(smoke(*stream), spec, 4, 2) != base
+
+    run = RunDir(tmp_path / "run")
+    (run.checkpoints / "step_00000004").mkdir(parents=True)
+    (run.checkpoints / "step_00000004" / "progress.json").write_text("{}")
+    record = {**recipe_to_dict(smoke(*stream, "data.num_workers=2")), PROVENANCE_KEY: {"world_size": 2}}
+    run.recipe_file.write_text(yaml.safe_dump(record))
+    assert run._decide(smoke(*stream, "data.num_workers=2"), 2) == "step_00000004"
+    for recipe, processes in ((smoke(*stream, "data.num_workers=2"), 1), (smoke(*stream, "data.num_workers=3"), 2)):
+        with pytest.raises(RunStateError, match=r"cannot resume .*: data.shard_access=stream gives every process"):
+            run._decide(recipe, processes)
+    record = {**recipe_to_dict(smoke("data.num_workers=2")), PROVENANCE_KEY: {"world_size": 2}}
+    run.recipe_file.write_text(yaml.safe_dump(record))
+    assert run._decide(smoke("data.num_workers=0"), 1) == "step_00000004"  # random mode: either is the same run
 
 
 class FakeTeacher:

@@ -93,7 +93,8 @@ def _cached_teacher(loaded: LoadedModel, recipe: Recipe, data: AnalysisData) -> 
     if recipe.teacher.cache_dir is None and loaded.run_dir is not None:  # <run.output_dir>/teachers, any cwd
         teacher_cfg = recipe.teacher.model_copy(update={"cache_dir": RunDir(Path(loaded.run_dir).resolve()).teachers})
         recipe = recipe.model_copy(update={"teacher": teacher_cfg})
-    key = teacher_key(recipe, loaded.spec, data.split.num_classes)
+    world = None if loaded.run_dir is None else RunDir(Path(loaded.run_dir).resolve()).recorded_world_size()
+    key = teacher_key(recipe, loaded.spec, data.split.num_classes, world or 1)
     folder = cache_dir(recipe) / f"{recipe.teacher.model}-{key}"
     if not TrainedTeacher.exists(folder):
         return None, f"the run's trained teacher is not in {folder} (an analysis does not train one)"

@@ -146,7 +146,7 @@ def prepare_out(out: Path, planned: Manifest, overwrite: bool) -> Manifest:
     found = out / MANIFEST
     if not found.is_file():
         raise DataError(f"--out {out} is not empty and holds no {MANIFEST}; choose an empty folder or pass --overwrite")
-    existing = parse_manifest(found.read_text(), found)
+    existing = parse_manifest(found.read_text(), str(found))
     if existing.plan() != planned.plan():
         raise DataError(
             f"--out {out} holds shards of other data or another shard size (see {found}); pass --overwrite "

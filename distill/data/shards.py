@@ -18,6 +18,11 @@ page cache. The split it returns has the columns an image folder's has, so every
 ``load_source`` (both data stores, the teacher-output cache, the bad-image policy) is unchanged.
 pyarrow ships with datasets: no new dependency.
 
+From a URL or a ``pipe:`` command (shard_files.py), only ``data.shard_access=stream`` reads a
+shard set: each split is a ``StreamSplit`` (its manifest records, no rows opened at load); the
+training split is read front to back every epoch, each shard checked as it is read (rows,
+size, sha256), and the validation split is fetched once into a local cache and memory-mapped.
+
 Loading checks every shard's presence, size and row count, and the labels per class (cheap: the
 size from a stat, the rows from the Arrow headers, the labels from one int64 column);
 ``data.verify_shards`` also hashes every byte (sha256). ``python -m distill.shard`` hashes each
@@ -29,19 +34,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from distill.data.shard_files import MANIFEST, HashingReader, ShardFiles, fetch, is_url, shard_files
 from distill.errors import DataError
 
 FORMAT = "distill-shards"
 VERSION = 1
-MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".arrow"
 REWRITE = "write it again with `python -m distill.shard RECIPE --out {root}` (it keeps the shards that verify)"
+REWRITE_URL = "write the shard set again with `python -m distill.shard` (it keeps intact shards) and copy it there"
+
+
+def rewrite(where: str) -> str:
+    """What to do about a damaged shard set at ``where``."""
+    return REWRITE_URL if is_url(where) else REWRITE.format(root=where)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -126,7 +138,7 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     os.replace(tmp, root / MANIFEST)
 
 
-def parse_manifest(text: str, where: Path) -> Manifest:
+def parse_manifest(text: str, where: str) -> Manifest:
     try:
         raw = json.loads(text)
         if raw.get("format") != FORMAT:
@@ -152,94 +164,176 @@ def parse_manifest(text: str, where: Path) -> Manifest:
         raise DataError(f"{where} cannot be read as a shard manifest ({type(exc).__name__}: {exc})") from None
 
 
-def shard_root(path: object) -> Path:
-    """``data.path`` of a shard set as a folder; a URL is refused with what to do instead."""
-    text = str(path)
-    if "://" in text or text.startswith("pipe:"):
-        raise DataError(
-            f"data.path={text} is a URL: shards are read from a local or mounted folder. Mount the "
-            "bucket (mountpoint-s3, gcsfuse, s3fs, blobfuse2) and give its path; data.shard_access=stream "
-            "reads each shard front to back, which such mounts serve well"
-        )
-    return Path(text).expanduser()
-
-
-def read_manifest(root: Path) -> Manifest:
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise DataError(
-            f"data.path '{root}' is not a directory; data.source=shards needs the folder written by "
-            "`python -m distill.shard RECIPE --out DIR`"
-        )
-    if not path.is_file():
-        raise DataError(
-            f"no {MANIFEST} in {root}: write shards there with `python -m distill.shard RECIPE --out {root}`"
-        )
-    return parse_manifest(path.read_text(), path)
+def read_manifest(files: ShardFiles) -> Manifest:
+    if files.local is not None:
+        if not files.local.is_dir():
+            raise DataError(
+                f"data.path '{files.local}' is not a directory; data.source=shards needs the folder written by "
+                "`python -m distill.shard RECIPE --out DIR`"
+            )
+        if not (files.local / MANIFEST).is_file():
+            raise DataError(
+                f"no {MANIFEST} in {files.local}: write shards there with "
+                f"`python -m distill.shard RECIPE --out {files.local}`"
+            )
+    return parse_manifest(files.read_bytes(MANIFEST).decode(), files.where(MANIFEST))
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def open_shard(root: Path, record: ShardRecord, class_names: list[str], verify: bool) -> Any:
-    """One shard as a memory-mapped dataset, after the checks its manifest record allows."""
+def open_shard(path: Path, record: ShardRecord, class_names: list[str], verify: bool, where: str) -> Any:
+    """One shard as a memory-mapped dataset, after the checks its manifest record allows
+    (``path``: the file on this machine; ``where``: the shard set, as messages name it)."""
     import datasets
 
-    path = root / record.file
+    again = rewrite(where)
     if not path.is_file():
-        raise DataError(f"shard {path} is missing (listed in {root / MANIFEST}); " + REWRITE.format(root=root))
+        raise DataError(f"shard {path} is missing (listed in {where}/{MANIFEST}); " + again)
     size = path.stat().st_size
     if size != record.bytes:
         raise DataError(
             f"shard {path} holds {size} bytes, its manifest says {record.bytes}: it is truncated or was "
-            "replaced; " + REWRITE.format(root=root)
+            "replaced; " + again
         )
     if verify and (digest := file_sha256(path)) != record.sha256:
         raise DataError(
             f"shard {path} has sha256 {digest[:16]}..., its manifest says {str(record.sha256)[:16]}...: it is "
-            "corrupt; " + REWRITE.format(root=root)
+            "corrupt; " + again
         )
     try:
         ds = datasets.Dataset.from_file(str(path), in_memory=False)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged stream
-        raise DataError(
-            f"shard {path} cannot be read as Arrow ({type(exc).__name__}: {exc}); " + REWRITE.format(root=root)
-        ) from None
+        raise DataError(f"shard {path} cannot be read as Arrow ({type(exc).__name__}: {exc}); " + again) from None
     if len(ds) != record.count:
-        raise DataError(
-            f"shard {path} holds {len(ds)} images, its manifest says {record.count}; " + REWRITE.format(root=root)
-        )
+        raise DataError(f"shard {path} holds {len(ds)} images, its manifest says {record.count}; " + again)
     label = ds.features.get("label")
     if list(getattr(label, "names", [])) != class_names:
-        raise DataError(f"shard {path} names other classes than its manifest; " + REWRITE.format(root=root))
+        raise DataError(f"shard {path} names other classes than its manifest; " + again)
     return ds
 
 
-def load_shards(root: str | Path, verify: bool = False) -> dict[str, Any]:
-    """{split: dataset} of a complete shard set, every shard checked against the manifest."""
+def split_dataset(name: str, split: SplitRecord, parts: list[Any], class_names: list[str], where: str) -> Any:
+    """The shards of one split as one dataset, its count and labels per class checked."""
     import datasets
 
-    root = shard_root(root)
+    if not parts:  # an empty split of the source (a hub dataset's): empty here too
+        ds = datasets.Dataset.from_dict({"image": [], "label": [], "key": []}, shard_features(class_names))
+    else:
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    counts = np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=len(class_names))
+    if len(ds) != split.count or counts.tolist() != split.class_counts:
+        raise DataError(
+            f"split '{name}' of {where} holds {len(ds)} images ({counts.tolist()} per class), its manifest "
+            f"says {split.count} ({split.class_counts}); " + rewrite(where)
+        )
+    return ds
 
-    manifest = read_manifest(root)
+
+@dataclass(frozen=True)
+class StreamSplit:
+    """A split of a shard set read from a URL or a ``pipe:`` command: stream mode reads it front
+    to back, shard by shard (``data.shard_access=stream``); nothing reads its images at random."""
+
+    files: ShardFiles
+    name: str
+    record: SplitRecord
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return self.record.count
+
+    @property
+    def features(self) -> dict[str, Any]:
+        import datasets
+
+        return {"label": datasets.ClassLabel(names=self.class_names)}
+
+    def __getitem__(self, key: object) -> Any:
+        raise DataError(
+            f"split '{self.name}' of {self.files.root} is read front to back from where it is stored, never "
+            f"at random (asked for {key!r}); give a local or mounted copy of the shard set as data.path"
+        )
+
+    def cells(self) -> Iterator[dict[str, Any]]:
+        """Every image cell of the split in order, each shard read front to back and checked."""
+        for record in self.record.shards:
+            for _, cell, _ in read_rows(self.files, record):
+                yield cell
+
+    def fetched(self, verify: bool) -> Any:
+        """The split as a memory-mapped dataset of local copies of its shards (the cache)."""
+        where = self.files.root
+        parts = [
+            open_shard(fetch(self.files, r.file, str(r.sha256), int(r.bytes or 0)), r, self.class_names, verify, where)
+            for r in self.record.shards
+        ]
+        return split_dataset(self.name, self.record, parts, self.class_names, where)
+
+
+def read_rows(files: ShardFiles, record: ShardRecord) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """(row, image cell, label) of one shard, read front to back (Arrow's stream reader); read
+    to its end, the shard's rows, size and sha256 are checked against its manifest record."""
+    import pyarrow as pa
+
+    where, again = files.where(record.file), rewrite(files.root)
+    row = 0
+    with files.open(record.file) as fh:
+        source = HashingReader(fh)
+        try:
+            with pa.ipc.open_stream(pa.PythonFile(source, mode="r")) as reader:
+                for batch in reader:
+                    cells, labels = batch.column("image").to_pylist(), batch.column("label").to_pylist()
+                    for cell, label in zip(cells, labels, strict=True):
+                        yield row, cell, label
+                        row += 1
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"cannot read shard {where} as an Arrow stream ({exc}); {again}") from None
+        source.drain()
+    if row != record.count:
+        raise DataError(f"shard {where} holds {row} images, its manifest says {record.count}; {again}")
+    digest = source.digest.hexdigest()
+    if source.size != record.bytes or digest != record.sha256:
+        raise DataError(
+            f"shard {where} read as {source.size} bytes with sha256 {digest[:16]}..., its manifest says "
+            f"{record.bytes} bytes, {str(record.sha256)[:16]}...: it is corrupt or was replaced; {again}"
+        )
+
+
+def load_shards(path: object, verify: bool = False, stream: bool = False) -> dict[str, Any]:
+    """{split: dataset} of a complete shard set, every shard checked against the manifest. From
+    a URL or a command (``stream`` only): {split: StreamSplit}, the manifest checked alone."""
+    files = shard_files(path)
+    where = files.root
+    if files.local is None and not stream:
+        raise DataError(
+            f"data.path={where} is read front to back only: set data.shard_access=stream, or mount the "
+            "store (mountpoint-s3, gcsfuse, s3fs, blobfuse2) and give its folder for random access"
+        )
+    manifest = read_manifest(files)
     if not manifest.complete:
         raise DataError(
-            f"the shards in {root} are incomplete ({manifest.shards_done()} of {manifest.shards_total()} written); "
-            f"finish them with the same `python -m distill.shard RECIPE --out {root}` (it resumes)"
+            f"the shards in {where} are incomplete ({manifest.shards_done()} of {manifest.shards_total()} written); "
+            f"finish them with the same `python -m distill.shard RECIPE --out {where}` (it resumes)"
         )
-    splits = {}
-    for name, split in manifest.splits.items():
-        parts = [open_shard(root, record, manifest.class_names, verify) for record in split.shards]
-        if not parts:  # an empty split of the source (a hub dataset's): empty here too
-            ds = datasets.Dataset.from_dict({"image": [], "label": [], "key": []}, shard_features(manifest.class_names))
-        else:
-            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        counts = np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=len(manifest.class_names))
-        if len(ds) != split.count or counts.tolist() != split.class_counts:
-            raise DataError(
-                f"split '{name}' of {root} holds {len(ds)} images ({counts.tolist()} per class), its manifest "
-                f"says {split.count} ({split.class_counts}); " + REWRITE.format(root=root)
-            )
-        splits[name] = ds
-    return splits
+    if files.local is None:
+        for name, split in manifest.splits.items():
+            if sum(r.count for r in split.shards) != split.count or sum(split.class_counts) != split.count:
+                raise DataError(
+                    f"split '{name}' of {files.where(MANIFEST)} counts {split.count} images, its shards "
+                    f"{sum(r.count for r in split.shards)} and its classes {sum(split.class_counts)}; "
+                    + rewrite(where)
+                )
+        return {name: StreamSplit(files, name, split, manifest.class_names) for name, split in manifest.splits.items()}
+    root = files.local
+    return {
+        name: split_dataset(
+            name,
+            split,
+            [open_shard(root / r.file, r, manifest.class_names, verify, str(root)) for r in split.shards],
+            manifest.class_names,
+            str(root),
+        )
+        for name, split in manifest.splits.items()
+    }

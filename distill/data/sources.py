@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.shards import load_shards
+from distill.data.shards import StreamSplit, load_shards
 from distill.errors import DataError
 from distill.recipe.keys import SPLIT, data_fields
 from distill.recipe.schema import DataConfig
@@ -251,9 +251,12 @@ def bad_images(ds: Any) -> list[tuple[int, str, str]]:
     """(index, file, error) for every image of ``ds`` that does not decode."""
     import datasets
 
-    raw = ds.cast_column("image", datasets.Image(decode=False))
+    if isinstance(ds, StreamSplit):  # read front to back from where it is stored
+        raw = ds.cells()
+    else:
+        raw = ds.cast_column("image", datasets.Image(decode=False))["image"]
     bad = []
-    for i, cell in enumerate(raw["image"]):
+    for i, cell in enumerate(raw):
         try:
             open_image(cell)
         except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
@@ -317,8 +320,24 @@ def source_splits(cfg: DataConfig) -> dict[str, Any]:
     if cfg.source == "imagefolder":
         return _load_imagefolder(cfg)
     if cfg.source == "shards":
-        return load_shards(cfg.path, cfg.verify_shards)
+        return load_shards(cfg.path, cfg.verify_shards, stream=cfg.shard_access == "stream")
     return dict(_load_hub(cfg))
+
+
+def _check_streamed(cfg: DataConfig, train: StreamSplit, held_out: bool) -> None:
+    """What a training split read front to back from a URL cannot do, refused before any read:
+    each of these needs every training image's label or bytes at load time."""
+    refused = [
+        (held_out, "holds no validation split (holding one out of the training split reads every label)"),
+        (cfg.max_train_samples is not None, "cannot draw data.max_train_samples (a subset reads every label)"),
+        (cfg.on_bad_image == "skip", "cannot drop undecodable images at load (data.on_bad_image=skip opens them all)"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise DataError(
+                f"the shard set at {train.files.root} (read front to back: a URL or a pipe: command) {why}; "
+                "give a local or mounted copy as data.path, or write shards with a validation split"
+            )
 
 
 def _load_source(cfg: DataConfig) -> SplitData:
@@ -327,18 +346,24 @@ def _load_source(cfg: DataConfig) -> SplitData:
         raise DataError(
             f"data.train_split '{cfg.train_split}' not found in {cfg.source} source (splits: {', '.join(splits)})"
         )
-    train = _standard_columns(splits[cfg.train_split], f"{cfg.source} split '{cfg.train_split}'")
+    train = splits[cfg.train_split]
+    if not isinstance(train, StreamSplit):
+        train = _standard_columns(train, f"{cfg.source} split '{cfg.train_split}'")
     if cfg.val_split is not None:
         if cfg.val_split not in splits:
             raise DataError(f"data.val_split '{cfg.val_split}' not found (splits: {', '.join(splits)})")
         val_name = cfg.val_split
     else:
         val_name = next((n for n in VAL_SPLIT_NAMES if n in splits), None)
+    if isinstance(train, StreamSplit):
+        _check_streamed(cfg, train, held_out=val_name is None)
     if val_name is None:
         train, val = _stratified(train, 1.0 - cfg.val_fraction, cfg.split_seed)
         origin = "held-out"
     else:
-        val = _standard_columns(splits[val_name], f"{cfg.source} split '{val_name}'")
+        val = splits[val_name]
+        val = val.fetched(cfg.verify_shards) if isinstance(val, StreamSplit) else val
+        val = _standard_columns(val, f"{cfg.source} split '{val_name}'")
         origin = val_name
 
     class_names = list(train.features["label"].names)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill.data.shards import read_manifest, shard_root
+from distill.data.shard_files import ShardFiles, shard_files
+from distill.data.shards import ShardRecord, StreamSplit, read_manifest, read_rows
 from distill.data.sources import collate, decode_rgb, sample_seed, seeded
 from distill.errors import DataError
 from distill.recipe.schema import DataConfig
@@ -46,10 +46,12 @@ BUFFER_KEY = 2**32 - 3  # keys a shard's in-shard shuffle, with the shard's numb
 
 @dataclass(frozen=True)
 class StreamShard:
-    """One shard of the training split: its file and, per row, the image's index in the split
-    (-1 for a row the split leaves out: held out for validation, outside a subset, undecodable)."""
+    """One shard of the training split: where it is, its manifest record and, per row, the
+    image's index in the split (-1 for a row the split leaves out: held out for validation,
+    outside a subset, undecodable)."""
 
-    path: str
+    files: ShardFiles
+    record: ShardRecord
     index: np.ndarray
 
     @property
@@ -57,19 +59,23 @@ class StreamShard:
         return int((self.index >= 0).sum())
 
 
-def stream_shards(root: Path, split_name: str, train: Any) -> list[StreamShard]:
-    """The shards of ``split_name`` with each row's index in ``train`` (the resolved split,
-    a row selection of those shards concatenated, as ``load_shards`` returns them)."""
-    manifest = read_manifest(root)
-    records = manifest.splits[split_name].shards
-    total = sum(r.count for r in records)
-    # The split's rows in the concatenated shards: datasets keeps a selection as an indices
-    # table (Dataset._indices, None when nothing was selected); it has no public accessor.
-    chosen = np.arange(len(train)) if train._indices is None else train._indices.column(0).to_numpy()
-    where = np.full(total, -1, dtype=np.int64)
+def stream_shards(path: object, split_name: str, train: Any) -> list[StreamShard]:
+    """The shards of ``split_name`` of the shard set at ``path`` with each row's index in
+    ``train``: the resolved split, a row selection of those shards concatenated as
+    ``load_shards`` returns them, or a ``StreamSplit`` (every row, in order)."""
+    files = shard_files(path)
+    if isinstance(train, StreamSplit):
+        records = train.record.shards
+        chosen = np.arange(len(train))
+    else:
+        records = read_manifest(files).splits[split_name].shards
+        # The split's rows in the concatenated shards: datasets keeps a selection as an indices
+        # table (Dataset._indices, None when nothing was selected); it has no public accessor.
+        chosen = np.arange(len(train)) if train._indices is None else train._indices.column(0).to_numpy()
+    where = np.full(sum(r.count for r in records), -1, dtype=np.int64)
     where[chosen] = np.arange(len(chosen))
     starts = np.cumsum([0] + [r.count for r in records])
-    return [StreamShard(str(root / r.file), where[starts[k] : starts[k + 1]]) for k, r in enumerate(records)]
+    return [StreamShard(files, r, where[starts[k] : starts[k + 1]]) for k, r in enumerate(records)]
 
 
 def epoch_shards(n: int, seed: int, epoch: int, repeats: int) -> list[int]:
@@ -193,7 +199,7 @@ class ShardStream(IterableDataset):
         wanted = order[skip:]
         need = set(wanted.tolist())
         held: dict[int, tuple[dict[str, Any], int]] = {}
-        rows_in = read_rows(shard.path)
+        rows_in = read_rows(shard.files, shard.record)
         for row in wanted.tolist():
             while row not in held:
                 r, cell, label = next(rows_in)
@@ -201,22 +207,8 @@ class ShardStream(IterableDataset):
                     held[r] = (cell, label)
             cell, label = held.pop(row)
             yield cell, label, int(shard.index[row])
-
-
-def read_rows(path: str) -> Iterator[tuple[int, dict[str, Any], int]]:
-    """(row, image cell, label) of one shard, read front to back (Arrow's stream reader)."""
-    import pyarrow as pa
-
-    try:
-        with pa.input_stream(path) as source, pa.ipc.open_stream(source) as reader:
-            row = 0
-            for batch in reader:
-                cells, labels = batch.column("image").to_pylist(), batch.column("label").to_pylist()
-                for cell, label in zip(cells, labels, strict=True):
-                    yield row, cell, label
-                    row += 1
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"cannot read shard {path} as a stream ({exc}); check the shard set") from None
+        for _ in rows_in:  # the rest of the shard: read, so that its hash is checked
+            pass
 
 
 def _as_is(item: Any) -> Any:
@@ -304,7 +296,7 @@ def stream_loader(
     o = StreamOptions(
         seed, data.stream_buffer, data.repeated_aug, state.num_processes, state.process_index, workers, chunk
     )
-    shards = stream_shards(shard_root(data.path), data.train_split, train)
+    shards = stream_shards(data.path, data.train_split, train)
     batches = stream_batches(shards, o, batch, global_batch // (batch * state.num_processes))
     if batches == 0:
         raise DataError(

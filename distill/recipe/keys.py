@@ -89,7 +89,9 @@ TABLE: dict[str, frozenset[Effect]] = {
     "data.synthetic.image_size": IN_SPLIT,
     "data.synthetic.noise": IN_SPLIT,
     # -- data: how they are read ---------------------------------------------------------------
-    "data.num_workers": NO_EFFECT,  # a view is a function of (seed, epoch, index), not of the worker
+    # A view is a function of (seed, epoch, index), not of the worker; in stream mode the order
+    # depends on the workers too, which ``stream_layout`` adds where it matters.
+    "data.num_workers": NO_EFFECT,
     # The student's data stream (order, views, mixup); the teacher stage draws its own from
     # teacher.train.seed, so a trained teacher does not depend on it.
     "data.seed": IN_OUTPUTS,
@@ -253,6 +255,16 @@ def changed_for_resume(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     changed = (k for k in sorted(a.keys() | b.keys()) if (k not in a or k not in b or a[k] != b[k]))
     return [k for k in changed if RESULT in effects(k)]
+
+
+def stream_layout(data: DataConfig, processes: int) -> dict[str, int] | None:
+    """What a stream-mode epoch depends on besides recipe fields: the processes and the loader
+    workers per process reading it (data/stream.py: every one reads its own shards); None in
+    random mode, where neither changes the order or a view. A trained teacher is keyed on it
+    and a resume refuses another."""
+    if data.shard_access != "stream":
+        return None
+    return {"processes": processes, "workers": max(1, data.num_workers)}
 
 
 def all_fields() -> list[str]:

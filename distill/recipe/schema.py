@@ -104,7 +104,9 @@ class DataConfig(Section):
     # digits: scikit-learn's bundled 8x8 digits; hub: a Hugging Face dataset; synthetic: below;
     # shards: the folder `python -m distill.shard` wrote from any of these (docs/scale.md).
     source: Literal["digits", "imagefolder", "hub", "synthetic", "shards"] = "digits"
-    path: str | None = None  # imagefolder, shards: a directory; hub: a dataset name
+    # imagefolder: a directory; hub: a dataset name; shards: a directory (or its manifest.json),
+    # or for shard_access=stream a URL (s3://, gs://, hf://, https://, ...) or pipe:COMMAND {}
+    path: str | None = None
     hub_config: str | None = None  # hub: the dataset's configuration name
     train_split: str = "train"  # imagefolder: the sub-folder; hub: the split name
     val_split: str | None = None  # None: 'validation', 'val' or 'test' if present, else held out
@@ -147,9 +149,11 @@ class DataConfig(Section):
     # source). 'stream' reads each shard front to back, in a shard order drawn from (data seed,
     # epoch), through a shuffle buffer, each process and loader worker its own shards. Kept: the
     # view of image i in epoch e is a function of (data seed, e, i); the same seed, processes,
-    # data.num_workers and batch give the same stream; exact resume. Given up: random mode's order
-    # (and metrics), P processes = 1, each image once per epoch unless shards divide evenly, the
-    # teacher-output cache (refused). docs/scale.md.
+    # data.num_workers and batch give the same stream; exact resume (with the same processes and
+    # workers: another count is refused). Given up: random mode's order (and metrics), P
+    # processes = 1, each image once per epoch unless shards divide evenly, the teacher-output
+    # cache (refused). It alone reads data.path as a URL: the training split front to back, the
+    # validation split fetched once into $DISTILL_CACHE (default ~/.cache/distill). docs/scale.md.
     shard_access: Literal["random", "stream"] = "random"
     stream_buffer: int = Field(1000, ge=1)  # stream: images held by each shard's shuffle buffer
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -17,7 +17,7 @@ import yaml
 from accelerate import Accelerator
 
 from distill.errors import STORAGE_ERRNOS, RunStateError, storage_error
-from distill.recipe.keys import changed_for_resume
+from distill.recipe.keys import changed_for_resume, stream_layout
 from distill.recipe.schema import PROVENANCE_KEY, Recipe, recipe_to_dict
 from distill.run import checkpoint as ckpt
 from distill.run.processes import check_same_checkpoint, check_shared, decided_by_main, shared_dirs
@@ -113,6 +113,12 @@ class RunDir:
         saved.pop(PROVENANCE_KEY, None)
         return saved
 
+    def recorded_world_size(self) -> int | None:
+        """The processes the run was started with (recipe.yaml's provenance), None if unrecorded."""
+        if not self.recipe_file.is_file():
+            return None
+        return (yaml.safe_load(self.recipe_file.read_text()).get(PROVENANCE_KEY) or {}).get("world_size")
+
     def logged_rows(self) -> list[dict[str, Any]]:
         return read_metrics(self.path) if self.metrics_file.is_file() else []
 
@@ -148,7 +154,7 @@ class RunDir:
         process deciding from its own view of a node-local or stale directory would diverge);
         then every process checks that it reads the same checkpoint."""
         check_shared(accelerator, shared_dirs(recipe))
-        name = decided_by_main(accelerator, lambda: self._decide(recipe))
+        name = decided_by_main(accelerator, lambda: self._decide(recipe, accelerator.num_processes))
         latest = None if name is None else self.checkpoints / name
         check_same_checkpoint(accelerator, latest)
         accelerator.wait_for_everyone()
@@ -162,7 +168,7 @@ class RunDir:
         accelerator.wait_for_everyone()
         return latest
 
-    def _decide(self, recipe: Recipe) -> str | None:
+    def _decide(self, recipe: Recipe, processes: int) -> str | None:
         """Main process: the name of the checkpoint to resume from, None for a fresh start, or
         the RunStateError that refuses the run."""
         if self.finished() and not recipe.run.overwrite:
@@ -184,6 +190,14 @@ class RunDir:
                 raise RunStateError(
                     f"cannot resume {self.path}: the recipe differs from the checkpoint's in "
                     f"{', '.join(changed)}; restore those values, or pass run.overwrite=true to start again"
+                )
+            saved = self.saved_recipe().get("data", {})
+            before = stream_layout(recipe.data.model_copy(update=saved), self.recorded_world_size() or processes)
+            if before != (now := stream_layout(recipe.data, processes)):
+                raise RunStateError(
+                    f"cannot resume {self.path}: data.shard_access=stream gives every process and loader worker "
+                    f"its own shards, and the checkpoint's run read with {before} where this one reads with {now}; "
+                    "launch it as it was launched, or pass run.overwrite=true to start again"
                 )
         return None if latest is None else latest.name
 

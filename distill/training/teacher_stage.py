@@ -37,7 +37,7 @@ from distill.models.teacher import (
     match_teacher_classes,
     teacher_normalisation,
 )
-from distill.recipe.keys import TEACHER, fields
+from distill.recipe.keys import TEACHER, fields, stream_layout
 from distill.recipe.schema import Recipe
 from distill.run.checkpoint import TrainingState
 from distill.run.processes import main_value, unique_suffix
@@ -52,9 +52,11 @@ from distill.training.teacher_ensemble import obtain_ensemble
 TEACHER_INFO = TEACHER_RECORD_FILE  # beside a teacher the pipeline trained (records.TrainedTeacher)
 
 
-def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
+def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int, processes: int) -> str:
     """The trained-teacher cache key: every field that changes a trained teacher (keys.py), its
-    input and the package version (how data is split and augmented may change between them)."""
+    input, the package version (how data is split and augmented may change between them) and,
+    in stream mode, the processes and workers that shaped its stream (``processes``: the world
+    it is trained in)."""
     # The student's fields and teacher.img_size act on the teacher only through its input spec,
     # hashed itself: a fine-tune at another student size reuses the teacher kept at its own size.
     teacher_fields = {
@@ -66,6 +68,8 @@ def teacher_key(recipe: Recipe, spec: InputSpec, num_classes: int) -> str:
         "num_classes": num_classes,
         "distill": __version__,
     }
+    if (layout := stream_layout(recipe.data, processes)) is not None:  # random mode: no such entry
+        material["stream"] = layout
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -209,7 +213,8 @@ def obtain_teacher(
         # Trained (and keyed) at its own size, on the student's normalisation and crop.
         size = _pair(cfg.img_size) or spec.size
         train_spec = InputSpec(size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
-        folder = cache_dir(recipe) / f"{cfg.model}-{teacher_key(recipe, train_spec, split.num_classes)}"
+        key = teacher_key(recipe, train_spec, split.num_classes, accelerator.num_processes)
+        folder = cache_dir(recipe) / f"{cfg.model}-{key}"
         if not main_value(accelerator, TrainedTeacher.exists(folder)):  # one decision for all
             start = time.perf_counter()
             train_teacher(accelerator, recipe, split, train_spec, folder)
