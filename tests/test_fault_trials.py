@@ -1,5 +1,6 @@
 """scripts/fault_trials.py end to end, kept short: two kill/resume trials on the smoke recipe,
-and a 45 s soak that must sample resident memory and keep its growth under a bound.
+and (extended tier, make test-all) a 45 s soak that must sample resident memory and keep its
+growth under a bound.
 
 The plain smoke recipe (--no-hard) shares the session's cached smoke teacher with the other
 end-to-end tests; the full 20-trial run with every source of randomness on is run by hand.
@@ -52,6 +53,7 @@ def test_two_kill_and_resume_trials_are_identical(tmp_path: Path, teacher_cache:
 SOAK_MAX_GROWTH_PCT = 0.5
 
 
+@pytest.mark.extended  # a soak: 45 s of training by design
 def test_soak_samples_resident_memory_and_bounds_its_growth(tmp_path: Path, teacher_cache: Path) -> None:
     out = tmp_path / "soak.json"
     proc = run_script(

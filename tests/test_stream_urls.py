@@ -8,8 +8,12 @@ path is the one s3://, gs:// or hf:// take, without a network."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from distill.data import sources
+from distill.data.shard_files import HashingReader, shard_files
 from distill.data.shards import MANIFEST, StreamSplit
 from distill.data.sources import load_source
 from distill.errors import DataError
@@ -99,7 +104,7 @@ def test_a_manifest_path_names_its_folder(folder: tuple[Path, Any]) -> None:
 
 
 def damaged(folder: tuple[Path, Any], tmp_path: Path) -> Path:
-    copy = tmp_path / "copy"
+    copy = tmp_path / "copy"  # (a new folder per copy: the cache of validation shards is keyed by hash)
     shutil.copytree(folder[0], copy)
     return copy
 
@@ -108,21 +113,52 @@ def first_batches(path: str) -> list[dict[str, torch.Tensor]]:
     return epoch((path, streamed(path).train), batch=16)
 
 
-def test_a_corrupt_training_shard_of_the_right_size_is_caught_when_read(
+def test_a_corrupt_training_shard_of_the_right_size_is_caught_whichever_it_is(
     folder: tuple[Path, Any], tmp_path: Path
 ) -> None:
-    """A key changed in place: the shard still parses and decodes; only its hash can tell."""
-    copy = damaged(folder, tmp_path)
-    shard = copy / "train-00003.arrow"
-    data = shard.read_bytes()
-    key = re.search(rb"c\d/\d\d\.jpg", data)
-    assert key is not None
-    shard.write_bytes(data.replace(key.group(), key.group()[:-1] + b"x"))
+    """A key changed in place: the shard still parses and decodes; only its hash can tell. Each
+    of the 8 shards in turn, so the last one a worker reads is checked too, before its last image
+    is used."""
+    for k in range(8):
+        copy = damaged(folder, tmp_path / str(k))
+        shard = copy / f"train-{k:05d}.arrow"
+        data = shard.read_bytes()
+        key = re.search(rb"c\d/\d\d\.jpg", data)
+        assert key is not None
+        shard.write_bytes(data.replace(key.group(), key.group()[:-1] + b"x"))
+        sources._SPLITS.clear()
+        with pytest.raises(DataError, match=rf"shard file://.*/train-{k:05d}.arrow read as \d+ bytes with sha256 .*"):
+            first_batches(f"file://{copy}")
+
+
+def test_a_command_stopped_early_is_stopped_with_its_whole_pipeline(folder: tuple[Path, Any]) -> None:
+    """The end of an epoch closes the shard a worker was in (GeneratorExit in the reader): the
+    command and every process it started stop."""
+    files = shard_files(f"pipe:sleep 31.25 | cat {folder[0]}/{{}}")
+
+    def reader() -> Iterator[bytes]:
+        with files.open("train-00000.arrow") as fh:
+            yield fh.read(16)
+
+    rows = reader()
+    assert len(next(rows)) == 16
+    start = time.monotonic()
+    rows.close()
+    assert time.monotonic() - start < 5
+    assert subprocess.run(["pgrep", "-f", "sleep 31.25"], capture_output=True).returncode == 1  # none left
+
+
+def test_a_read_that_fails_mid_shard_is_named_with_what_to_do() -> None:
+    class Broken(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            raise ConnectionResetError("connection reset by peer")
+
     with pytest.raises(
         DataError,
-        match=r"shard file://.*/train-00003.arrow read as \d+ bytes with sha256 .*, its manifest says .*: it is corr",
+        match=r"reading s3://b/train-00001.arrow failed after 0 bytes \(ConnectionResetError: connection "
+        r"reset by peer\); a run stopped by it resumes from its last checkpoint",
     ):
-        first_batches(f"file://{copy}")
+        HashingReader(Broken(), "s3://b/train-00001.arrow").read(10)
 
 
 def test_a_truncated_training_shard_is_named(folder: tuple[Path, Any], tmp_path: Path) -> None:
@@ -213,13 +249,24 @@ def test_a_command_without_a_name_and_a_store_without_its_backend_are_named() ->
         streamed("s3://bucket/in1k")
 
 
-def test_the_training_split_of_a_url_is_never_read_at_random(folder: tuple[Path, Any]) -> None:
+def test_the_training_split_of_a_url_is_never_read_at_random(folder: tuple[Path, Any], tmp_path: Path) -> None:
     """What would (int8 calibration, evaluating on the training split) is told to use a copy."""
-    from distill.exports.int8 import calibration_sample
+    import yaml
 
-    split = streamed(f"file://{folder[0]}")
+    from distill.exports.evaluation import eval_dataset
+    from distill.exports.int8 import calibration_sample
+    from distill.recipe.schema import recipe_to_dict
+
+    path = f"file://{folder[0]}"
+    split = streamed(path)
     with pytest.raises(DataError, match=r"split 'train' of file://.* is read front to back .*local or mounted copy"):
         calibration_sample(split.train, SPEC, 2, 0)
+    recipe = tmp_path / "recipe.yaml"
+    overrides = ["data.source=shards", f"data.path={path}", "data.shard_access=stream"]
+    recipe.write_text(yaml.safe_dump(recipe_to_dict(load_recipe(SMOKE, overrides))))
+    with pytest.raises(DataError, match=r"split 'train' of file://.* never at random \(--split train\); give a local"):
+        eval_dataset(str(recipe), "train", None)
+    assert len(eval_dataset(str(recipe), "val", None)[0]) == 4
 
 
 # Runs ------------------------------------------------------------------------------------------
@@ -254,8 +301,9 @@ def test_a_run_streamed_through_a_command_logs_the_folders_numbers(tmp_path: Pat
 def test_two_processes_streaming_a_url_killed_and_resumed_log_the_folders_numbers(
     tmp_path: Path, teacher_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two processes fetch the validation shards into one cache at once; one process over a
-    command killed mid-epoch resumes to the same numbers."""
+    """Two processes stream the training split over fsspec (the main process fetches the
+    validation shards first, the other finds them cached); one process over a command killed
+    mid-epoch resumes to the same numbers."""
     shards = smoke_shards(tmp_path)
     folder = stream_args(tmp_path, teacher_cache, str(shards), "folder2")
     check_ok(launch_train(*folder, ACCELERATE_USE_CPU="true"))

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -115,11 +116,13 @@ def _fsspec_open(url: str) -> IO[bytes]:
 @contextlib.contextmanager
 def _pipe(command: str, where: str) -> Iterator[IO[bytes]]:
     """The standard output of ``command``, run through the shell as WebDataset runs ``pipe:``.
-    The reader reads to the end and the command must then exit 0; a reader that stops early (a
-    stream cut at the epoch's last batch) stops the command; a reader that fails reports the
-    command's own failure first, when it had one (a truncated output is its symptom)."""
+    The reader reads to the end, and the command must then exit 0 (a reader that leaves the
+    block early without an exception would see it killed by SIGPIPE). A reader stopped early by
+    GeneratorExit (a stream cut at the epoch's last batch) stops the command and every process of
+    its pipeline (its own session); a reader that fails reports the command's own failure first,
+    when it had one (a truncated output is its symptom)."""
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         assert proc.stdout is not None
 
         def failure(code: int) -> DataError:
@@ -143,9 +146,39 @@ def _pipe(command: str, where: str) -> Iterator[IO[bytes]]:
                 raise failure(code)
         finally:  # GeneratorExit lands here too: the reader stopped early
             if proc.poll() is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             proc.stdout.close()
             proc.wait()
+
+
+class HashingReader:
+    """A file read through, hashing what passes (sha256) and counting it; a read that fails
+    (the network, a credential, a command) is a DataError naming the file."""
+
+    def __init__(self, fh: IO[bytes], where: str) -> None:
+        self.fh, self.where, self.digest, self.size = fh, where, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.fh.read(n)
+        except DataError:
+            raise
+        except Exception as exc:  # OSError, a backend's own (aiohttp's, botocore's) errors
+            raise DataError(
+                f"reading {self.where} failed after {self.size:,} bytes ({type(exc).__name__}: {exc}); a run "
+                "stopped by it resumes from its last checkpoint"
+            ) from None
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # closed, readable, ... for pyarrow's PythonFile
+        return getattr(self.fh, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,48 +190,28 @@ def cache_dir() -> Path:
 
 
 def fetch(files: ShardFiles, name: str, sha256: str, size: int) -> Path:
-    """File ``name`` of the set in the local cache, copied there once under its hash: each
-    process writes its own temporary name and renames it (a rename is atomic: processes that
-    fetch the same file at once all end with the same whole file). A copy whose hash is not the
-    manifest's is a DataError and is not kept."""
+    """File ``name`` of the set in the local cache, copied there once under its hash. Each
+    fetch writes a temporary file of its own (``mkstemp``: unique across processes, nodes
+    sharing the cache and containers) and renames it into place (atomic: fetches of the same
+    file at once all end with the same whole file). A copy whose hash is not the manifest's is a
+    DataError and is not kept."""
     path = cache_dir() / f"{sha256}.arrow"
     if path.is_file() and path.stat().st_size == size:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     try:
-        with files.open(name) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
+        with files.open(name) as src, os.fdopen(fd, "wb") as dst:
+            reader = HashingReader(src, files.where(name))
+            while chunk := reader.read(1 << 20):
                 dst.write(chunk)
-        if digest.hexdigest() != sha256:
+        if (digest := reader.digest.hexdigest()) != sha256:
             raise DataError(
-                f"{files.where(name)} has sha256 {digest.hexdigest()[:16]}..., its manifest says {sha256[:16]}...: "
+                f"{files.where(name)} has sha256 {digest[:16]}..., its manifest says {sha256[:16]}...: "
                 "it is corrupt or was replaced; write the shard set again with `python -m distill.shard`"
             )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-class HashingReader:
-    """A file read through, hashing what passes (sha256) and counting it: a stream's shard is
-    checked against its manifest once it was read to the end."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.fh.read(n)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def __getattr__(self, name: str) -> Any:  # closed, readable, ... for pyarrow's PythonFile
-        return getattr(self.fh, name)

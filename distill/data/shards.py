@@ -251,9 +251,13 @@ class StreamSplit:
         return {"label": datasets.ClassLabel(names=self.class_names)}
 
     def __getitem__(self, key: object) -> Any:
-        raise DataError(
+        raise self.not_at_random(f"asked for {key!r}")
+
+    def not_at_random(self, asked: str) -> DataError:
+        """The error for what would read this split's images at random (``asked``: what did)."""
+        return DataError(
             f"split '{self.name}' of {self.files.root} is read front to back from where it is stored, never "
-            f"at random (asked for {key!r}); give a local or mounted copy of the shard set as data.path"
+            f"at random ({asked}); give a local or mounted copy of the shard set as data.path"
         )
 
     def cells(self) -> Iterator[dict[str, Any]]:
@@ -280,7 +284,7 @@ def read_rows(files: ShardFiles, record: ShardRecord) -> Iterator[tuple[int, dic
     where, again = files.where(record.file), rewrite(files.root)
     row = 0
     with files.open(record.file) as fh:
-        source = HashingReader(fh)
+        source = HashingReader(fh, where)
         try:
             with pa.ipc.open_stream(pa.PythonFile(source, mode="r")) as reader:
                 for batch in reader:

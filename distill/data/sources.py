@@ -327,16 +327,19 @@ def source_splits(cfg: DataConfig) -> dict[str, Any]:
 def _check_streamed(cfg: DataConfig, train: StreamSplit, held_out: bool) -> None:
     """What a training split read front to back from a URL cannot do, refused before any read:
     each of these needs every training image's label or bytes at load time."""
+    copy = "give a local or mounted copy as data.path"
     refused = [
-        (held_out, "holds no validation split (holding one out of the training split reads every label)"),
-        (cfg.max_train_samples is not None, "cannot draw data.max_train_samples (a subset reads every label)"),
-        (cfg.on_bad_image == "skip", "cannot drop undecodable images at load (data.on_bad_image=skip opens them all)"),
-    ]
-    for bad, why in refused:
+        (held_out, "holds no validation split (holding one out of the training split reads every label)",
+         f"write the shards from a source with a validation split, or {copy}"),
+        (cfg.max_train_samples is not None, "cannot draw data.max_train_samples (a subset reads every label)",
+         f"remove it, or {copy}"),
+        (cfg.on_bad_image == "skip", "cannot drop undecodable images at load (data.on_bad_image=skip opens them all)",
+         f"list them with python -m distill.scan RECIPE (it reads URLs) and write the shards without them, or {copy}"),
+    ]  # fmt: skip
+    for bad, why, fix in refused:
         if bad:
             raise DataError(
-                f"the shard set at {train.files.root} (read front to back: a URL or a pipe: command) {why}; "
-                "give a local or mounted copy as data.path, or write shards with a validation split"
+                f"the shard set at {train.files.root} (read front to back: a URL or a pipe: command) {why}; {fix}"
             )
 
 

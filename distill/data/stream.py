@@ -200,15 +200,17 @@ class ShardStream(IterableDataset):
         need = set(wanted.tolist())
         held: dict[int, tuple[dict[str, Any], int]] = {}
         rows_in = read_rows(shard.files, shard.record)
-        for row in wanted.tolist():
+        last = len(wanted) - 1
+        for j, row in enumerate(wanted.tolist()):
             while row not in held:
                 r, cell, label = next(rows_in)
                 if r in need:
                     held[r] = (cell, label)
+            if j == last:  # the shard read to its end, and checked, before its last image is used
+                for _ in rows_in:
+                    pass
             cell, label = held.pop(row)
             yield cell, label, int(shard.index[row])
-        for _ in rows_in:  # the rest of the shard: read, so that its hash is checked
-            pass
 
 
 def _as_is(item: Any) -> Any:

@@ -39,6 +39,7 @@ def split_overrides(folder: Path, split: str = "val") -> list[str]:
 def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list[str], str]:
     """(HF dataset with image/label columns, its class names, description) from a recipe, a
     folder or the run."""
+    from distill.data.shards import StreamSplit
     from distill.data.sources import load_source
     from distill.recipe.schema import load_recipe
 
@@ -54,6 +55,8 @@ def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list
         cfg = load_recipe(data).data
     source = load_source(cfg)
     ds = source.val if split == "val" else source.train
+    if isinstance(ds, StreamSplit):
+        raise ds.not_at_random(f"--split {split}")
     where = f"{cfg.path}/{cfg.train_split}" if cfg.train_split == cfg.val_split else f"{cfg.path or ''} {split}"
     return ds, source.class_names, f"{cfg.source} {where} ({len(ds)} images)".replace("  ", " ")
 
