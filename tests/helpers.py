@@ -66,6 +66,32 @@ def read_metrics(run_dir: Path, drop_timing: bool = True) -> list[dict[str, Any]
     return rows
 
 
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Two runs that must be the same run: metrics.jsonl, every TensorBoard scalar series (both
+    without timing) and the weights of their last checkpoints, exactly."""
+    import torch
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert read_metrics(run_dir) == read_metrics(reference)
+
+    def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+        ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+        ea.Reload()
+        tags = [t for t in ea.Tags()["scalars"] if not any(k in t for k in TIMING_KEYS)]  # hparam/throughput/...
+        return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in tags}
+
+    assert scalars(run_dir) == scalars(reference)
+
+    def weights(run: Path) -> dict[str, Any]:
+        last = sorted((run / "checkpoints").glob("step_*"))[-1]
+        return {"step": last.name, **load_file(str(last / "model.safetensors"))}
+
+    a, b = weights(run_dir), weights(reference)
+    assert a["step"] == b["step"] and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "step")
+
+
 def assert_pinned(rows: list[dict], pinned: list[dict], loss_rel: float = 1e-4, kl_rel: float = 1e-3) -> None:
     """Logged rows against pinned ones: epoch and step exactly, accuracies to one image of the
     smoke run's 40, val/kl to ``kl_rel`` and the losses to ``loss_rel`` (relative).

@@ -34,7 +34,7 @@ from distill.errors import DataError, RecipeError
 from distill.models.spec import InputSpec
 from distill.recipe.schema import load_recipe
 from distill.shard import main as shard_main
-from tests.helpers import SMOKE, check_ok, kill_and_resume, read_metrics, run_train
+from tests.helpers import SMOKE, assert_same_run, check_ok, kill_and_resume, run_train
 
 SPEC = InputSpec((8, 8), (0.5,) * 3, (0.5,) * 3, 1.0, "bicubic")
 
@@ -241,7 +241,7 @@ def test_a_stream_run_killed_mid_epoch_resumes_to_the_uninterrupted_numbers(
     check_ok(run_train(*args, f"run.output_dir={tmp_path / 'whole'}"))
     killed = [*args, f"run.output_dir={tmp_path / 'killed'}"]
     kill_and_resume(killed, tmp_path / "killed" / "smoke")
-    assert read_metrics(tmp_path / "killed" / "smoke") == read_metrics(tmp_path / "whole" / "smoke")
+    assert_same_run(tmp_path / "killed" / "smoke", tmp_path / "whole" / "smoke")
 
 
 def test_a_study_in_stream_mode_asks_for_no_teacher_cache(capsys: pytest.CaptureFixture) -> None:

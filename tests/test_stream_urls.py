@@ -26,7 +26,7 @@ from distill.data.shards import MANIFEST, StreamSplit
 from distill.data.sources import load_source
 from distill.errors import DataError
 from distill.recipe.schema import load_recipe
-from tests.helpers import SMOKE, check_ok, kill_and_resume, launch_train, read_metrics, run_train
+from tests.helpers import SMOKE, assert_same_run, check_ok, kill_and_resume, launch_train, read_metrics, run_train
 from tests.test_shards import bad_shards  # noqa: F401 (a fixture)
 from tests.test_stream import SPEC, epoch, sharded
 
@@ -313,4 +313,4 @@ def test_two_processes_streaming_a_url_killed_and_resumed_log_the_folders_number
     check_ok(run_train(*stream_args(tmp_path, teacher_cache, str(shards), "folder1")))
     killed = stream_args(tmp_path, teacher_cache, f"pipe:cat {shards}/{{}}", "killed")
     kill_and_resume(killed, tmp_path / "killed" / "smoke")
-    assert read_metrics(tmp_path / "killed" / "smoke") == read_metrics(tmp_path / "folder1" / "smoke")
+    assert_same_run(tmp_path / "killed" / "smoke", tmp_path / "folder1" / "smoke")
