@@ -89,6 +89,7 @@ def test_validation_is_fetched_once_and_no_training_shard_is_read_at_load(
     assert log.read_text().split() == [MANIFEST, "val-00000.arrow", "val-00001.arrow"]
     assert split.val_origin == "val" and encoded(split.val) == encoded(local.val)
     assert len(list(cache.glob("*.arrow"))) == 2 and not list(cache.glob("*.tmp"))
+    assert {f.stat().st_mode & 0o777 for f in cache.glob("*.arrow")} == {0o644}  # a cache nodes may share
     sources._SPLITS.clear()
     streamed(path)
     assert log.read_text().split()[3:] == [MANIFEST]  # the cache serves the validation split
@@ -176,7 +177,7 @@ def test_a_truncated_training_shard_is_named(folder: tuple[Path, Any], tmp_path:
             lambda c: f"pipe:cat {c}/{{}}",
             r"cannot read train-00002.arrow \(from `cat .*`\): the command exited with status 1: cat: .*No such file",
         ),
-        (lambda c: f"file://{c}", r"file://.*/train-00002.arrow is missing"),
+        (lambda c: f"file://{c}", r"file://.*/train-00002.arrow is missing; it is listed in manifest.json: copy it"),
     ],
 )
 def test_a_missing_training_shard_is_named(
@@ -242,6 +243,11 @@ def test_a_set_without_validation_is_refused(tmp_path: Path) -> None:
         streamed(f"file://{root}")
 
 
+def test_a_url_with_no_shard_set_says_so(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"manifest.json is missing; no shard set at file://.*nowhere \(no manifest"):
+        streamed(f"file://{tmp_path / 'nowhere'}")
+
+
 def test_a_command_without_a_name_and_a_store_without_its_backend_are_named() -> None:
     with pytest.raises(DataError, match=r"a pipe: command reads one file of the shard set and names it with \{\}"):
         streamed("pipe:cat /data/shards/manifest")
@@ -264,9 +270,10 @@ def test_the_training_split_of_a_url_is_never_read_at_random(folder: tuple[Path,
     recipe = tmp_path / "recipe.yaml"
     overrides = ["data.source=shards", f"data.path={path}", "data.shard_access=stream"]
     recipe.write_text(yaml.safe_dump(recipe_to_dict(load_recipe(SMOKE, overrides))))
-    with pytest.raises(DataError, match=r"split 'train' of file://.* never at random \(--split train\); give a local"):
+    with pytest.raises(DataError, match=r"never at random \(--split train\); pass --data a local or mounted copy"):
         eval_dataset(str(recipe), "train", None)
     assert len(eval_dataset(str(recipe), "val", None)[0]) == 4
+    assert len(eval_dataset(str(folder[0]), "train", None)[0]) == 16  # --data the shard folder itself
 
 
 # Runs ------------------------------------------------------------------------------------------

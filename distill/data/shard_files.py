@@ -70,9 +70,21 @@ class ShardFiles:
             except OSError as exc:
                 raise DataError(f"cannot read {self.where(name)}: {exc.strerror or exc}") from None
         else:
-            fh = _fsspec_open(self.where(name))
+            fh = _fsspec_open(self.where(name), self._missing(name))
         with fh:
             yield fh
+
+    def _missing(self, name: str) -> str:
+        """What to do about file ``name`` of the set not being there."""
+        if name == MANIFEST:
+            return (
+                f"no shard set at {self.root} (no {MANIFEST}): check data.path, or write one with "
+                "`python -m distill.shard RECIPE --out DIR` and copy the folder there"
+            )
+        return (
+            f"it is listed in {MANIFEST}: copy it there again from the shard set, or write the set again with "
+            "`python -m distill.shard RECIPE --out DIR` and copy the folder there"
+        )
 
     def read_bytes(self, name: str) -> bytes:
         with self.open(name) as fh:
@@ -97,7 +109,7 @@ def shard_files(path: object) -> ShardFiles:
     return ShardFiles(str(folder), folder)
 
 
-def _fsspec_open(url: str) -> IO[bytes]:
+def _fsspec_open(url: str, missing: str) -> IO[bytes]:
     import fsspec
 
     protocol = url.split("://", 1)[0]
@@ -108,7 +120,7 @@ def _fsspec_open(url: str) -> IO[bytes]:
     try:
         return fsspec.open(url, "rb").open()
     except FileNotFoundError:
-        raise DataError(f"{url} is missing") from None
+        raise DataError(f"{url} is missing; {missing}") from None
     except OSError as exc:
         raise DataError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
 
@@ -211,6 +223,7 @@ def fetch(files: ShardFiles, name: str, sha256: str, size: int) -> Path:
                 f"{files.where(name)} has sha256 {digest[:16]}..., its manifest says {sha256[:16]}...: "
                 "it is corrupt or was replaced; write the shard set again with `python -m distill.shard`"
             )
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared cache
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

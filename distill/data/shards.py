@@ -253,11 +253,13 @@ class StreamSplit:
     def __getitem__(self, key: object) -> Any:
         raise self.not_at_random(f"asked for {key!r}")
 
-    def not_at_random(self, asked: str) -> DataError:
+    def not_at_random(
+        self, asked: str, fix: str = "give a local or mounted copy of the shard set as data.path"
+    ) -> DataError:
         """The error for what would read this split's images at random (``asked``: what did)."""
         return DataError(
             f"split '{self.name}' of {self.files.root} is read front to back from where it is stored, never "
-            f"at random ({asked}); give a local or mounted copy of the shard set as data.path"
+            f"at random ({asked}); {fix}"
         )
 
     def cells(self) -> Iterator[dict[str, Any]]:
@@ -326,8 +328,7 @@ def load_shards(path: object, verify: bool = False, stream: bool = False) -> dic
             if sum(r.count for r in split.shards) != split.count or sum(split.class_counts) != split.count:
                 raise DataError(
                     f"split '{name}' of {files.where(MANIFEST)} counts {split.count} images, its shards "
-                    f"{sum(r.count for r in split.shards)} and its classes {sum(split.class_counts)}; "
-                    + rewrite(where)
+                    f"{sum(r.count for r in split.shards)} and its classes {sum(split.class_counts)}; " + rewrite(where)
                 )
         return {name: StreamSplit(files, name, split, manifest.class_names) for name, split in manifest.splits.items()}
     root = files.local

@@ -334,7 +334,8 @@ def _check_streamed(cfg: DataConfig, train: StreamSplit, held_out: bool) -> None
         (cfg.max_train_samples is not None, "cannot draw data.max_train_samples (a subset reads every label)",
          f"remove it, or {copy}"),
         (cfg.on_bad_image == "skip", "cannot drop undecodable images at load (data.on_bad_image=skip opens them all)",
-         f"list them with python -m distill.scan RECIPE (it reads URLs) and write the shards without them, or {copy}"),
+         f"list them with python -m distill.scan RECIPE (it reads URLs), remove them from the source and write "
+         f"the shards again, or {copy}"),
     ]  # fmt: skip
     for bad, why, fix in refused:
         if bad:

@@ -39,7 +39,7 @@ def split_overrides(folder: Path, split: str = "val") -> list[str]:
 def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list[str], str]:
     """(HF dataset with image/label columns, its class names, description) from a recipe, a
     folder or the run."""
-    from distill.data.shards import StreamSplit
+    from distill.data.shards import MANIFEST, StreamSplit
     from distill.data.sources import load_source
     from distill.recipe.schema import load_recipe
 
@@ -47,6 +47,8 @@ def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list
         if fallback is None:
             raise DistillError("an export has no recipe: pass --data RECIPE.yaml or an image folder")
         cfg = fallback.data
+    elif (Path(data) / MANIFEST).is_file():  # a shard set (distill.shard's folder)
+        cfg = load_recipe(None, ["data.source=shards", f"data.path={Path(data).resolve()}"]).data
     elif Path(data).is_dir():
         cfg = load_recipe(None, split_overrides(Path(data), split)).data
     elif not Path(data).exists():
@@ -56,7 +58,7 @@ def eval_dataset(data: str | None, split: str, fallback: Any) -> tuple[Any, list
     source = load_source(cfg)
     ds = source.val if split == "val" else source.train
     if isinstance(ds, StreamSplit):
-        raise ds.not_at_random(f"--split {split}")
+        raise ds.not_at_random(f"--split {split}", "pass --data a local or mounted copy of the shard set")
     where = f"{cfg.path}/{cfg.train_split}" if cfg.train_split == cfg.val_split else f"{cfg.path or ''} {split}"
     return ds, source.class_names, f"{cfg.source} {where} ({len(ds)} images)".replace("  ", " ")
 

@@ -397,7 +397,10 @@ class Recipe(Section):
             )
         stream = self.data.shard_access == "stream"
         for wrong, why in (
-            (stream and self.data.source != "shards", f"reads shards, not data.source={self.data.source}"),
+            (
+                stream and self.data.source != "shards",
+                f"reads shards, not data.source={self.data.source}: set data.source=shards",
+            ),
             (stream and self.data.store == "tensor", "decodes per image: set data.store=decode or auto"),
             (stream and self.teacher.output_cache.enabled, "cannot use teacher.output_cache: " + STREAM_NO_CACHE),
         ):
