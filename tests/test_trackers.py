@@ -166,6 +166,26 @@ def test_a_resume_repairs_mlflow_metric_files_a_kill_cut(tmp_path: Path, mlflow_
     assert metrics == {"train/loss": [(2, 0.5), (4, 0.25)], "val/top1_fused": [(4, 0.4)]}
 
 
+def test_a_resume_drops_mlflow_points_sent_but_not_recorded(tmp_path: Path, mlflow_store: Any) -> None:
+    """Killed after MLflow wrote step 4 whole but before trackers.json recorded it: the resume
+    sends step 4 again, and MLflow holds it once."""
+    run_dir = tmp_path / "race" / "run"
+    run_dir.mkdir(parents=True)
+    log = RunLog(run_dir, True, trackers=["mlflow"], config={})
+    log.scalars({"train/loss": 0.5}, 2)
+    recorded = (run_dir / TRACKERS_FILE).read_text()
+    log.scalars({"train/loss": 0.25}, 4)
+    log.evaluation(record(4, 1, 0.4))
+    log.trackers["mlflow"].finish()
+    (run_dir / TRACKERS_FILE).write_text(recorded)  # the kill landed before step 4 was recorded
+    log = RunLog(run_dir, True, 0, 2, trackers=["mlflow"], config={})
+    log.scalars({"train/loss": 0.25}, 4)
+    log.evaluation(record(4, 1, 0.4))
+    log.close()
+    _, metrics = history(mlflow_store, "race")
+    assert metrics == {"train/loss": [(2, 0.5), (4, 0.25)], "val/top1_fused": [(4, 0.4)]}
+
+
 @pytest.mark.slow
 def test_training_with_mlflow_killed_and_resumed_matches_tensorboard(
     tmp_path: Path, teacher_cache: Path, mlflow_store: Any

@@ -143,15 +143,17 @@ def _tracker_id(name: str, tracker: Any) -> str | None:
     return None
 
 
-def repair_mlflow_file_store(run_id: str) -> None:
-    """Drop the points a kill cut from run ``run_id``'s metric files in MLflow's local file store.
+def repair_mlflow_file_store(run_id: str, sent: dict[str, Any]) -> None:
+    """Drop from run ``run_id``'s metric files in MLflow's local file store the points a kill
+    cut, and those trackers.json does not record as sent (``sent``: its step and that step's keys).
 
     The file store appends one line per point ("timestamp value step"); a SIGKILL between a
     metric file's creation and its first write leaves it empty, one during a write leaves a last
     line without its end, and MLflow then refuses to read the run ("Metric '...' is malformed. No
     data found."), so the resume could not reattach to it. trackers.json records a step as sent
-    only after the tracker returned, so the resume sends the dropped points again. A tracking
-    server or database writes each point whole: nothing to do there.
+    only after the tracker returned, so a kill between the two leaves whole points it does not
+    know of; the resume sends those steps again, and each would be there twice. A tracking server
+    or database writes each point whole; its duplicates are left to it.
     """
     import urllib.parse
     import urllib.request
@@ -163,14 +165,17 @@ def repair_mlflow_file_store(run_id: str) -> None:
     if parsed.scheme not in ("", "file"):
         return
     root = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme else Path(uri)
+    last, keys = int(sent.get("step", -1)), set(sent.get("keys", []))
     for metrics in root.glob(f"*/{run_id}/metrics"):
         for path in [p for p in metrics.rglob("*") if p.is_file()]:
+            key = path.relative_to(metrics).as_posix()
             data = path.read_bytes()
-            whole = data[: data.rfind(b"\n") + 1]
-            if not whole:
+            lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
+            kept = [line for line in lines if (step := int(line.split()[2])) < last or (step == last and key in keys)]
+            if not kept:
                 path.unlink()
-            elif whole != data:
-                path.write_bytes(whole)
+            elif kept != lines or len(b"".join(kept)) != len(data):
+                path.write_bytes(b"".join(kept))
 
 
 class RunLog:
@@ -219,7 +224,7 @@ class RunLog:
         for name in names:
             args, kwargs, reattached = _tracker_args(name, run_dir, before.get(name))
             if name == "mlflow" and reattached:
-                repair_mlflow_file_store(kwargs["run_id"])
+                repair_mlflow_file_store(kwargs["run_id"], before[name])
             tracker = LOGGER_TYPE_TO_CLASS[name](*args, **kwargs)
             tracker.start()
             if not reattached:  # a resumed run keeps the configuration it started with
