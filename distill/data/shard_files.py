@@ -96,14 +96,12 @@ def shard_files(path: object) -> ShardFiles:
     text = str(path)
     if text.rstrip("/").endswith(MANIFEST):
         text = text.rstrip("/")[: -len(MANIFEST)].rstrip("/") or "."
-    if text.startswith(PIPE):
-        if "{}" not in text:
-            raise DataError(
-                f"data.path={text}: a pipe: command reads one file of the shard set and names it with "
-                "{}, for example pipe:aws s3 cp s3://bucket/shards/{} -"
-            )
-        return ShardFiles(text, None)
-    if "://" in text:
+    if text.startswith(PIPE) and "{}" not in text:
+        raise DataError(
+            f"data.path={text}: a pipe: command reads one file of the shard set and names it with "
+            "{}, for example pipe:aws s3 cp s3://bucket/shards/{} -"
+        )
+    if is_url(text):
         return ShardFiles(text, None)
     folder = Path(text).expanduser()
     return ShardFiles(str(folder), folder)
